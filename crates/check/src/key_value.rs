@@ -1,0 +1,763 @@
+//! The sequential specification of keel's key-value store, with etcd's revisions.
+//!
+//! etcd's revision is one counter for the whole store, raised by one by every write that
+//! changes it (a put, a delete that deleted a key, a compare-and-swap that succeeded). That
+//! makes a choice necessary, offered as two variants of [`KeyValueModel`]:
+//!
+//! - [`KeyValueModel::per_key`] splits the history by key and checks each key alone: values,
+//!   that a read's `mod_revision` is the revision of the write it read, and that revisions
+//!   never decrease along the order (a write's strictly increases). It cannot see revisions of
+//!   other keys, so it only bounds them from below. Parts are small, so the search stays fast
+//!   on histories of tens of thousands of operations. **The simulator should use it for every
+//!   big history** (and multi-process tests always, since their stores may see writes that are
+//!   not in the history, such as lock keys).
+//! - [`KeyValueModel::global`] checks the whole history as one part and tracks the exact store
+//!   revision: a write must create exactly the next revision and a read must see exactly the
+//!   current one. It catches revisions skipped, reused or mixed up across keys, but its search
+//!   grows with the concurrency of the whole history, and it requires that **every** write to
+//!   the store is in the history. **The simulator should use it for small histories** (up to a
+//!   few hundred operations with a handful of clients), as a second pass after the per-key one.
+//!
+//! [`check_revisions`](crate::check_revisions) checks the revision invariants that need no
+//! search (uniqueness, real-time monotonicity) on histories of any size, and should run with
+//! either model.
+//!
+//! Both variants leave serializable reads (checked by
+//! [`check_serializable_reads`](crate::check_serializable_reads)) and reads whose answer never
+//! came (they constrain nothing) out of the search.
+//!
+//! Both variants are deterministic even for unknown outcomes: the effect of a request on a
+//! known state is determined by its input (a compare-and-swap succeeds exactly when the value
+//! matches), and an unknown write's revision is either determined (global) or bounded from
+//! below until a read reveals it (per key). The "never took effect" branch is the search's: an
+//! operation with an unknown outcome need not be linearized at all.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write;
+
+use crate::bytes::Bytes;
+use crate::history::{Input, Operation, Output};
+use crate::model::Model;
+
+/// The most keys a state description lists, so explanations of big states stay readable.
+const DESCRIBED_KEYS_MAX: usize = 20;
+
+/// etcd's revision of a new, empty store: the first write creates revision 2.
+pub const INITIAL_REVISION_DEFAULT: u64 = 1;
+
+/// How a [`KeyValueModel`] checks revisions; see the module documentation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RevisionChecking {
+    /// Per key: revisions only bounded from below; the history is partitioned by key.
+    PerKey,
+    /// The exact store revision, over the whole history as one part.
+    Global {
+        /// The store revision before the first operation.
+        initial_revision: u64,
+    },
+}
+
+/// The key-value model; see the module documentation for its two variants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyValueModel {
+    revision_checking: RevisionChecking,
+}
+
+impl KeyValueModel {
+    /// The per-key variant, for histories of any size.
+    pub const fn per_key() -> KeyValueModel {
+        KeyValueModel {
+            revision_checking: RevisionChecking::PerKey,
+        }
+    }
+
+    /// The global variant for a store that starts empty at etcd's initial revision.
+    pub const fn global() -> KeyValueModel {
+        KeyValueModel::global_from(INITIAL_REVISION_DEFAULT)
+    }
+
+    /// The global variant for a store that starts empty at `initial_revision`.
+    pub const fn global_from(initial_revision: u64) -> KeyValueModel {
+        KeyValueModel {
+            revision_checking: RevisionChecking::Global { initial_revision },
+        }
+    }
+
+    /// How this model checks revisions.
+    pub fn revision_checking(&self) -> RevisionChecking {
+        self.revision_checking
+    }
+
+    fn is_global(&self) -> bool {
+        matches!(self.revision_checking, RevisionChecking::Global { .. })
+    }
+
+    /// Whether a read-only answer (a read, a delete of an absent key, a failed
+    /// compare-and-swap) may carry `revision` in `state`.
+    fn admits_read_revision(&self, state: &KeyValueState, revision: u64) -> bool {
+        if self.is_global() {
+            revision == state.revision
+        } else {
+            revision >= state.revision
+        }
+    }
+
+    fn after_read(&self, state: &KeyValueState, revision: u64) -> KeyValueState {
+        let mut next = state.clone();
+        next.revision = revision;
+        next
+    }
+
+    /// Applies a write that changes `key` to `value` (`None` deletes it), created at
+    /// `revision` when the answer is known.
+    fn write(
+        &self,
+        state: &KeyValueState,
+        key: &Bytes,
+        value: Option<&Bytes>,
+        revision: Option<u64>,
+    ) -> Option<KeyValueState> {
+        let (store_revision, mod_revision) = match (self.revision_checking, revision) {
+            (RevisionChecking::Global { .. }, revision) => {
+                let created = state.revision + 1;
+                if revision.is_some_and(|revision| revision != created) {
+                    return None;
+                }
+                (created, ModRevision::Known(created))
+            }
+            (RevisionChecking::PerKey, Some(revision)) => {
+                if revision <= state.revision {
+                    return None;
+                }
+                (revision, ModRevision::Known(revision))
+            }
+            // The write created some revision above everything seen so far on this key; the
+            // next one is the tightest bound, until a read reveals the real one.
+            (RevisionChecking::PerKey, None) => (
+                state.revision + 1,
+                ModRevision::Above {
+                    revision: state.revision,
+                },
+            ),
+        };
+        let mut next = state.clone();
+        next.revision = store_revision;
+        match value {
+            Some(value) => {
+                next.keys.insert(
+                    key.clone(),
+                    Record {
+                        value: value.clone(),
+                        mod_revision,
+                    },
+                );
+            }
+            None => {
+                next.keys.remove(key);
+            }
+        }
+        Some(next)
+    }
+
+    fn step_get(
+        &self,
+        state: &KeyValueState,
+        key: &Bytes,
+        value: Option<&Bytes>,
+        mod_revision: u64,
+        revision: u64,
+    ) -> Option<KeyValueState> {
+        if mod_revision > revision || !self.admits_read_revision(state, revision) {
+            return None;
+        }
+        match (state.keys.get(key), value) {
+            (None, None) => (mod_revision == 0).then(|| self.after_read(state, revision)),
+            (Some(record), Some(value)) if record.value == *value => match record.mod_revision {
+                ModRevision::Known(known) if known == mod_revision => {
+                    Some(self.after_read(state, revision))
+                }
+                ModRevision::Above { revision: bound } if mod_revision > bound => {
+                    let mut next = self.after_read(state, revision);
+                    let record = next.keys.get_mut(key).expect("the key was just read");
+                    record.mod_revision = ModRevision::Known(mod_revision);
+                    Some(next)
+                }
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+}
+
+impl Default for KeyValueModel {
+    fn default() -> Self {
+        KeyValueModel::per_key()
+    }
+}
+
+/// The state of the sequential store (or of one key, for the per-key variant).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct KeyValueState {
+    /// The store revision (global variant), or the highest revision the order has reached so
+    /// far, a lower bound for every later answer (per-key variant).
+    revision: u64,
+    keys: BTreeMap<Bytes, Record>,
+}
+
+/// A present key.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Record {
+    value: Bytes,
+    mod_revision: ModRevision,
+}
+
+/// The revision of a key's last write, as far as the per-key variant knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum ModRevision {
+    Known(u64),
+    /// Written by a request whose answer never came: created some revision above this one.
+    Above {
+        revision: u64,
+    },
+}
+
+impl Model for KeyValueModel {
+    type Input = Input;
+    type Output = Output;
+    type State = KeyValueState;
+
+    fn init(&self) -> KeyValueState {
+        let revision = match self.revision_checking {
+            RevisionChecking::PerKey => 0,
+            RevisionChecking::Global { initial_revision } => initial_revision,
+        };
+        KeyValueState {
+            revision,
+            keys: BTreeMap::new(),
+        }
+    }
+
+    fn step(&self, state: &KeyValueState, input: &Input, output: &Output) -> Option<KeyValueState> {
+        match (input, output) {
+            (_, Output::Unknown) => self.step_unknown(state, input),
+            (Input::Put { key, value }, Output::Put { revision }) => {
+                self.write(state, key, Some(value), Some(*revision))
+            }
+            (
+                Input::Get { key, .. },
+                Output::Get {
+                    value,
+                    mod_revision,
+                    revision,
+                },
+            ) => self.step_get(state, key, value.as_ref(), *mod_revision, *revision),
+            (Input::Delete { key }, Output::Delete { deleted, revision }) => {
+                let present = state.keys.contains_key(key);
+                match (present, deleted) {
+                    (true, 1) => self.write(state, key, None, Some(*revision)),
+                    (false, 0) if self.admits_read_revision(state, *revision) => {
+                        Some(self.after_read(state, *revision))
+                    }
+                    _ => None,
+                }
+            }
+            (
+                Input::CompareAndSwap {
+                    key,
+                    expected,
+                    new_value,
+                },
+                Output::CompareAndSwap {
+                    succeeded,
+                    revision,
+                },
+            ) => {
+                let matches = state.value(key) == expected.as_ref();
+                match (matches, succeeded) {
+                    (true, true) => self.write(state, key, Some(new_value), Some(*revision)),
+                    (false, false) if self.admits_read_revision(state, *revision) => {
+                        Some(self.after_read(state, *revision))
+                    }
+                    _ => None,
+                }
+            }
+            _ => None,
+        }
+    }
+
+    fn partition(&self, history: &[Operation]) -> Vec<Vec<usize>> {
+        let constrains = |operation: &Operation| {
+            let unanswered_read =
+                matches!(operation.input, Input::Get { .. }) && operation.output == Output::Unknown;
+            !unanswered_read && !operation.input.is_serializable_read()
+        };
+        let searched = history
+            .iter()
+            .enumerate()
+            .filter(|(_, operation)| constrains(operation));
+        if self.is_global() {
+            return vec![searched.map(|(index, _)| index).collect()];
+        }
+        let mut by_key: BTreeMap<&Bytes, Vec<usize>> = BTreeMap::new();
+        for (index, operation) in searched {
+            by_key.entry(operation.input.key()).or_default().push(index);
+        }
+        by_key.into_values().collect()
+    }
+
+    /// Two rewrites of unknown-outcome writes (puts and compare-and-swaps), both sound:
+    ///
+    /// - A write whose value no other request of the part writes, and which an answered read
+    ///   (or successful compare-and-swap) observed, did take effect, before that observer
+    ///   returned: it gets the observer's return time as its own, so the search must place it
+    ///   by then and never tries orders that leave it out.
+    /// - A value no step ever compares (no read returned it, no compare-and-swap expects it)
+    ///   is replaced by one placeholder that differs from every value of the part. No step
+    ///   can tell the difference, and unknown writes of the same key then become identical,
+    ///   which the search treats as interchangeable instead of trying every subset of them.
+    fn prepare(&self, mut part: Vec<Operation>) -> Vec<Operation> {
+        let placeholder = unread_value_placeholder(&part);
+        let mut writers: BTreeMap<(&Bytes, &Bytes), usize> = BTreeMap::new();
+        let mut compared: BTreeSet<(&Bytes, &Bytes)> = BTreeSet::new();
+        let mut observed_by: BTreeMap<(&Bytes, &Bytes), u64> = BTreeMap::new();
+        for operation in &part {
+            if let Some(written) = written_value(&operation.input) {
+                *writers.entry(written).or_default() += 1;
+            }
+            let observed = match (&operation.input, &operation.output) {
+                (
+                    Input::Get { key, .. },
+                    Output::Get {
+                        value: Some(value), ..
+                    },
+                ) => Some((key, value)),
+                (
+                    Input::CompareAndSwap {
+                        key,
+                        expected: Some(expected),
+                        ..
+                    },
+                    output,
+                ) => {
+                    compared.insert((key, expected));
+                    let succeeded = matches!(
+                        output,
+                        Output::CompareAndSwap {
+                            succeeded: true,
+                            ..
+                        }
+                    );
+                    succeeded.then_some((key, expected))
+                }
+                _ => None,
+            };
+            if let Some(observed) = observed {
+                compared.insert(observed);
+                if let Some(return_time) = operation.return_time {
+                    let first = observed_by.entry(observed).or_insert(return_time);
+                    *first = (*first).min(return_time);
+                }
+            }
+        }
+
+        enum Rewrite {
+            Deadline(u64),
+            Placeholder,
+        }
+        let rewrites: Vec<(usize, Rewrite)> = part
+            .iter()
+            .enumerate()
+            .filter(|(_, operation)| operation.return_time.is_none())
+            .filter_map(|(index, operation)| {
+                let written = written_value(&operation.input)?;
+                if writers[&written] == 1 {
+                    if let Some(observed) = observed_by.get(&written) {
+                        // An observer that returned before this call makes the part illegal
+                        // anyway; the clamp only keeps the return after the call.
+                        let deadline = (*observed).max(operation.call_time);
+                        return Some((index, Rewrite::Deadline(deadline)));
+                    }
+                }
+                (!compared.contains(&written)).then_some((index, Rewrite::Placeholder))
+            })
+            .collect();
+        for (index, rewrite) in rewrites {
+            let operation = &mut part[index];
+            match rewrite {
+                Rewrite::Deadline(deadline) => operation.return_time = Some(deadline),
+                Rewrite::Placeholder => match &mut operation.input {
+                    Input::Put { value, .. } => *value = placeholder.clone(),
+                    Input::CompareAndSwap { new_value, .. } => *new_value = placeholder.clone(),
+                    Input::Get { .. } | Input::Delete { .. } => {
+                        unreachable!("only writes are rewritten")
+                    }
+                },
+            }
+        }
+        part
+    }
+
+    fn describe_operation(&self, input: &Input, output: &Output) -> String {
+        describe_operation(input, output)
+    }
+
+    fn describe_state(&self, state: &KeyValueState) -> String {
+        let mut description = if self.is_global() {
+            format!("revision {}", state.revision)
+        } else {
+            format!("revision at least {}", state.revision)
+        };
+        if state.keys.is_empty() {
+            description.push_str("; no keys");
+        }
+        for (key, record) in state.keys.iter().take(DESCRIBED_KEYS_MAX) {
+            let _ = write!(description, "; {key} = {}", record.value);
+            let _ = match record.mod_revision {
+                ModRevision::Known(revision) => write!(description, " (mod_revision {revision})"),
+                ModRevision::Above { revision } => {
+                    write!(description, " (mod_revision above {revision})")
+                }
+            };
+        }
+        if state.keys.len() > DESCRIBED_KEYS_MAX {
+            let _ = write!(
+                description,
+                "; … {} more keys",
+                state.keys.len() - DESCRIBED_KEYS_MAX
+            );
+        }
+        description
+    }
+}
+
+impl KeyValueModel {
+    /// A request whose answer never came takes the effect its input has on `state`.
+    fn step_unknown(&self, state: &KeyValueState, input: &Input) -> Option<KeyValueState> {
+        match input {
+            Input::Put { key, value } => self.write(state, key, Some(value), None),
+            Input::Get { .. } => Some(state.clone()),
+            Input::Delete { key } => {
+                if state.keys.contains_key(key) {
+                    self.write(state, key, None, None)
+                } else {
+                    Some(state.clone())
+                }
+            }
+            Input::CompareAndSwap {
+                key,
+                expected,
+                new_value,
+            } => {
+                if state.value(key) == expected.as_ref() {
+                    self.write(state, key, Some(new_value), None)
+                } else {
+                    Some(state.clone())
+                }
+            }
+        }
+    }
+}
+
+/// The key and value a request may write.
+fn written_value(input: &Input) -> Option<(&Bytes, &Bytes)> {
+    match input {
+        Input::Put { key, value } => Some((key, value)),
+        Input::CompareAndSwap { key, new_value, .. } => Some((key, new_value)),
+        Input::Get { .. } | Input::Delete { .. } => None,
+    }
+}
+
+/// A value that appears nowhere in `part`, readable in state descriptions.
+fn unread_value_placeholder(part: &[Operation]) -> Bytes {
+    let mut values: BTreeSet<&Bytes> = BTreeSet::new();
+    for operation in part {
+        match &operation.input {
+            Input::Put { value, .. } => {
+                values.insert(value);
+            }
+            Input::CompareAndSwap {
+                expected,
+                new_value,
+                ..
+            } => {
+                values.insert(new_value);
+                values.extend(expected);
+            }
+            Input::Get { .. } | Input::Delete { .. } => {}
+        }
+        if let Output::Get {
+            value: Some(value), ..
+        } = &operation.output
+        {
+            values.insert(value);
+        }
+    }
+    let mut placeholder = String::from("<a value nobody reads>");
+    while values.contains(&Bytes::from(placeholder.as_str())) {
+        placeholder.push('\'');
+    }
+    Bytes::from(placeholder)
+}
+
+impl KeyValueState {
+    fn value(&self, key: &Bytes) -> Option<&Bytes> {
+        self.keys.get(key).map(|record| &record.value)
+    }
+}
+
+/// A one-line description of a key-value operation, such as
+/// `put "k" = "v" -> revision 5`.
+pub fn describe_operation(input: &Input, output: &Output) -> String {
+    let request = match input {
+        Input::Put { key, value } => format!("put {key} = {value}"),
+        Input::Get { key, serializable } => {
+            if *serializable {
+                format!("get {key} (serializable)")
+            } else {
+                format!("get {key}")
+            }
+        }
+        Input::Delete { key } => format!("delete {key}"),
+        Input::CompareAndSwap {
+            key,
+            expected,
+            new_value,
+        } => match expected {
+            Some(expected) => format!("compare_and_swap {key} if {expected} then {new_value}"),
+            None => format!("compare_and_swap {key} if absent then {new_value}"),
+        },
+    };
+    let answer = match output {
+        Output::Put { revision } => format!("revision {revision}"),
+        Output::Get {
+            value: Some(value),
+            mod_revision,
+            revision,
+        } => format!("{value} (mod_revision {mod_revision}, revision {revision})"),
+        Output::Get {
+            value: None,
+            mod_revision,
+            revision,
+        } => format!("absent (mod_revision {mod_revision}, revision {revision})"),
+        Output::Delete { deleted, revision } => format!("deleted {deleted}, revision {revision}"),
+        Output::CompareAndSwap {
+            succeeded,
+            revision,
+        } => {
+            let outcome = if *succeeded { "succeeded" } else { "failed" };
+            format!("{outcome}, revision {revision}")
+        }
+        Output::Unknown => "unknown".to_string(),
+    };
+    format!("{request} -> {answer}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(key: &str, value: &str) -> Input {
+        Input::Put {
+            key: key.into(),
+            value: value.into(),
+        }
+    }
+
+    fn get(key: &str) -> Input {
+        Input::Get {
+            key: key.into(),
+            serializable: false,
+        }
+    }
+
+    fn read(value: Option<&str>, mod_revision: u64, revision: u64) -> Output {
+        Output::Get {
+            value: value.map(Bytes::from),
+            mod_revision,
+            revision,
+        }
+    }
+
+    /// Runs `steps` from the initial state, returning the final state or the first failing
+    /// step's position.
+    fn run(model: KeyValueModel, steps: &[(Input, Output)]) -> Result<KeyValueState, usize> {
+        let mut state = model.init();
+        for (position, (input, output)) in steps.iter().enumerate() {
+            state = model.step(&state, input, output).ok_or(position)?;
+        }
+        Ok(state)
+    }
+
+    #[test]
+    fn global_model_requires_the_exact_next_revision() {
+        let model = KeyValueModel::global();
+        assert!(run(model, &[(put("a", "1"), Output::Put { revision: 2 })]).is_ok());
+        assert_eq!(
+            run(model, &[(put("a", "1"), Output::Put { revision: 3 })]),
+            Err(0)
+        );
+        assert_eq!(run(model, &[(get("a"), read(None, 0, 2))]), Err(0));
+        assert!(run(model, &[(get("a"), read(None, 0, 1))]).is_ok());
+    }
+
+    #[test]
+    fn per_key_model_bounds_revisions_from_below() {
+        let model = KeyValueModel::per_key();
+        let steps = [
+            (put("a", "1"), Output::Put { revision: 5 }),
+            (get("a"), read(Some("1"), 5, 9)),
+            (put("a", "2"), Output::Put { revision: 10 }),
+        ];
+        assert!(run(model, &steps).is_ok());
+        let backwards = [
+            (put("a", "1"), Output::Put { revision: 5 }),
+            (get("a"), read(Some("1"), 5, 9)),
+            (put("a", "2"), Output::Put { revision: 9 }),
+        ];
+        assert_eq!(run(model, &backwards), Err(2));
+    }
+
+    #[test]
+    fn per_key_model_learns_the_revision_of_an_unknown_write() {
+        let model = KeyValueModel::per_key();
+        let learned = [
+            (put("a", "1"), Output::Put { revision: 5 }),
+            (put("a", "2"), Output::Unknown),
+            (get("a"), read(Some("2"), 7, 7)),
+            (get("a"), read(Some("2"), 7, 8)),
+        ];
+        assert!(run(model, &learned).is_ok());
+        let contradicted = [
+            (put("a", "1"), Output::Put { revision: 5 }),
+            (put("a", "2"), Output::Unknown),
+            (get("a"), read(Some("2"), 7, 7)),
+            (get("a"), read(Some("2"), 8, 8)),
+        ];
+        assert_eq!(run(model, &contradicted), Err(3));
+        let too_old = [
+            (put("a", "1"), Output::Put { revision: 5 }),
+            (put("a", "2"), Output::Unknown),
+            (get("a"), read(Some("2"), 5, 7)),
+        ];
+        assert_eq!(run(model, &too_old), Err(2));
+    }
+
+    #[test]
+    fn delete_and_compare_and_swap_follow_the_current_value() {
+        for model in [KeyValueModel::per_key(), KeyValueModel::global()] {
+            let steps = [
+                (
+                    Input::CompareAndSwap {
+                        key: "a".into(),
+                        expected: None,
+                        new_value: "1".into(),
+                    },
+                    Output::CompareAndSwap {
+                        succeeded: true,
+                        revision: 2,
+                    },
+                ),
+                (
+                    Input::CompareAndSwap {
+                        key: "a".into(),
+                        expected: None,
+                        new_value: "2".into(),
+                    },
+                    Output::CompareAndSwap {
+                        succeeded: false,
+                        revision: 2,
+                    },
+                ),
+                (
+                    Input::Delete { key: "a".into() },
+                    Output::Delete {
+                        deleted: 1,
+                        revision: 3,
+                    },
+                ),
+                (
+                    Input::Delete { key: "a".into() },
+                    Output::Delete {
+                        deleted: 0,
+                        revision: 3,
+                    },
+                ),
+                (get("a"), read(None, 0, 3)),
+            ];
+            let state = run(model, &steps).unwrap();
+            assert!(state.keys.is_empty());
+            let wrong_outcome = [(
+                Input::CompareAndSwap {
+                    key: "a".into(),
+                    expected: Some("1".into()),
+                    new_value: "2".into(),
+                },
+                Output::CompareAndSwap {
+                    succeeded: true,
+                    revision: 2,
+                },
+            )];
+            assert_eq!(run(model, &wrong_outcome), Err(0));
+        }
+    }
+
+    #[test]
+    fn mod_revision_above_revision_is_impossible() {
+        let model = KeyValueModel::per_key();
+        let steps = [
+            (put("a", "1"), Output::Put { revision: 5 }),
+            (get("a"), read(Some("1"), 5, 4)),
+        ];
+        assert_eq!(run(model, &steps), Err(1));
+    }
+
+    #[test]
+    fn partition_groups_by_key_and_skips_unconstraining_reads() {
+        let operation = |input: Input, output: Output| Operation {
+            client_id: 0,
+            call_time: 0,
+            return_time: (output != Output::Unknown).then_some(1),
+            input,
+            output,
+        };
+        let history = [
+            operation(put("b", "1"), Output::Put { revision: 2 }),
+            operation(put("a", "1"), Output::Put { revision: 3 }),
+            operation(get("b"), Output::Unknown),
+            operation(
+                Input::Get {
+                    key: "a".into(),
+                    serializable: true,
+                },
+                read(None, 0, 1),
+            ),
+            operation(get("b"), read(Some("1"), 2, 3)),
+        ];
+        assert_eq!(
+            KeyValueModel::per_key().partition(&history),
+            vec![vec![1], vec![0, 4]]
+        );
+        assert_eq!(
+            KeyValueModel::global().partition(&history),
+            vec![vec![0, 1, 4]]
+        );
+    }
+
+    #[test]
+    fn descriptions_are_readable() {
+        let model = KeyValueModel::per_key();
+        assert_eq!(
+            model.describe_operation(&put("a", "1"), &Output::Put { revision: 2 }),
+            "put \"a\" = \"1\" -> revision 2"
+        );
+        let state = run(model, &[(put("a", "1"), Output::Unknown)]).unwrap();
+        assert_eq!(
+            model.describe_state(&state),
+            "revision at least 1; \"a\" = \"1\" (mod_revision above 0)"
+        );
+        assert_eq!(
+            KeyValueModel::global().describe_state(&KeyValueModel::global().init()),
+            "revision 1; no keys"
+        );
+    }
+}

@@ -1,0 +1,901 @@
+//! The linearizability search: Wing and Gong's algorithm with Lowe's memoisation, after
+//! Porcupine's `checkSingle`.
+//!
+//! The history becomes a doubly linked list of call and return events in time order. The
+//! search walks it from the front: a call may be linearized (tried against the model) as long
+//! as no return comes before it in the list; linearizing an operation lifts its call and
+//! return out of the list and pushes it on an undo stack. Reaching a return means the
+//! operation returning there cannot be placed in the current order, so the search pops the
+//! last choice, puts it back (unlift) and tries the next candidate. Lowe's memoisation
+//! (Testing for linearizability, 2017, §4) records every (set of linearized operations, model
+//! state) pair reached, so that two orders that reach the same pair are explored once.
+//!
+//! Operations with an unknown outcome have no return event: nothing forces them to take effect,
+//! so the search succeeds as soon as every operation with a known return is linearized, and an
+//! unknown operation is linearized only when some later answer needs its effect. This is the
+//! "may have happened, at any time after its call, or never" of a timed-out request.
+//!
+//! At equal times a call sorts before a return, so an operation returning at `t` and another
+//! called at `t` count as concurrent: clocks have finite resolution and a checker must not
+//! invent a real-time order the clock could not observe.
+//!
+//! The search is deterministic: events are ordered by (time, kind, position), the cache is
+//! only queried (never iterated), and the clock is read only to stop at the deadline.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::{BuildHasherDefault, Hash};
+use std::time::{Duration, Instant};
+
+use crate::bitset::Bitset;
+use crate::history::{validate_times, HistoryError, Operation, OPERATIONS_MAX_DEFAULT};
+use crate::model::Model;
+
+/// The default bound on memoisation cache entries per part: about a gigabyte for per-key
+/// key-value states, the most a test machine should give one check.
+pub const CACHE_ENTRIES_MAX_DEFAULT: usize = 4_000_000;
+
+/// The default time limit of a check.
+pub const TIMEOUT_DEFAULT: Duration = Duration::from_secs(60);
+
+/// How many search steps run between two reads of the clock: reading it is cheap but not free,
+/// and the deadline need not be precise to a step.
+const STEPS_PER_DEADLINE_CHECK: u64 = 256;
+
+/// The most operations an [`Explanation`] prints, so that a failing part of a huge history
+/// still gives a readable report; the counts of what was left out are printed.
+pub const EXPLANATION_OPERATIONS_MAX: usize = 200;
+
+/// Limits of one check.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckOptions {
+    /// When the search gives up and answers [`CheckResult::Unknown`].
+    pub timeout: Duration,
+    /// Histories with more operations are refused with [`HistoryError::TooManyOperations`].
+    pub operations_max: usize,
+    /// A part whose memoisation cache would grow past this many entries is left undecided
+    /// ([`UnknownReason::CacheFull`]).
+    pub cache_entries_max: usize,
+}
+
+impl Default for CheckOptions {
+    fn default() -> Self {
+        CheckOptions {
+            timeout: TIMEOUT_DEFAULT,
+            operations_max: OPERATIONS_MAX_DEFAULT,
+            cache_entries_max: CACHE_ENTRIES_MAX_DEFAULT,
+        }
+    }
+}
+
+impl CheckOptions {
+    /// The default limits with the given time limit.
+    pub fn with_timeout(timeout: Duration) -> CheckOptions {
+        CheckOptions {
+            timeout,
+            ..CheckOptions::default()
+        }
+    }
+}
+
+/// The verdict of a linearizability check.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CheckResult {
+    /// Some order of the operations, consistent with real time, explains every output.
+    Ok,
+    /// No such order exists; the explanation shows the smallest failing part.
+    Illegal(Explanation),
+    /// The search stopped before deciding.
+    Unknown(UnknownReason),
+}
+
+impl CheckResult {
+    /// Whether the history was found linearizable.
+    pub fn is_ok(&self) -> bool {
+        matches!(self, CheckResult::Ok)
+    }
+
+    /// Whether the history was found not linearizable.
+    pub fn is_illegal(&self) -> bool {
+        matches!(self, CheckResult::Illegal(_))
+    }
+}
+
+impl fmt::Display for CheckResult {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CheckResult::Ok => formatter.write_str("linearizable"),
+            CheckResult::Illegal(explanation) => explanation.fmt(formatter),
+            CheckResult::Unknown(reason) => write!(formatter, "undecided: {reason}"),
+        }
+    }
+}
+
+/// Why a check stopped without a verdict.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnknownReason {
+    /// The time limit expired.
+    Timeout,
+    /// A part's memoisation cache reached `cache_entries_max`.
+    CacheFull {
+        /// The limit that was reached.
+        cache_entries_max: usize,
+    },
+}
+
+impl fmt::Display for UnknownReason {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UnknownReason::Timeout => formatter.write_str("the time limit expired"),
+            UnknownReason::CacheFull { cache_entries_max } => write!(
+                formatter,
+                "the memoisation cache reached cache_entries_max ({cache_entries_max} entries)"
+            ),
+        }
+    }
+}
+
+/// One operation as shown in an explanation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExplainedOperation {
+    /// Position of the operation in the history.
+    pub index: usize,
+    /// The client that issued it.
+    pub client_id: u64,
+    /// When it was called.
+    pub call_time: u64,
+    /// When it returned; `None` when its outcome is unknown.
+    pub return_time: Option<u64>,
+    /// The model's description of its input and output.
+    pub description: String,
+}
+
+impl fmt::Display for ExplainedOperation {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let return_time = match self.return_time {
+            Some(time) => time.to_string(),
+            None => "unknown".to_string(),
+        };
+        write!(
+            formatter,
+            "#{} client {} [{}, {}] {}",
+            self.index, self.client_id, self.call_time, return_time, self.description
+        )
+    }
+}
+
+/// Why a history is not linearizable: the smallest failing part and how far the search got.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Explanation {
+    /// How many parts the model split the history into.
+    pub partition_count: usize,
+    /// Every operation of the failing part, by call time.
+    pub operations: Vec<ExplainedOperation>,
+    /// The longest order of operations (history positions) the search could linearize.
+    pub longest_prefix: Vec<usize>,
+    /// The model state after that order.
+    pub state_after_prefix: String,
+    /// The operation (history position) whose return ended the longest order: it had to take
+    /// effect next, and no candidate order explained it.
+    pub blocking_operation: Option<usize>,
+}
+
+impl fmt::Display for Explanation {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            formatter,
+            "not linearizable: a part of {} operations (the smallest failing of {} parts) has no \
+             valid order",
+            self.operations.len(),
+            self.partition_count
+        )?;
+        writeln!(formatter, "operations, by call time:")?;
+        for operation in self.operations.iter().take(EXPLANATION_OPERATIONS_MAX) {
+            writeln!(formatter, "  {operation}")?;
+        }
+        if self.operations.len() > EXPLANATION_OPERATIONS_MAX {
+            writeln!(
+                formatter,
+                "  … and {} more",
+                self.operations.len() - EXPLANATION_OPERATIONS_MAX
+            )?;
+        }
+        writeln!(
+            formatter,
+            "longest linearizable prefix ({} of {} operations):",
+            self.longest_prefix.len(),
+            self.operations.len()
+        )?;
+        let shown = self.longest_prefix.len().min(EXPLANATION_OPERATIONS_MAX);
+        let skipped = self.longest_prefix.len() - shown;
+        if skipped > 0 {
+            writeln!(formatter, "  … {skipped} earlier operations")?;
+        }
+        for index in &self.longest_prefix[skipped..] {
+            match self.find(*index) {
+                Some(operation) => writeln!(formatter, "  {operation}")?,
+                None => writeln!(formatter, "  #{index}")?,
+            }
+        }
+        writeln!(formatter, "state after it: {}", self.state_after_prefix)?;
+        if let Some(index) = self.blocking_operation {
+            let operation = self
+                .find(index)
+                .map_or_else(|| format!("#{index}"), |operation| operation.to_string());
+            write!(
+                formatter,
+                "then {operation} must take effect before it returns, but no remaining \
+                 operation can be linearized next"
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl Explanation {
+    fn find(&self, index: usize) -> Option<&ExplainedOperation> {
+        self.operations
+            .iter()
+            .find(|operation| operation.index == index)
+    }
+}
+
+/// Checks whether `history` is linearizable with respect to `model`.
+///
+/// Parts are searched from the smallest, so that the first failing part found is the smallest
+/// one, and the search stops there. A part left undecided (time or cache limit) does not stop
+/// the others: a later illegal part still makes the verdict [`CheckResult::Illegal`].
+pub fn check_model<M: Model>(
+    model: &M,
+    history: &[Operation<M::Input, M::Output>],
+    options: &CheckOptions,
+) -> Result<CheckResult, HistoryError> {
+    validate_times(history, options.operations_max)?;
+    let deadline = Instant::now().checked_add(options.timeout);
+    let mut partitions = model.partition(history);
+    assert_partitions_valid(&partitions, history.len());
+    // Sorting by (size, first operation) keeps the order, and so the explanation, deterministic.
+    partitions.sort_by_key(|partition| (partition.len(), partition.first().copied()));
+    let partition_count = partitions.len();
+    let mut unknown_reason = None;
+    for partition in &partitions {
+        let search = Search::new(model, history, partition, options, deadline);
+        match search.run() {
+            SearchOutcome::Linearizable => {}
+            SearchOutcome::Illegal(mut explanation) => {
+                explanation.partition_count = partition_count;
+                return Ok(CheckResult::Illegal(explanation));
+            }
+            SearchOutcome::Unknown(UnknownReason::Timeout) => {
+                return Ok(CheckResult::Unknown(UnknownReason::Timeout));
+            }
+            SearchOutcome::Unknown(reason) => {
+                unknown_reason.get_or_insert(reason);
+            }
+        }
+    }
+    Ok(match unknown_reason {
+        Some(reason) => CheckResult::Unknown(reason),
+        None => CheckResult::Ok,
+    })
+}
+
+/// A model handing back out-of-range or repeated indices is a bug in the model, not in the
+/// history, so it is asserted.
+fn assert_partitions_valid(partitions: &[Vec<usize>], operation_count: usize) {
+    let mut seen = Bitset::new(operation_count);
+    for index in partitions.iter().flatten() {
+        assert!(
+            *index < operation_count,
+            "partition index {index} is outside a history of {operation_count} operations"
+        );
+        assert!(
+            !seen.contains(*index),
+            "operation #{index} is in two partitions"
+        );
+        seen.insert(*index);
+    }
+}
+
+/// The result of searching one part.
+enum SearchOutcome {
+    Linearizable,
+    Illegal(Explanation),
+    Unknown(UnknownReason),
+}
+
+/// Marks the absence of a linked-list neighbour or of a return event.
+const NONE: usize = usize::MAX;
+
+/// The sentinel at the front of the event list.
+const HEAD: usize = 0;
+
+/// One call or return event in the doubly linked event list.
+struct Event {
+    /// Which operation, as a position within the part.
+    operation: usize,
+    /// For a call: the index of its return event, or [`NONE`] when the outcome is unknown.
+    /// For a return (and the head): [`NONE`].
+    return_event: usize,
+    is_call: bool,
+    previous: usize,
+    next: usize,
+}
+
+/// Lowe's memoisation cache, keyed by (the linearized operations with a known return, the
+/// model state) and holding the sets of linearized unknown-outcome operations reached with
+/// that key, as an antichain (no set a subset of another). A fixed-key hasher keeps runs
+/// reproducible, and the map is only queried, so its order never reaches a result.
+type Cache<State> = HashMap<(Bitset, State), Vec<Bitset>, FixedHasher>;
+
+/// std's hasher with its fixed keys: reproducible from run to run, unlike `RandomState`.
+type FixedHasher = BuildHasherDefault<DefaultHasher>;
+
+/// The state of the search over one part.
+struct Search<'a, M: Model> {
+    model: &'a M,
+    history: &'a [Operation<M::Input, M::Output>],
+    /// History positions of the part's operations, numbered `0..len` by the search: the
+    /// operations with a known return first, then those with an unknown outcome.
+    indices: Vec<usize>,
+    /// The part's operations as [`Model::prepare`] rewrote them, numbered like `indices`.
+    prepared: Vec<Operation<M::Input, M::Output>>,
+    /// How many operations have a known return; the others are numbered from here.
+    known_count: usize,
+    events: Vec<Event>,
+    /// Index of each operation's call event.
+    call_events: Vec<usize>,
+    /// For each unknown-outcome operation (numbered from 0), its class of identical
+    /// operations (equal input and output) and its place in that class.
+    class_of_unknown: Vec<(usize, usize)>,
+    /// The members of each class, by call time.
+    classes: Vec<Vec<usize>>,
+    cache_entries_max: usize,
+    deadline: Option<Instant>,
+}
+
+impl<'a, M: Model> Search<'a, M> {
+    fn new(
+        model: &'a M,
+        history: &'a [Operation<M::Input, M::Output>],
+        partition: &[usize],
+        options: &CheckOptions,
+        deadline: Option<Instant>,
+    ) -> Self {
+        let part: Vec<Operation<M::Input, M::Output>> = partition
+            .iter()
+            .map(|index| history[*index].clone())
+            .collect();
+        let prepared_part = model.prepare(part);
+        assert_eq!(
+            prepared_part.len(),
+            partition.len(),
+            "Model::prepare keeps every operation"
+        );
+        let (known, unknown): (Vec<_>, Vec<_>) = partition
+            .iter()
+            .copied()
+            .zip(prepared_part)
+            .partition(|(_, operation)| operation.return_time.is_some());
+        let known_count = known.len();
+        let (indices, prepared): (Vec<usize>, Vec<_>) = known.into_iter().chain(unknown).unzip();
+
+        // (time, is return, operation): calls sort before returns at equal times (see the
+        // module documentation), and the operation breaks remaining ties deterministically.
+        let mut timeline: Vec<(u64, bool, usize)> = Vec::with_capacity(prepared.len() * 2);
+        for (operation, recorded) in prepared.iter().enumerate() {
+            timeline.push((recorded.call_time, false, operation));
+            if let Some(return_time) = recorded.return_time {
+                assert!(
+                    return_time >= recorded.call_time,
+                    "Model::prepare keeps returns after calls"
+                );
+                timeline.push((return_time, true, operation));
+            }
+        }
+        timeline.sort_unstable();
+
+        let mut events = Vec::with_capacity(timeline.len() + 1);
+        events.push(Event {
+            operation: NONE,
+            return_event: NONE,
+            is_call: false,
+            previous: NONE,
+            next: NONE,
+        });
+        let mut call_events = vec![NONE; prepared.len()];
+        for (position, (_, is_return, operation)) in timeline.iter().enumerate() {
+            let event = position + 1;
+            events[event - 1].next = event;
+            events.push(Event {
+                operation: *operation,
+                return_event: NONE,
+                is_call: !is_return,
+                previous: event - 1,
+                next: NONE,
+            });
+            if *is_return {
+                let call_event = call_events[*operation];
+                assert_ne!(call_event, NONE, "a call sorts before its return");
+                events[call_event].return_event = event;
+            } else {
+                call_events[*operation] = event;
+            }
+        }
+
+        // Classes of identical unknown-outcome operations, each listed in call-event order.
+        let mut class_by_operation: HashMap<(&M::Input, &M::Output), usize, FixedHasher> =
+            HashMap::default();
+        let mut classes: Vec<Vec<usize>> = Vec::new();
+        let mut unknown_by_call: Vec<usize> = (known_count..prepared.len()).collect();
+        unknown_by_call.sort_unstable_by_key(|operation| call_events[*operation]);
+        let mut class_of_unknown = vec![(NONE, NONE); prepared.len() - known_count];
+        for operation in unknown_by_call {
+            let recorded = &prepared[operation];
+            let class = *class_by_operation
+                .entry((&recorded.input, &recorded.output))
+                .or_insert_with(|| {
+                    classes.push(Vec::new());
+                    classes.len() - 1
+                });
+            class_of_unknown[operation - known_count] = (class, classes[class].len());
+            classes[class].push(operation);
+        }
+
+        Search {
+            model,
+            history,
+            indices,
+            prepared,
+            known_count,
+            events,
+            call_events,
+            class_of_unknown,
+            classes,
+            cache_entries_max: options.cache_entries_max,
+            deadline,
+        }
+    }
+
+    fn is_unknown(&self, operation: usize) -> bool {
+        operation >= self.known_count
+    }
+
+    /// Whether an unknown-outcome operation is, of its class of identical operations, the
+    /// last one called before `pass_end` (the first return in the list) and not yet
+    /// linearized. Only that one is tried: linearizing an earlier-called twin instead leads to
+    /// the same state and leaves a later-called twin for the future, which can do no more
+    /// than the earlier one (it is enabled no sooner), so the search loses nothing.
+    fn is_last_pending_twin(
+        &self,
+        operation: usize,
+        pass_end: usize,
+        linearized: &Linearized,
+    ) -> bool {
+        let (class, place) = self.class_of_unknown[operation - self.known_count];
+        self.classes[class][place + 1..]
+            .iter()
+            .take_while(|twin| self.call_events[**twin] < pass_end)
+            .all(|twin| linearized.unknown.contains(*twin - self.known_count))
+    }
+
+    /// The first return event at or after `event` in the list.
+    fn first_return_from(&self, mut event: usize) -> usize {
+        while self.events[event].is_call {
+            event = self.events[event].next;
+            assert_ne!(event, NONE, "a known return remains in the list");
+        }
+        event
+    }
+
+    fn operation(&self, operation: usize) -> &Operation<M::Input, M::Output> {
+        &self.prepared[operation]
+    }
+
+    /// Takes a call event and its return event out of the list.
+    fn lift(&mut self, call_event: usize) {
+        self.unlink(call_event);
+        let return_event = self.events[call_event].return_event;
+        if return_event != NONE {
+            self.unlink(return_event);
+        }
+    }
+
+    /// Puts back what [`Search::lift`] took out, in reverse order.
+    fn unlift(&mut self, call_event: usize) {
+        let return_event = self.events[call_event].return_event;
+        if return_event != NONE {
+            self.relink(return_event);
+        }
+        self.relink(call_event);
+    }
+
+    fn unlink(&mut self, event: usize) {
+        let Event { previous, next, .. } = self.events[event];
+        self.events[previous].next = next;
+        if next != NONE {
+            self.events[next].previous = previous;
+        }
+    }
+
+    /// Relinking works because an unlinked event keeps its own neighbour links, and events are
+    /// relinked in the reverse order of unlinking (the undo stack guarantees it).
+    fn relink(&mut self, event: usize) {
+        let Event { previous, next, .. } = self.events[event];
+        self.events[previous].next = event;
+        if next != NONE {
+            self.events[next].previous = event;
+        }
+    }
+
+    /// The search loop. Candidates are tried in two passes: first the calls of operations with
+    /// a known return, then, only when those are exhausted, the calls of unknown-outcome
+    /// operations. Both passes stop at the first return in the list. The order is complete
+    /// (every enabled operation is tried) and explores orders that leave unknown operations
+    /// out before those that include them, which is what lets the cache prune the latter.
+    fn run(mut self) -> SearchOutcome {
+        let mut known_remaining = self.known_count;
+        let has_unknown = self.known_count < self.prepared.len();
+        let mut state = self.model.init();
+        let mut linearized = Linearized {
+            known: Bitset::new(self.known_count),
+            unknown: Bitset::new(self.prepared.len() - self.known_count),
+        };
+        let mut cache = MemoisationCache::<M::State>::new(self.cache_entries_max);
+        // The undo stack: each linearized call event with the state before it.
+        let mut undo: Vec<(usize, M::State)> = Vec::new();
+        let mut longest_prefix: Vec<usize> = Vec::new();
+        let mut state_after_prefix = state.clone();
+        // Whether the current order is the longest one found, undisturbed by backtracking: a
+        // dead end reached then names the operation that blocked it.
+        let mut at_longest = true;
+        let mut blocking_operation = None;
+        let mut steps: u64 = 0;
+        let mut event = self.events[HEAD].next;
+        // Which pass is running: known-return operations, or unknown-outcome ones; the latter
+        // ends at `pass_end`, the first return in the list.
+        let mut known_pass = true;
+        let mut pass_end = NONE;
+
+        while known_remaining > 0 {
+            steps += 1;
+            if steps.is_multiple_of(STEPS_PER_DEADLINE_CHECK) && self.deadline_passed() {
+                return SearchOutcome::Unknown(UnknownReason::Timeout);
+            }
+            assert_ne!(
+                event, NONE,
+                "a known return is always reached before the end of the list"
+            );
+            let Event {
+                operation,
+                is_call,
+                next,
+                ..
+            } = self.events[event];
+            if is_call {
+                if self.is_unknown(operation) == known_pass
+                    || (!known_pass && !self.is_last_pending_twin(operation, pass_end, &linearized))
+                {
+                    event = next;
+                    continue;
+                }
+                let recorded = self.operation(operation);
+                let Some(next_state) = self.model.step(&state, &recorded.input, &recorded.output)
+                else {
+                    event = next;
+                    continue;
+                };
+                linearized.insert(operation, self.known_count);
+                match cache.visit(&linearized, &next_state) {
+                    Visit::New => {}
+                    Visit::Dominated => {
+                        linearized.remove(operation, self.known_count);
+                        event = next;
+                        continue;
+                    }
+                    Visit::Full => {
+                        return SearchOutcome::Unknown(UnknownReason::CacheFull {
+                            cache_entries_max: self.cache_entries_max,
+                        })
+                    }
+                }
+                undo.push((event, std::mem::replace(&mut state, next_state)));
+                if !self.is_unknown(operation) {
+                    known_remaining -= 1;
+                }
+                self.lift(event);
+                if undo.len() > longest_prefix.len() {
+                    longest_prefix = undo
+                        .iter()
+                        .map(|(call_event, _)| self.events[*call_event].operation)
+                        .collect();
+                    state_after_prefix = state.clone();
+                    at_longest = true;
+                    blocking_operation = None;
+                }
+                event = self.events[HEAD].next;
+                known_pass = true;
+            } else if known_pass && has_unknown {
+                known_pass = false;
+                pass_end = event;
+                event = self.events[HEAD].next;
+            } else {
+                if at_longest {
+                    blocking_operation.get_or_insert(operation);
+                }
+                let Some((call_event, previous_state)) = undo.pop() else {
+                    return SearchOutcome::Illegal(self.explain(
+                        &longest_prefix,
+                        &state_after_prefix,
+                        blocking_operation,
+                    ));
+                };
+                at_longest = false;
+                let undone = self.events[call_event].operation;
+                state = previous_state;
+                linearized.remove(undone, self.known_count);
+                if !self.is_unknown(undone) {
+                    known_remaining += 1;
+                }
+                self.unlift(call_event);
+                // Candidates before the undone one, in its pass, were tried already.
+                event = self.events[call_event].next;
+                known_pass = !self.is_unknown(undone);
+                if !known_pass {
+                    pass_end = self.first_return_from(event);
+                }
+            }
+        }
+        SearchOutcome::Linearizable
+    }
+
+    fn deadline_passed(&self) -> bool {
+        self.deadline
+            .is_some_and(|deadline| Instant::now() >= deadline)
+    }
+
+    fn explain(
+        &self,
+        longest_prefix: &[usize],
+        state_after_prefix: &M::State,
+        blocking_operation: Option<usize>,
+    ) -> Explanation {
+        let mut operations: Vec<ExplainedOperation> = self
+            .indices
+            .iter()
+            .map(|index| {
+                let operation = &self.history[*index];
+                ExplainedOperation {
+                    index: *index,
+                    client_id: operation.client_id,
+                    call_time: operation.call_time,
+                    return_time: operation.return_time,
+                    description: self
+                        .model
+                        .describe_operation(&operation.input, &operation.output),
+                }
+            })
+            .collect();
+        operations.sort_by_key(|operation| (operation.call_time, operation.index));
+        Explanation {
+            partition_count: 1,
+            operations,
+            longest_prefix: longest_prefix
+                .iter()
+                .map(|operation| self.indices[*operation])
+                .collect(),
+            state_after_prefix: self.model.describe_state(state_after_prefix),
+            blocking_operation: blocking_operation.map(|operation| self.indices[operation]),
+        }
+    }
+}
+
+/// The operations linearized so far, split as the cache key needs them.
+struct Linearized {
+    /// Operations with a known return, numbered `0..known_count`.
+    known: Bitset,
+    /// Unknown-outcome operations, numbered from `known_count`.
+    unknown: Bitset,
+}
+
+impl Linearized {
+    fn insert(&mut self, operation: usize, known_count: usize) {
+        match operation.checked_sub(known_count) {
+            None => self.known.insert(operation),
+            Some(unknown) => self.unknown.insert(unknown),
+        }
+    }
+
+    fn remove(&mut self, operation: usize, known_count: usize) {
+        match operation.checked_sub(known_count) {
+            None => self.known.remove(operation),
+            Some(unknown) => self.unknown.remove(unknown),
+        }
+    }
+}
+
+/// What the cache says about a configuration just reached.
+enum Visit {
+    /// Not seen before: explore it.
+    New,
+    /// A configuration at least as promising was explored (or is being explored): skip it.
+    Dominated,
+    /// The cache is at `cache_entries_max`.
+    Full,
+}
+
+/// Lowe's memoisation, extended for unknown-outcome operations by dominance.
+///
+/// A configuration is (known-return operations linearized, unknown ones linearized, state).
+/// Two configurations with the same known set and state, whose unknown sets are `S1 ⊆ S2`:
+/// the first can do everything the second can, because unknown operations impose no return
+/// deadline and need never take effect, so it can follow the second's continuation and simply
+/// leave `S2 \ S1` out. Having explored the first, the search skips the second. Without this,
+/// every subset of the unknown operations called so far is a distinct key, and a history with
+/// a few dozen timed-out writes to one key makes an illegal verdict unreachable. With no
+/// unknown operations the sets are all empty and this is exactly Lowe's cache.
+struct MemoisationCache<State> {
+    map: Cache<State>,
+    /// Unknown sets stored over all keys, bounded by `entries_max`.
+    entry_count: usize,
+    entries_max: usize,
+}
+
+impl<State: Clone + Eq + Hash> MemoisationCache<State> {
+    fn new(entries_max: usize) -> Self {
+        MemoisationCache {
+            map: Cache::default(),
+            entry_count: 0,
+            entries_max,
+        }
+    }
+
+    fn visit(&mut self, linearized: &Linearized, state: &State) -> Visit {
+        if self.entry_count >= self.entries_max {
+            return Visit::Full;
+        }
+        let unknown_sets = self
+            .map
+            .entry((linearized.known.clone(), state.clone()))
+            .or_default();
+        if unknown_sets
+            .iter()
+            .any(|explored| explored.is_subset(&linearized.unknown))
+        {
+            return Visit::Dominated;
+        }
+        // The new set dominates any stored superset of it; dropping those keeps the list an
+        // antichain and short.
+        let before = unknown_sets.len();
+        unknown_sets.retain(|explored| !linearized.unknown.is_subset(explored));
+        let removed = before - unknown_sets.len();
+        unknown_sets.push(linearized.unknown.clone());
+        self.entry_count = self.entry_count + 1 - removed;
+        Visit::New
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A register of one integer: `Some(v)` writes v, `None` reads and expects the output.
+    struct Register;
+
+    impl Model for Register {
+        type Input = Option<u8>;
+        type Output = u8;
+        type State = u8;
+
+        fn init(&self) -> u8 {
+            0
+        }
+
+        fn step(&self, state: &u8, input: &Option<u8>, output: &u8) -> Option<u8> {
+            match input {
+                Some(value) => Some(*value),
+                None => (state == output).then_some(*state),
+            }
+        }
+
+        fn describe_operation(&self, input: &Option<u8>, output: &u8) -> String {
+            match input {
+                Some(value) => format!("write {value}"),
+                None => format!("read -> {output}"),
+            }
+        }
+
+        fn describe_state(&self, state: &u8) -> String {
+            state.to_string()
+        }
+    }
+
+    fn operation(
+        call_time: u64,
+        return_time: Option<u64>,
+        input: Option<u8>,
+        output: u8,
+    ) -> Operation<Option<u8>, u8> {
+        Operation {
+            client_id: 0,
+            call_time,
+            return_time,
+            input,
+            output,
+        }
+    }
+
+    fn check(history: &[Operation<Option<u8>, u8>]) -> CheckResult {
+        check_model(&Register, history, &CheckOptions::default()).unwrap()
+    }
+
+    #[test]
+    fn an_empty_history_is_linearizable() {
+        assert_eq!(check(&[]), CheckResult::Ok);
+    }
+
+    #[test]
+    fn touching_intervals_count_as_concurrent() {
+        // The read returns at 10, when the write is called: either order is allowed.
+        let history = [
+            operation(10, Some(20), Some(1), 0),
+            operation(0, Some(10), None, 1),
+        ];
+        assert_eq!(check(&history), CheckResult::Ok);
+    }
+
+    #[test]
+    fn explanation_names_the_prefix_and_the_blocking_operation() {
+        let history = [
+            operation(0, Some(10), Some(1), 0),
+            operation(20, Some(30), None, 2),
+        ];
+        let CheckResult::Illegal(explanation) = check(&history) else {
+            panic!("a read of a value never written is illegal");
+        };
+        assert_eq!(explanation.longest_prefix, vec![0]);
+        assert_eq!(explanation.state_after_prefix, "1");
+        assert_eq!(explanation.blocking_operation, Some(1));
+        let text = explanation.to_string();
+        assert!(text.contains("#1 client 0 [20, 30] read -> 2"), "{text}");
+        assert!(text.contains("then #1"), "{text}");
+    }
+
+    #[test]
+    fn full_cache_leaves_the_history_undecided() {
+        let history = [
+            operation(0, Some(10), Some(1), 0),
+            operation(20, Some(30), None, 1),
+        ];
+        let options = CheckOptions {
+            cache_entries_max: 1,
+            ..CheckOptions::default()
+        };
+        assert_eq!(
+            check_model(&Register, &history, &options).unwrap(),
+            CheckResult::Unknown(UnknownReason::CacheFull {
+                cache_entries_max: 1
+            })
+        );
+    }
+
+    #[test]
+    fn too_many_operations_are_refused() {
+        let history = vec![operation(0, Some(1), Some(1), 0); 3];
+        let options = CheckOptions {
+            operations_max: 2,
+            ..CheckOptions::default()
+        };
+        assert!(matches!(
+            check_model(&Register, &history, &options),
+            Err(HistoryError::TooManyOperations { count: 3, .. })
+        ));
+    }
+
+    #[test]
+    #[should_panic(expected = "is in two partitions")]
+    fn overlapping_partitions_are_a_model_bug() {
+        assert_partitions_valid(&[vec![0], vec![0]], 1);
+    }
+}

@@ -1,0 +1,956 @@
+//! `Node`: one keel member's consensus and state machine, as a pure function of
+//! the events it is given.
+//!
+//! The shell feeds a `Node` events ([`Event`]: a tick, a peer message, a client
+//! request) and then drains its work with [`Node::ready`] and
+//! [`Node::advance`]. Each returns an [`Output`] the shell must carry out in
+//! this order, which is raft-rs's Ready protocol:
+//!
+//! 1. send `messages` (a leader may send before its own disk write, §10.2.1 of
+//!    Ongaro's thesis);
+//! 2. make `persist` durable: snapshot first, then entries and hard state, with
+//!    one fsync for the whole batch (this is where group commit happens: every
+//!    proposal that arrived since the last ready shares it);
+//! 3. send `messages_after_persist` (votes and append responses must not be sent
+//!    before what they promise is on disk, §5.2 and §5.3);
+//! 4. deliver `replies` and save `snapshot_to_save`;
+//! 5. call [`Node::advance`] and carry out its output the same way.
+//!
+//! The node reads no clock and no unseeded randomness: time arrives as ticks, and
+//! the election-timeout jitter comes from a seed in [`NodeConfig`]. That makes a
+//! run reproducible from its inputs, which is what the simulator relies on.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use keel_types::etcdserverpb::{RangeRequest, RangeResponse, ResponseHeader};
+use keel_types::keelpb::{log_request, LogRequest, MemberRecord};
+use prost::Message as _;
+use raft::eraftpb::{
+    ConfChange, ConfChangeV2, Entry, EntryType, HardState, Message, Snapshot, SnapshotMetadata,
+};
+use raft::{RawNode, ReadOnlyOption, StateRole};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+use crate::log_store::LogStore;
+use crate::mvcc::{self, KeySpaceError};
+use crate::state_machine::{SnapshotDecodeError, StateMachine, WriteResponse};
+
+/// Settings of one member's consensus and request handling.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This member's id.
+    pub member_id: u64,
+    /// Ticks without hearing from a leader before a follower starts an election.
+    /// The effective timeout is drawn from `[election_ticks, 2 * election_ticks)`.
+    pub election_ticks: usize,
+    /// Ticks between a leader's heartbeats.
+    pub heartbeat_ticks: usize,
+    /// Largest append message raft-rs sends, in bytes.
+    pub append_message_bytes_max: u64,
+    /// Append messages in flight to one follower before the leader waits.
+    pub inflight_messages_max: usize,
+    /// Applied entries between two snapshots of the state machine.
+    pub snapshot_entries_interval: u64,
+    /// Entries kept in memory behind a snapshot, so a briefly slow follower can
+    /// catch up from the log instead of needing the whole snapshot.
+    pub snapshot_catch_up_entries: u64,
+    /// Largest client request accepted, in encoded bytes.
+    pub request_bytes_max: usize,
+    /// Operations allowed in one transaction, counting nested ones.
+    pub txn_operations_max: usize,
+    /// Client requests waiting for commit or for a read index at once.
+    pub pending_requests_max: usize,
+    /// Ticks after which a request that got no answer fails with a timeout (its
+    /// outcome is then unknown to the client, as with etcd).
+    pub request_timeout_ticks: u64,
+    /// Ticks after which an unanswered ReadIndex request is issued again: raft-rs
+    /// drops such requests silently when a leader has not yet committed in its term.
+    pub read_index_retry_ticks: u64,
+    /// Seed for the election timeout jitter; the shell draws it from real
+    /// randomness, the simulator from its run seed.
+    pub random_seed: u64,
+    /// A per-boot value placed in the high bits of proposal ids, so that ids
+    /// never repeat across restarts of this member.
+    pub boot_epoch: u32,
+}
+
+impl NodeConfig {
+    /// Defaults equivalent to etcd's: 100 ms ticks, heartbeat every tick,
+    /// election after 10 ticks (1 s).
+    pub fn with_member_id(member_id: u64) -> Self {
+        NodeConfig {
+            member_id,
+            election_ticks: 10,
+            heartbeat_ticks: 1,
+            append_message_bytes_max: 1024 * 1024,
+            inflight_messages_max: 256,
+            snapshot_entries_interval: 100_000,
+            snapshot_catch_up_entries: 5_000,
+            request_bytes_max: 1536 * 1024,
+            txn_operations_max: 128,
+            pending_requests_max: 10_000,
+            request_timeout_ticks: 70,
+            read_index_retry_ticks: 5,
+            random_seed: member_id,
+            boot_epoch: 0,
+        }
+    }
+}
+
+/// A write a client asks for.
+pub type WriteRequest = log_request::Request;
+
+/// Something that happened to the node.
+#[derive(Debug)]
+pub enum Event {
+    /// One unit of logical time passed (the shell ticks every heartbeat interval).
+    Tick,
+    /// A Raft message from a peer.
+    Message(Box<Message>),
+    /// A client write, answered later by a [`Reply`] carrying `token`.
+    Write {
+        /// The shell's handle for the waiting client.
+        token: u64,
+        /// What to write.
+        request: WriteRequest,
+    },
+    /// A linearizable read, served after a ReadIndex round (§6.4 of Ongaro's thesis).
+    LinearizableRead {
+        /// The shell's handle for the waiting client.
+        token: u64,
+        /// What to read.
+        request: RangeRequest,
+    },
+    /// The transport could not reach this peer.
+    Unreachable(u64),
+    /// A snapshot sent to this peer was lost; raft-rs must be told or the peer
+    /// stays stuck waiting for it.
+    SnapshotFailed(u64),
+}
+
+/// The answer to one client request.
+#[derive(Debug)]
+pub struct Reply {
+    /// The shell's handle for the waiting client.
+    pub token: u64,
+    /// The result.
+    pub result: Result<Response, RequestError>,
+}
+
+/// A successful answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Response {
+    /// A write's result.
+    Write(WriteResponse),
+    /// A read's result.
+    Range(RangeResponse),
+}
+
+/// Why a client request failed. Messages are etcd's, so clients react the same way.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RequestError {
+    /// The state machine refused the request (same on every member).
+    #[error(transparent)]
+    KeySpace(#[from] KeySpaceError),
+    /// No leader is known right now; the client should retry.
+    #[error("etcdserver: no leader")]
+    NoLeader,
+    /// The request did not commit or get a read index in time; it may still take effect.
+    #[error("etcdserver: request timed out")]
+    Timeout,
+    /// Too many requests are already waiting.
+    #[error("etcdserver: too many requests")]
+    TooManyRequests,
+    /// The encoded request is larger than `request_bytes_max`.
+    #[error("etcdserver: request is too large")]
+    RequestTooLarge,
+    /// The proposal was dropped by Raft (for example during a leader transfer).
+    #[error("etcdserver: request cancelled")]
+    Dropped,
+}
+
+/// What the shell must make durable, in this order, with one fsync.
+#[derive(Debug, Default)]
+pub struct Persist {
+    /// A snapshot received from the leader: write it (and mark it in the log)
+    /// before the entries that follow it.
+    pub snapshot: Option<Snapshot>,
+    /// New log entries; they may overwrite a suffix of the log.
+    pub entries: Vec<Entry>,
+    /// The new hard state (term, vote, commit), if it changed.
+    pub hard_state: Option<HardState>,
+}
+
+impl Persist {
+    /// True when there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.snapshot.is_none() && self.entries.is_empty() && self.hard_state.is_none()
+    }
+}
+
+/// A snapshot this member made of its own state machine. The shell saves it and
+/// may then drop log records before `compact_index`.
+#[derive(Debug)]
+pub struct OwnSnapshot {
+    /// The snapshot (metadata and state machine bytes).
+    pub snapshot: Snapshot,
+    /// Log entries before this index are no longer needed after the snapshot is durable.
+    pub compact_index: u64,
+}
+
+/// Work for the shell, to be carried out in field order (see the module docs).
+#[derive(Debug, Default)]
+pub struct Output {
+    /// Messages that may be sent at once.
+    pub messages: Vec<Message>,
+    /// What to make durable before anything below.
+    pub persist: Persist,
+    /// Messages that may be sent only after `persist` is durable.
+    pub messages_after_persist: Vec<Message>,
+    /// Answers to clients.
+    pub replies: Vec<Reply>,
+    /// A snapshot of the state machine to save.
+    pub snapshot_to_save: Option<OwnSnapshot>,
+}
+
+/// What a member was when it stopped, as recovered from disk by the shell.
+#[derive(Debug)]
+pub struct Recovered {
+    /// The newest snapshot. For a member that never made one, the bootstrap
+    /// snapshot at index 0 that holds the initial configuration.
+    pub snapshot: Snapshot,
+    /// The last hard state written, if any.
+    pub hard_state: Option<HardState>,
+    /// Log entries after the snapshot, contiguous.
+    pub entries: Vec<Entry>,
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The snapshot's state machine bytes are unreadable.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotDecodeError),
+    /// raft-rs refused the recovered state.
+    #[error("raft refused the recovered state: {0}")]
+    Raft(#[from] raft::Error),
+    /// The recovered log does not start right after the snapshot.
+    #[error("log starts at index {first_entry_index} but the snapshot ends at {snapshot_index}")]
+    LogGap {
+        /// The first recovered entry's index.
+        first_entry_index: u64,
+        /// The snapshot's index.
+        snapshot_index: u64,
+    },
+}
+
+/// A point-in-time view of a member, for Status and metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeStatus {
+    /// This member.
+    pub member_id: u64,
+    /// The cluster.
+    pub cluster_id: u64,
+    /// The leader this member knows of, 0 if none.
+    pub leader_id: u64,
+    /// The current term.
+    pub term: u64,
+    /// The highest index known committed.
+    pub commit_index: u64,
+    /// The highest index applied to the state machine.
+    pub applied_index: u64,
+    /// The last index in this member's log.
+    pub last_index: u64,
+    /// The key space's current revision.
+    pub revision: i64,
+    /// The key space's compacted revision.
+    pub compact_revision: i64,
+    /// Approximate size of the key space, in bytes.
+    pub key_space_bytes: u64,
+    /// True when this member is the leader.
+    pub is_leader: bool,
+    /// True when this member is a learner (non-voting).
+    pub is_learner: bool,
+}
+
+/// Builds the snapshot at index 0 that a brand-new member starts from: no data,
+/// only the initial voters and their records.
+pub fn bootstrap_snapshot(members: Vec<MemberRecord>, cluster_id: u64) -> Snapshot {
+    let voters = members
+        .iter()
+        .filter(|member| !member.is_learner)
+        .map(|member| member.id)
+        .collect::<Vec<_>>();
+    let learners = members
+        .iter()
+        .filter(|member| member.is_learner)
+        .map(|member| member.id)
+        .collect::<Vec<_>>();
+    let state_machine = StateMachine::new(members, cluster_id);
+    let mut snapshot = Snapshot::default();
+    let metadata = snapshot.mut_metadata();
+    metadata.mut_conf_state().voters = voters;
+    metadata.mut_conf_state().learners = learners;
+    snapshot.data = state_machine.encode().into();
+    snapshot
+}
+
+/// A batch of linearizable reads waiting for one ReadIndex answer.
+#[derive(Debug)]
+struct ReadBatch {
+    reads: Vec<PendingRead>,
+    issued_tick: u64,
+}
+
+#[derive(Debug)]
+struct PendingRead {
+    token: u64,
+    request: RangeRequest,
+    received_tick: u64,
+}
+
+#[derive(Debug)]
+struct PendingWrite {
+    token: u64,
+    proposed_tick: u64,
+}
+
+/// One keel member: raft-rs's `RawNode` plus the state machine and the
+/// bookkeeping of waiting clients.
+pub struct Node {
+    config: NodeConfig,
+    raw_node: RawNode<LogStore>,
+    state_machine: StateMachine,
+    /// Logical time, in ticks since start.
+    tick_count: u64,
+    random: StdRng,
+    /// The (term, role, leader) last seen, to notice when raft-rs reset its
+    /// election timer and draw a new seeded timeout.
+    election_timer_marker: (u64, StateRole, u64),
+    next_request_sequence: u32,
+    /// Writes this member proposed, by log request id, until applied or timed out.
+    pending_writes: BTreeMap<u64, PendingWrite>,
+    /// Linearizable reads not yet sent out as a ReadIndex request.
+    reads_waiting: Vec<PendingRead>,
+    /// ReadIndex requests in flight, by context.
+    reads_in_flight: BTreeMap<u64, ReadBatch>,
+    /// Reads whose read index is known, waiting for the state machine to apply it.
+    reads_ready: VecDeque<(u64, Vec<PendingRead>)>,
+    next_read_context: u64,
+    /// Replies produced while handling events, delivered with the next output.
+    replies: Vec<Reply>,
+    /// raft-rs's Ready between `ready` and `advance`.
+    in_progress: Option<raft::Ready>,
+    /// The index of the newest snapshot of our own state machine.
+    last_snapshot_index: u64,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Node")
+            .field("member_id", &self.config.member_id)
+            .field("tick_count", &self.tick_count)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// Starts a member from what the shell recovered from disk.
+    pub fn new(
+        config: NodeConfig,
+        recovered: Recovered,
+        logger: &slog::Logger,
+    ) -> Result<Node, StartError> {
+        let snapshot_index = recovered.snapshot.get_metadata().index;
+        if let Some(first) = recovered.entries.first() {
+            if first.index != snapshot_index + 1 {
+                return Err(StartError::LogGap {
+                    first_entry_index: first.index,
+                    snapshot_index,
+                });
+            }
+        }
+        let state_machine = StateMachine::decode(&recovered.snapshot.data)?;
+        let mut log_store = LogStore::from_snapshot(
+            recovered.snapshot.get_metadata().clone(),
+            Arc::new(recovered.snapshot.data.to_vec()),
+        );
+        log_store.append(&recovered.entries);
+        if let Some(mut hard_state) = recovered.hard_state {
+            // A snapshot may have been made durable just before a crash that lost
+            // the hard state written after it; the snapshot proves its index committed.
+            hard_state.commit = hard_state.commit.max(snapshot_index);
+            hard_state.term = hard_state.term.max(recovered.snapshot.get_metadata().term);
+            hard_state.commit = hard_state.commit.min(log_store.last_index());
+            log_store.set_hard_state(hard_state);
+        }
+        let raft_config = raft::Config {
+            id: config.member_id,
+            election_tick: config.election_ticks,
+            heartbeat_tick: config.heartbeat_ticks,
+            applied: snapshot_index,
+            max_size_per_msg: config.append_message_bytes_max,
+            max_inflight_msgs: config.inflight_messages_max,
+            check_quorum: true,
+            pre_vote: true,
+            // raft-rs draws the timeout from this range with an unseeded
+            // generator whenever it resets its election timer; the node replaces
+            // that draw with one from its seeded generator before the next tick
+            // (see `jitter_election_timeout_if_reset`), so runs stay reproducible.
+            min_election_tick: config.election_ticks,
+            max_election_tick: 2 * config.election_ticks,
+            read_only_option: ReadOnlyOption::Safe,
+            ..Default::default()
+        };
+        raft_config.validate()?;
+        let raw_node = RawNode::new(&raft_config, log_store, logger)?;
+        let random = StdRng::seed_from_u64(config.random_seed);
+        let mut node = Node {
+            raw_node,
+            state_machine,
+            tick_count: 0,
+            random,
+            election_timer_marker: (u64::MAX, StateRole::Follower, u64::MAX),
+            next_request_sequence: 0,
+            pending_writes: BTreeMap::new(),
+            reads_waiting: Vec::new(),
+            reads_in_flight: BTreeMap::new(),
+            reads_ready: VecDeque::new(),
+            next_read_context: 1,
+            replies: Vec::new(),
+            in_progress: None,
+            last_snapshot_index: snapshot_index,
+            config,
+        };
+        node.jitter_election_timeout_if_reset();
+        Ok(node)
+    }
+
+    /// This member's id.
+    pub fn member_id(&self) -> u64 {
+        self.config.member_id
+    }
+
+    /// The configuration this node runs with.
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
+    }
+
+    /// Handles one event. Its effects come out of the next [`Node::ready`].
+    pub fn step(&mut self, event: Event) {
+        match event {
+            Event::Tick => self.tick(),
+            Event::Message(message) => {
+                // Messages from a stale or unknown peer are refused by raft-rs
+                // with an error; that is the peer's problem, not ours.
+                if let Err(error) = self.raw_node.step(*message) {
+                    tracing::debug!(%error, "peer message refused");
+                }
+            }
+            Event::Write { token, request } => self.propose_write(token, request),
+            Event::LinearizableRead { token, request } => self.queue_read(token, request),
+            Event::Unreachable(peer) => self.raw_node.report_unreachable(peer),
+            Event::SnapshotFailed(peer) => self
+                .raw_node
+                .report_snapshot(peer, raft::SnapshotStatus::Failure),
+        }
+        self.jitter_election_timeout_if_reset();
+    }
+
+    fn tick(&mut self) {
+        self.tick_count += 1;
+        self.raw_node.tick();
+        self.expire_requests();
+    }
+
+    /// Each time raft-rs resets its election timer (on every change of term,
+    /// role or leader) draw a new timeout in `[election, 2 * election)` from our
+    /// seeded generator: randomized timeouts are what make split votes rare (§5.2).
+    fn jitter_election_timeout_if_reset(&mut self) {
+        let raft = &self.raw_node.raft;
+        let marker = (raft.term, raft.state, raft.leader_id);
+        if marker != self.election_timer_marker {
+            self.election_timer_marker = marker;
+            let base = self.config.election_ticks;
+            let timeout = base + self.random.gen_range(0..base);
+            self.raw_node.raft.set_randomized_election_timeout(timeout);
+        }
+    }
+
+    fn expire_requests(&mut self) {
+        let now = self.tick_count;
+        let timeout = self.config.request_timeout_ticks;
+        let expired_writes: Vec<u64> = self
+            .pending_writes
+            .iter()
+            .filter(|(_, write)| now - write.proposed_tick >= timeout)
+            .map(|(&request_id, _)| request_id)
+            .collect();
+        for request_id in expired_writes {
+            let write = self
+                .pending_writes
+                .remove(&request_id)
+                .expect("listed above");
+            self.replies.push(Reply {
+                token: write.token,
+                result: Err(RequestError::Timeout),
+            });
+        }
+        // ReadIndex requests that got no answer are issued again; reads waiting
+        // too long in total fail.
+        let retry = self.config.read_index_retry_ticks;
+        let stale_contexts: Vec<u64> = self
+            .reads_in_flight
+            .iter()
+            .filter(|(_, batch)| now - batch.issued_tick >= retry)
+            .map(|(&context, _)| context)
+            .collect();
+        for context in stale_contexts {
+            let batch = self.reads_in_flight.remove(&context).expect("listed above");
+            self.reads_waiting.extend(batch.reads);
+        }
+        let mut kept = Vec::with_capacity(self.reads_waiting.len());
+        for read in self.reads_waiting.drain(..) {
+            if now - read.received_tick >= timeout {
+                self.replies.push(Reply {
+                    token: read.token,
+                    result: Err(RequestError::Timeout),
+                });
+            } else {
+                kept.push(read);
+            }
+        }
+        self.reads_waiting = kept;
+    }
+
+    fn pending_request_count(&self) -> usize {
+        self.pending_writes.len()
+            + self.reads_waiting.len()
+            + self
+                .reads_in_flight
+                .values()
+                .map(|batch| batch.reads.len())
+                .sum::<usize>()
+            + self
+                .reads_ready
+                .iter()
+                .map(|(_, reads)| reads.len())
+                .sum::<usize>()
+    }
+
+    fn refuse(&mut self, token: u64, error: RequestError) {
+        self.replies.push(Reply {
+            token,
+            result: Err(error),
+        });
+    }
+
+    fn propose_write(&mut self, token: u64, request: WriteRequest) {
+        if self.pending_request_count() >= self.config.pending_requests_max {
+            return self.refuse(token, RequestError::TooManyRequests);
+        }
+        // Stateless checks before the request enters the log, as etcd's gRPC
+        // layer does: a bad request costs no consensus round.
+        let validation = match &request {
+            log_request::Request::Put(put) => mvcc::validate_put(put),
+            log_request::Request::DeleteRange(delete) => mvcc::validate_delete_range(delete),
+            log_request::Request::Txn(txn) => {
+                mvcc::validate_txn(txn, self.config.txn_operations_max)
+            }
+            log_request::Request::Compaction(_) => Ok(()),
+        };
+        if let Err(error) = validation {
+            return self.refuse(token, RequestError::KeySpace(error));
+        }
+        if self.raw_node.raft.leader_id == raft::INVALID_ID {
+            return self.refuse(token, RequestError::NoLeader);
+        }
+        self.next_request_sequence = self.next_request_sequence.wrapping_add(1);
+        let request_id =
+            (u64::from(self.config.boot_epoch) << 32) | u64::from(self.next_request_sequence);
+        let log_request = LogRequest {
+            request_id,
+            origin_member_id: self.config.member_id,
+            request: Some(request),
+        };
+        let data = log_request.encode_to_vec();
+        if data.len() > self.config.request_bytes_max {
+            return self.refuse(token, RequestError::RequestTooLarge);
+        }
+        // A follower's raft-rs forwards the proposal to the leader; whichever
+        // member applies it, only this one answers, by matching the request id.
+        match self.raw_node.propose(Vec::new(), data) {
+            Ok(()) => {
+                self.pending_writes.insert(
+                    request_id,
+                    PendingWrite {
+                        token,
+                        proposed_tick: self.tick_count,
+                    },
+                );
+            }
+            Err(raft::Error::ProposalDropped) => self.refuse(token, RequestError::Dropped),
+            Err(error) => panic!("raft-rs failed a proposal in an unexpected way: {error}"),
+        }
+    }
+
+    fn queue_read(&mut self, token: u64, request: RangeRequest) {
+        if self.pending_request_count() >= self.config.pending_requests_max {
+            return self.refuse(token, RequestError::TooManyRequests);
+        }
+        if let Err(error) = mvcc::validate_range(&request) {
+            return self.refuse(token, RequestError::KeySpace(error));
+        }
+        if self.raw_node.raft.leader_id == raft::INVALID_ID {
+            return self.refuse(token, RequestError::NoLeader);
+        }
+        self.reads_waiting.push(PendingRead {
+            token,
+            request,
+            received_tick: self.tick_count,
+        });
+    }
+
+    /// Sends all waiting reads as one ReadIndex request: one heartbeat round
+    /// confirms leadership for the whole batch.
+    fn issue_read_index(&mut self) {
+        if self.reads_waiting.is_empty() || self.raw_node.raft.leader_id == raft::INVALID_ID {
+            return;
+        }
+        let context = self.next_read_context;
+        self.next_read_context += 1;
+        let reads = std::mem::take(&mut self.reads_waiting);
+        self.reads_in_flight.insert(
+            context,
+            ReadBatch {
+                reads,
+                issued_tick: self.tick_count,
+            },
+        );
+        self.raw_node.read_index(context.to_be_bytes().to_vec());
+    }
+
+    /// True when [`Node::ready`] has work.
+    pub fn has_ready(&self) -> bool {
+        !self.replies.is_empty()
+            || (!self.reads_waiting.is_empty() && self.raw_node.raft.leader_id != raft::INVALID_ID)
+            || self.raw_node.has_ready()
+    }
+
+    /// Takes the work accumulated since the last call. Call [`Node::advance`]
+    /// after carrying it out, before the next `ready`.
+    pub fn ready(&mut self) -> Output {
+        assert!(
+            self.in_progress.is_none(),
+            "ready called again before advance"
+        );
+        self.issue_read_index();
+        let mut output = Output::default();
+        if !self.raw_node.has_ready() {
+            output.replies = std::mem::take(&mut self.replies);
+            return output;
+        }
+        let mut ready = self.raw_node.ready();
+        output.messages = ready.take_messages();
+        if !ready.snapshot().is_empty() {
+            let snapshot = ready.snapshot().clone();
+            self.install_snapshot(&snapshot);
+            output.persist.snapshot = Some(snapshot);
+        }
+        self.apply_committed(ready.take_committed_entries());
+        self.record_read_states(ready.take_read_states());
+        let entries = ready.take_entries();
+        self.raw_node.mut_store().append(&entries);
+        output.persist.entries = entries;
+        if let Some(hard_state) = ready.hs() {
+            self.raw_node.mut_store().set_hard_state(hard_state.clone());
+            output.persist.hard_state = Some(hard_state.clone());
+        }
+        output.messages_after_persist = ready.take_persisted_messages();
+        self.in_progress = Some(ready);
+        self.serve_ready_reads();
+        output.replies = std::mem::take(&mut self.replies);
+        output
+    }
+
+    /// Tells the node that the last [`Node::ready`]'s output was carried out
+    /// (its `persist` is durable), and returns the follow-up work.
+    pub fn advance(&mut self) -> Output {
+        let mut output = Output::default();
+        if let Some(ready) = self.in_progress.take() {
+            let mut light_ready = self.raw_node.advance(ready);
+            if let Some(commit) = light_ready.commit_index() {
+                self.raw_node.mut_store().set_commit(commit);
+            }
+            output.messages = light_ready.take_messages();
+            self.apply_committed(light_ready.take_committed_entries());
+            self.raw_node.advance_apply();
+        }
+        self.serve_ready_reads();
+        output.snapshot_to_save = self.maybe_snapshot();
+        output.replies = std::mem::take(&mut self.replies);
+        self.jitter_election_timeout_if_reset();
+        output
+    }
+
+    fn install_snapshot(&mut self, snapshot: &Snapshot) {
+        let state_machine = match StateMachine::decode(&snapshot.data) {
+            Ok(state_machine) => state_machine,
+            // The leader's snapshot bytes passed its own checksums; if they do
+            // not decode here the member cannot continue safely.
+            Err(error) => panic!("snapshot from leader does not decode: {error}"),
+        };
+        self.state_machine = state_machine;
+        self.state_machine
+            .set_applied_index(snapshot.get_metadata().index);
+        self.raw_node.mut_store().apply_snapshot(snapshot);
+        self.last_snapshot_index = snapshot.get_metadata().index;
+    }
+
+    fn apply_committed(&mut self, entries: Vec<Entry>) {
+        for entry in entries {
+            if entry.index <= self.state_machine.applied_index() {
+                // Already reflected in the snapshot we started from.
+                continue;
+            }
+            assert_eq!(
+                entry.index,
+                self.state_machine.applied_index() + 1,
+                "committed entries must be applied in order without gaps (§5.3)"
+            );
+            match entry.get_entry_type() {
+                EntryType::EntryNormal => self.apply_normal(&entry),
+                EntryType::EntryConfChange => {
+                    let change = <ConfChange as protobuf::Message>::parse_from_bytes(&entry.data)
+                        .expect("committed configuration change decodes");
+                    let conf_state = self
+                        .raw_node
+                        .apply_conf_change(&change)
+                        .expect("a committed configuration change applies");
+                    self.record_conf_change(entry.index, conf_state, &change.context);
+                }
+                EntryType::EntryConfChangeV2 => {
+                    let change = <ConfChangeV2 as protobuf::Message>::parse_from_bytes(&entry.data)
+                        .expect("committed configuration change decodes");
+                    let conf_state = self
+                        .raw_node
+                        .apply_conf_change(&change)
+                        .expect("a committed configuration change applies");
+                    self.record_conf_change(entry.index, conf_state, &change.context);
+                }
+            }
+        }
+    }
+
+    fn apply_normal(&mut self, entry: &Entry) {
+        if entry.data.is_empty() {
+            // A new leader's empty entry (§8): it commits the leader's term, nothing to apply.
+            self.state_machine.set_applied_index(entry.index);
+            return;
+        }
+        let log_request = LogRequest::decode(entry.data.as_ref())
+            .expect("committed log request decodes: it was encoded by a keel member");
+        let Some(request) = log_request.request else {
+            self.state_machine.set_applied_index(entry.index);
+            return;
+        };
+        let result = self.state_machine.apply_write(entry.index, &request);
+        if log_request.origin_member_id == self.config.member_id {
+            if let Some(write) = self.pending_writes.remove(&log_request.request_id) {
+                let result = result
+                    .map(|response| Response::Write(self.with_header_write(response)))
+                    .map_err(RequestError::KeySpace);
+                self.replies.push(Reply {
+                    token: write.token,
+                    result,
+                });
+            }
+        }
+    }
+
+    /// Records the configuration in force after a configuration change, and the
+    /// member record carried in the change's context.
+    fn record_conf_change(
+        &mut self,
+        index: u64,
+        conf_state: raft::eraftpb::ConfState,
+        context: &[u8],
+    ) {
+        self.raw_node.mut_store().set_conf_state(conf_state.clone());
+        if let Ok(member) = MemberRecord::decode(context) {
+            if member.id != 0 {
+                self.state_machine.upsert_member(member);
+            }
+        }
+        let known: Vec<u64> = conf_state
+            .voters
+            .iter()
+            .chain(conf_state.learners.iter())
+            .copied()
+            .collect();
+        let removed: Vec<u64> = self
+            .state_machine
+            .members()
+            .iter()
+            .map(|member| member.id)
+            .filter(|id| !known.contains(id))
+            .collect();
+        for id in removed {
+            self.state_machine.remove_member(id);
+        }
+        self.state_machine.set_applied_index(index);
+    }
+
+    fn record_read_states(&mut self, read_states: Vec<raft::ReadState>) {
+        for read_state in read_states {
+            let Ok(context_bytes) = <[u8; 8]>::try_from(read_state.request_ctx.as_slice()) else {
+                continue;
+            };
+            let context = u64::from_be_bytes(context_bytes);
+            if let Some(batch) = self.reads_in_flight.remove(&context) {
+                self.reads_ready.push_back((read_state.index, batch.reads));
+            }
+        }
+    }
+
+    /// Serves every read whose read index has been applied (§6.4: the state
+    /// machine has then caught up with everything committed before the read).
+    fn serve_ready_reads(&mut self) {
+        let applied = self.state_machine.applied_index();
+        let mut still_waiting = VecDeque::new();
+        while let Some((read_index, reads)) = self.reads_ready.pop_front() {
+            if read_index > applied {
+                still_waiting.push_back((read_index, reads));
+                continue;
+            }
+            for read in reads {
+                let result = self
+                    .range_local(&read.request)
+                    .map(Response::Range)
+                    .map_err(RequestError::KeySpace);
+                self.replies.push(Reply {
+                    token: read.token,
+                    result,
+                });
+            }
+        }
+        self.reads_ready = still_waiting;
+    }
+
+    /// Answers a read from this member's state machine as it is now: a
+    /// serializable read, possibly stale, never reordered.
+    pub fn range_local(&self, request: &RangeRequest) -> Result<RangeResponse, KeySpaceError> {
+        let mut response = self.state_machine.range(request)?;
+        response.header = Some(self.header(response.header.as_ref().map_or(0, |h| h.revision)));
+        Ok(response)
+    }
+
+    /// The response header etcd clients expect.
+    pub fn header(&self, revision: i64) -> ResponseHeader {
+        let revision = if revision == 0 {
+            self.state_machine.key_space().current_revision()
+        } else {
+            revision
+        };
+        ResponseHeader {
+            cluster_id: self.state_machine.cluster_id(),
+            member_id: self.config.member_id,
+            revision,
+            raft_term: self.raw_node.raft.term,
+        }
+    }
+
+    fn with_header_write(&self, response: WriteResponse) -> WriteResponse {
+        fn fill(header: &mut Option<ResponseHeader>, node: &Node) {
+            let revision = header.as_ref().map_or(0, |h| h.revision);
+            *header = Some(node.header(revision));
+        }
+        let mut response = response;
+        match &mut response {
+            WriteResponse::Put(put) => fill(&mut put.header, self),
+            WriteResponse::DeleteRange(delete) => fill(&mut delete.header, self),
+            WriteResponse::Txn(txn) => fill(&mut txn.header, self),
+            WriteResponse::Compaction(compaction) => fill(&mut compaction.header, self),
+        }
+        response
+    }
+
+    /// Makes a snapshot of the state machine every `snapshot_entries_interval`
+    /// applied entries, and compacts the in-memory log behind it.
+    fn maybe_snapshot(&mut self) -> Option<OwnSnapshot> {
+        let applied = self.state_machine.applied_index();
+        if applied < self.last_snapshot_index + self.config.snapshot_entries_interval {
+            return None;
+        }
+        let term = raft::Storage::term(self.raw_node.store(), applied)
+            .expect("the applied entry is still in the log");
+        let mut metadata = SnapshotMetadata {
+            index: applied,
+            term,
+            ..Default::default()
+        };
+        metadata.set_conf_state(self.raw_node.raft.prs().conf().to_conf_state());
+        let data = Arc::new(self.state_machine.encode());
+        let compact_index = applied
+            .saturating_sub(self.config.snapshot_catch_up_entries)
+            .max(self.raw_node.store().first_index());
+        self.raw_node.mut_store().install_own_snapshot(
+            metadata.clone(),
+            data.clone(),
+            compact_index,
+        );
+        self.last_snapshot_index = applied;
+        let mut snapshot = Snapshot::default();
+        snapshot.set_metadata(metadata);
+        snapshot.data = data.as_ref().clone().into();
+        Some(OwnSnapshot {
+            snapshot,
+            compact_index,
+        })
+    }
+
+    /// The member's status.
+    pub fn status(&self) -> NodeStatus {
+        let raft = &self.raw_node.raft;
+        let key_space = self.state_machine.key_space();
+        NodeStatus {
+            member_id: self.config.member_id,
+            cluster_id: self.state_machine.cluster_id(),
+            leader_id: raft.leader_id,
+            term: raft.term,
+            commit_index: raft.raft_log.committed,
+            applied_index: self.state_machine.applied_index(),
+            last_index: raft.raft_log.last_index(),
+            revision: key_space.current_revision(),
+            compact_revision: key_space.compact_revision(),
+            key_space_bytes: key_space.approximate_bytes(),
+            is_leader: raft.state == StateRole::Leader,
+            is_learner: raft
+                .prs()
+                .conf()
+                .learners()
+                .contains(&self.config.member_id),
+        }
+    }
+
+    /// The cluster's members as this member knows them.
+    pub fn members(&self) -> &[MemberRecord] {
+        self.state_machine.members()
+    }
+
+    /// The state machine, for hashes and tests.
+    pub fn state_machine(&self) -> &StateMachine {
+        &self.state_machine
+    }
+
+    /// Starts an election now (tests and leader transfer use this).
+    pub fn campaign(&mut self) {
+        if let Err(error) = self.raw_node.campaign() {
+            tracing::debug!(%error, "campaign refused");
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! The replicated state machine: what applying a committed log entry does.
+//!
+//! Every member applies the same entries in the same order (§5.3, State Machine
+//! Safety), so everything here must be deterministic: the same entry on the same
+//! state gives the same result and the same new state on every member, including
+//! the same errors. Errors from applying (a compacted revision, a missing key for
+//! `ignore_value`) are results, not failures: they are answered to the client
+//! and the revision does not move.
+
+use keel_types::etcdserverpb::{
+    CompactionResponse, DeleteRangeResponse, PutResponse, RangeRequest, RangeResponse, TxnResponse,
+};
+use keel_types::keelpb::{log_request, MemberRecord, StateMachineSnapshot};
+use prost::Message as _;
+
+use crate::mvcc::{KeySpace, KeySpaceError};
+
+/// The result of applying one client write.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WriteResponse {
+    /// The result of a Put.
+    Put(PutResponse),
+    /// The result of a DeleteRange.
+    DeleteRange(DeleteRangeResponse),
+    /// The result of a Txn.
+    Txn(TxnResponse),
+    /// The result of a Compact.
+    Compaction(CompactionResponse),
+}
+
+/// Why a state machine snapshot could not be restored.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SnapshotDecodeError {
+    /// The bytes are not a `StateMachineSnapshot` message.
+    #[error("state machine snapshot does not decode: {0}")]
+    Decode(#[from] prost::DecodeError),
+    /// The message decodes but its key space is inconsistent.
+    #[error("state machine snapshot is inconsistent: {0}")]
+    KeySpace(#[from] KeySpaceError),
+}
+
+/// The key space plus the cluster membership, as of `applied_index`.
+#[derive(Debug)]
+pub struct StateMachine {
+    key_space: KeySpace,
+    members: Vec<MemberRecord>,
+    cluster_id: u64,
+    applied_index: u64,
+}
+
+impl StateMachine {
+    /// An empty state machine for a new cluster with these members.
+    pub fn new(members: Vec<MemberRecord>, cluster_id: u64) -> Self {
+        StateMachine {
+            key_space: KeySpace::new(),
+            members,
+            cluster_id,
+            applied_index: 0,
+        }
+    }
+
+    /// Restores a state machine from snapshot bytes written by [`StateMachine::encode`].
+    pub fn decode(bytes: &[u8]) -> Result<Self, SnapshotDecodeError> {
+        let snapshot = StateMachineSnapshot::decode(bytes)?;
+        let key_space = KeySpace::from_snapshot(&snapshot)?;
+        Ok(StateMachine {
+            key_space,
+            members: snapshot.members,
+            cluster_id: snapshot.cluster_id,
+            applied_index: snapshot.applied_index,
+        })
+    }
+
+    /// The state machine as snapshot bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut snapshot = StateMachineSnapshot {
+            applied_index: self.applied_index,
+            members: self.members.clone(),
+            cluster_id: self.cluster_id,
+            ..Default::default()
+        };
+        self.key_space.write_snapshot(&mut snapshot);
+        snapshot.encode_to_vec()
+    }
+
+    /// The key space, for reads.
+    pub fn key_space(&self) -> &KeySpace {
+        &self.key_space
+    }
+
+    /// The members as of the last applied entry.
+    pub fn members(&self) -> &[MemberRecord] {
+        &self.members
+    }
+
+    /// The cluster's identity.
+    pub fn cluster_id(&self) -> u64 {
+        self.cluster_id
+    }
+
+    /// Index of the last applied log entry.
+    pub fn applied_index(&self) -> u64 {
+        self.applied_index
+    }
+
+    /// Records that every entry up to `index` has been applied (entries that carry
+    /// no write, like a new leader's empty entry, only move this).
+    pub fn set_applied_index(&mut self, index: u64) {
+        assert!(
+            index >= self.applied_index,
+            "applied index moves backwards from {} to {}",
+            self.applied_index,
+            index
+        );
+        self.applied_index = index;
+    }
+
+    /// Answers a range read from the current state.
+    pub fn range(&self, request: &RangeRequest) -> Result<RangeResponse, KeySpaceError> {
+        self.key_space.range(request)
+    }
+
+    /// Applies one client write at log index `index`.
+    pub fn apply_write(
+        &mut self,
+        index: u64,
+        request: &log_request::Request,
+    ) -> Result<WriteResponse, KeySpaceError> {
+        self.set_applied_index(index);
+        match request {
+            log_request::Request::Put(put) => self.key_space.put(put).map(WriteResponse::Put),
+            log_request::Request::DeleteRange(delete) => self
+                .key_space
+                .delete_range(delete)
+                .map(WriteResponse::DeleteRange),
+            // The operation-count limit is checked before proposing, not here:
+            // it is configuration, and members with different settings must
+            // still apply the same log identically.
+            log_request::Request::Txn(txn) => self.key_space.txn(txn).map(WriteResponse::Txn),
+            log_request::Request::Compaction(compaction) => self
+                .key_space
+                .compact(compaction)
+                .map(WriteResponse::Compaction),
+        }
+    }
+
+    /// Adds or replaces a member (by id).
+    pub fn upsert_member(&mut self, member: MemberRecord) {
+        match self.members.iter_mut().find(|known| known.id == member.id) {
+            Some(known) => *known = member,
+            None => self.members.push(member),
+        }
+        self.members.sort_by_key(|member| member.id);
+    }
+
+    /// Removes a member (by id).
+    pub fn remove_member(&mut self, member_id: u64) {
+        self.members.retain(|member| member.id != member_id);
+    }
+}

@@ -1,0 +1,186 @@
+//! `keel dev`: a local three-member cluster, three real processes of this
+//! binary on 127.0.0.1, with data under `./keel-data`. Ctrl-C reaches the whole
+//! process group, so each member stops itself cleanly; this process waits for
+//! them. Running it again resumes the same data.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context;
+use keel_server::api::etcdserverpb::maintenance_client::MaintenanceClient;
+use keel_types::etcdserverpb::StatusRequest;
+use tokio::process::{Child, Command};
+
+/// Options of `keel dev`.
+#[derive(Debug, clap::Args)]
+pub struct DevArguments {
+    /// Where the members keep their data (one folder each).
+    #[arg(long, default_value = "keel-data")]
+    data_dir: PathBuf,
+    /// Client port of the first member; the others use +10000 and +20000, as
+    /// etcd's own Procfile does (2379, 12379, 22379).
+    #[arg(long, default_value_t = 2379)]
+    base_port: u16,
+}
+
+/// How long to wait for the cluster to elect a leader before giving up.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long members get to stop after Ctrl-C before they are killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+struct DevMember {
+    name: String,
+    client_url: String,
+    child: Child,
+}
+
+/// Starts the three members, waits for a leader, prints how to reach them and
+/// runs until Ctrl-C.
+pub async fn run(arguments: DevArguments) -> anyhow::Result<()> {
+    let executable = std::env::current_exe().context("finding the keel executable")?;
+    std::fs::create_dir_all(&arguments.data_dir)
+        .with_context(|| format!("creating {}", arguments.data_dir.display()))?;
+    let ports: Vec<(String, u16, u16)> = (0..3u16)
+        .map(|index| {
+            let client = arguments.base_port + index * 10_000;
+            (format!("keel{}", index + 1), client, client + 1)
+        })
+        .collect();
+    let initial_cluster = ports
+        .iter()
+        .map(|(name, _, peer)| format!("{name}=http://127.0.0.1:{peer}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut members = Vec::new();
+    for (name, client, peer) in &ports {
+        let client_url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let log_path = arguments.data_dir.join(format!("{name}.log"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("opening {}", log_path.display()))?;
+        let child = Command::new(&executable)
+            .arg("server")
+            .args(["--name", name])
+            .arg("--data-dir")
+            .arg(arguments.data_dir.join(name))
+            .args(["--listen-client-urls", &client_url])
+            .args(["--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &initial_cluster])
+            .args(["--initial-cluster-token", "keel-dev"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting member {name}"))?;
+        members.push(DevMember {
+            name: name.clone(),
+            client_url,
+            child,
+        });
+    }
+    let endpoints = ports
+        .iter()
+        .map(|(_, client, _)| format!("127.0.0.1:{client}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    println!(
+        "keel dev: three members, data under {}",
+        arguments.data_dir.display()
+    );
+    for member in &members {
+        println!("  {:<6} {}", member.name, member.client_url);
+    }
+    match wait_for_leader(&members).await {
+        Ok(leader) => println!("leader elected: {leader:x}"),
+        Err(error) => {
+            stop(&mut members).await;
+            return Err(error);
+        }
+    }
+    println!();
+    println!("try:");
+    println!("  etcdctl --endpoints={endpoints} put greeting hello");
+    println!("  etcdctl --endpoints={endpoints} get greeting");
+    println!("  etcdctl --endpoints={endpoints} endpoint status -w table");
+    println!(
+        "logs: {}/keel*.log; Ctrl-C stops all three",
+        arguments.data_dir.display()
+    );
+
+    let mut exited = None;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        status = wait_any(&mut members) => exited = Some(status),
+    }
+    if let Some((name, status)) = exited {
+        stop(&mut members).await;
+        anyhow::bail!("member {name} exited unexpectedly ({status}); see its log");
+    }
+    println!("\nstopping…");
+    stop(&mut members).await;
+    println!("stopped");
+    Ok(())
+}
+
+async fn wait_any(members: &mut [DevMember]) -> (String, String) {
+    loop {
+        for member in members.iter_mut() {
+            if let Ok(Some(status)) = member.child.try_wait() {
+                return (member.name.clone(), status.to_string());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn wait_for_leader(members: &[DevMember]) -> anyhow::Result<u64> {
+    let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+    loop {
+        for member in members {
+            if let Ok(mut client) = MaintenanceClient::connect(member.client_url.clone()).await {
+                if let Ok(response) = client.status(StatusRequest {}).await {
+                    let leader = response.into_inner().leader;
+                    if leader != 0 {
+                        return Ok(leader);
+                    }
+                }
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "no leader after {} s; see the members' logs",
+                READY_TIMEOUT.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits for members that received Ctrl-C with us; asks the rest to stop, and
+/// kills any that do not within `STOP_TIMEOUT`.
+async fn stop(members: &mut [DevMember]) {
+    for member in members.iter() {
+        if let Some(pid) = member.child.id() {
+            // SIGTERM, in case the member did not share our Ctrl-C (a detached terminal).
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+    }
+    for member in members.iter_mut() {
+        match tokio::time::timeout(STOP_TIMEOUT, member.child.wait()).await {
+            Ok(_) => {}
+            Err(_) => {
+                eprintln!("member {} did not stop in time; killing it", member.name);
+                let _ = member.child.kill().await;
+            }
+        }
+    }
+}

@@ -1,0 +1,55 @@
+//! The `keel` command: `keel server` runs one member (with etcd's flag names),
+//! `keel dev` runs a local three-member cluster, and `keel kv …` is a small
+//! etcd-protocol client for the basics.
+
+mod dev;
+mod kv;
+mod server_command;
+
+use clap::{Parser, Subcommand};
+
+/// keel: a fault-tolerant coordination service that speaks etcd's v3 API.
+#[derive(Debug, Parser)]
+#[command(name = "keel", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run one cluster member (flags as etcd's).
+    Server(Box<server_command::ServerArguments>),
+    /// Run a local three-member cluster on 127.0.0.1 until Ctrl-C.
+    Dev(dev::DevArguments),
+    /// Read and write keys.
+    Kv(kv::KvArguments),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Server(arguments) => server_command::run(*arguments).await,
+            Command::Dev(arguments) => dev::run(arguments).await,
+            Command::Kv(arguments) => kv::run(arguments).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

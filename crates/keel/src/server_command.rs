@@ -1,0 +1,156 @@
+//! `keel server`: one member, configured with etcd's own flag names and
+//! defaults, so scripts written for etcd start keel unchanged.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use keel_server::config::{parse_initial_cluster, parse_url_address, ServerConfig};
+use keel_server::{InitialClusterState, Server};
+
+/// etcd's member flags.
+#[derive(Debug, clap::Args)]
+pub struct ServerArguments {
+    /// Human-readable name for this member.
+    #[arg(long, default_value = "default")]
+    name: String,
+    /// Path to the data directory (default: NAME.etcd, as etcd).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// URLs to listen on for client traffic.
+    #[arg(long, default_value = "http://localhost:2379")]
+    listen_client_urls: String,
+    /// URLs advertised to clients.
+    #[arg(long, default_value = "http://localhost:2379")]
+    advertise_client_urls: String,
+    /// URLs to listen on for peer traffic.
+    #[arg(long, default_value = "http://localhost:2380")]
+    listen_peer_urls: String,
+    /// This member's peer URLs, as advertised to the rest of the cluster.
+    #[arg(long, default_value = "http://localhost:2380")]
+    initial_advertise_peer_urls: String,
+    /// Initial cluster configuration: name=peer-url,…
+    #[arg(long, default_value = "default=http://localhost:2380")]
+    initial_cluster: String,
+    /// "new" to found a cluster, "existing" to join one.
+    #[arg(long, default_value = "new")]
+    initial_cluster_state: String,
+    /// Token distinguishing this cluster from others built from the same URLs.
+    #[arg(long, default_value = "etcd-cluster")]
+    initial_cluster_token: String,
+    /// Time (in milliseconds) of a heartbeat interval.
+    #[arg(long, default_value_t = 100)]
+    heartbeat_interval: u64,
+    /// Time (in milliseconds) for an election to time out.
+    #[arg(long, default_value_t = 1000)]
+    election_timeout: u64,
+    /// Number of applied entries between snapshots.
+    #[arg(long, default_value_t = 100_000)]
+    snapshot_count: u64,
+    /// Largest client request in bytes.
+    #[arg(long, default_value_t = 1_572_864)]
+    max_request_bytes: usize,
+    /// Most operations allowed in one transaction.
+    #[arg(long, default_value_t = 128)]
+    max_txn_ops: usize,
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, default_value = "info")]
+    log_level: String,
+    /// Accepted for etcd compatibility; keel always logs structured lines to stderr.
+    #[arg(long, default_value = "zap")]
+    logger: String,
+}
+
+fn split_urls(flag: &str, text: &str) -> anyhow::Result<Vec<String>> {
+    let urls: Vec<String> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .map(str::to_string)
+        .collect();
+    if urls.is_empty() {
+        anyhow::bail!("--{flag} must name at least one URL");
+    }
+    for url in &urls {
+        parse_url_address(url).with_context(|| format!("--{flag}"))?;
+    }
+    Ok(urls)
+}
+
+impl ServerArguments {
+    fn to_config(&self) -> anyhow::Result<ServerConfig> {
+        let listen_client_urls = split_urls("listen-client-urls", &self.listen_client_urls)?;
+        let listen_peer_urls = split_urls("listen-peer-urls", &self.listen_peer_urls)?;
+        let initial_cluster_state = match self.initial_cluster_state.as_str() {
+            "new" => InitialClusterState::New,
+            "existing" => InitialClusterState::Existing,
+            other => anyhow::bail!(
+                "--initial-cluster-state must be \"new\" or \"existing\", not {other:?}"
+            ),
+        };
+        let data_dir = self
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("{}.etcd", self.name)));
+        let mut config = ServerConfig::single(
+            &self.name,
+            data_dir,
+            parse_url_address(&listen_client_urls[0])?,
+            parse_url_address(&listen_peer_urls[0])?,
+        );
+        config.listen_client_addresses = listen_client_urls
+            .iter()
+            .map(|url| parse_url_address(url))
+            .collect::<Result<_, _>>()?;
+        config.listen_peer_addresses = listen_peer_urls
+            .iter()
+            .map(|url| parse_url_address(url))
+            .collect::<Result<_, _>>()?;
+        config.advertise_client_urls =
+            split_urls("advertise-client-urls", &self.advertise_client_urls)?;
+        config.initial_advertise_peer_urls = split_urls(
+            "initial-advertise-peer-urls",
+            &self.initial_advertise_peer_urls,
+        )?;
+        config.initial_cluster = parse_initial_cluster(&self.initial_cluster)?;
+        config.initial_cluster_state = initial_cluster_state;
+        config.initial_cluster_token = self.initial_cluster_token.clone();
+        config.heartbeat_interval = Duration::from_millis(self.heartbeat_interval);
+        config.election_timeout = Duration::from_millis(self.election_timeout);
+        config.snapshot_count = self.snapshot_count;
+        config.request_bytes_max = self.max_request_bytes;
+        config.txn_operations_max = self.max_txn_ops;
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// Runs a member until SIGINT or SIGTERM, then stops it cleanly.
+pub async fn run(arguments: ServerArguments) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| {
+            tracing_subscriber::EnvFilter::try_new(format!(
+                "{},raft=warn,h2=warn,tower=warn,hyper=warn",
+                arguments.log_level
+            ))
+        })
+        .context("--log-level")?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let config = arguments.to_config()?;
+    let mut server = Server::start(config).await?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted, stopping"),
+        _ = terminate.recv() => tracing::info!("terminated, stopping"),
+        _ = server.stopped() => {
+            anyhow::bail!("the member stopped because its storage failed; see the log above");
+        }
+    }
+    server.shutdown().await?;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,220 @@
+//! Debian's `etcdctl` against a three-member keel cluster, with every output
+//! compared to what a real etcd (Debian's etcd-server) prints for the same
+//! commands in the same order. Both stores start empty, so revisions match too;
+//! only identities (cluster id, member id, raft term) are normalised away.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::Cluster;
+
+/// A single real etcd member, killed on drop.
+struct ReferenceEtcd {
+    process: Child,
+    endpoint: String,
+    _directory: tempfile::TempDir,
+}
+
+impl ReferenceEtcd {
+    fn start(client_port: u16) -> ReferenceEtcd {
+        let directory = tempfile::tempdir().expect("temporary directory");
+        let client_url = format!("http://127.0.0.1:{client_port}");
+        let peer_url = format!("http://127.0.0.1:{}", client_port + 1);
+        let process = Command::new("etcd")
+            .args(["--name", "reference"])
+            .arg("--data-dir")
+            .arg(directory.path().join("data"))
+            .args(["--listen-client-urls", &client_url])
+            .args(["--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("reference={peer_url}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd is installed (scripts/test installs Debian's etcd-server)");
+        let etcd = ReferenceEtcd {
+            process,
+            endpoint: format!("127.0.0.1:{client_port}"),
+            _directory: directory,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while run(&etcd.endpoint, &["endpoint", "health"], None).0 != 0 {
+            assert!(Instant::now() < deadline, "reference etcd did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        etcd
+    }
+}
+
+impl Drop for ReferenceEtcd {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+/// Runs etcdctl; returns (exit code, stdout, stderr).
+fn run(endpoints: &str, arguments: &[&str], input: Option<&str>) -> (i32, String, String) {
+    use std::io::Write;
+    let mut child = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={endpoints}"))
+        .arg("--command-timeout=10s")
+        .args(arguments)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("etcdctl is installed");
+    {
+        let mut stdin = child.stdin.take().expect("stdin");
+        if let Some(input) = input {
+            stdin.write_all(input.as_bytes()).expect("etcdctl input");
+        }
+    }
+    let output = child.wait_with_output().expect("etcdctl runs");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Replaces identity fields (which differ by design) in JSON output.
+fn normalise(text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    // A tiny scanner: after each identity key, replace the number that follows.
+    'outer: while !rest.is_empty() {
+        for field in ["\"cluster_id\":", "\"member_id\":", "\"raft_term\":"] {
+            if rest.starts_with(field) {
+                out.push_str(field);
+                rest = &rest[field.len()..];
+                let digits = rest
+                    .find(|character: char| !character.is_ascii_digit())
+                    .unwrap_or(rest.len());
+                out.push('N');
+                rest = &rest[digits..];
+                continue 'outer;
+            }
+        }
+        let character = rest.chars().next().expect("not empty");
+        out.push(character);
+        rest = &rest[character.len_utf8()..];
+    }
+    // etcdctl's error lines carry a timestamp; keep only the message.
+    out.lines()
+        .map(|line| match line.find("Error:") {
+            Some(position) => &line[position..],
+            None => line,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn etcdctl_sees_what_it_sees_on_etcd() {
+    let keel = Cluster::start(3, 23300);
+    let etcd = ReferenceEtcd::start(23390);
+    let keel_endpoints = keel.endpoints();
+
+    let txn_script = "value(\"zoo\") = \"val\"\n\nput zoo new\n\nput zoo old\n\n";
+    let failing_txn_script = "value(\"zoo\") = \"nope\"\n\nput zoo never\n\nget zoo\n\n";
+    let steps: Vec<(Vec<&str>, Option<&str>)> = vec![
+        (vec!["put", "foo", "bar"], None),
+        (vec!["put", "foo1", "bar1"], None),
+        (vec!["put", "foo2", "bar2"], None),
+        (vec!["put", "zoo", "val"], None),
+        (vec!["put", "foo", "bar-again", "--prev-kv"], None),
+        (vec!["get", "foo"], None),
+        (vec!["get", "--prefix", "foo"], None),
+        (vec!["get", "foo", "foo2"], None),
+        (vec!["get", "--prefix", "foo", "--limit", "2"], None),
+        (vec!["get", "foo", "--rev", "2"], None),
+        (vec!["get", "--prefix", "foo", "-w", "json"], None),
+        (vec!["get", "--from-key", "foo1"], None),
+        (vec!["get", "--prefix", "", "--keys-only"], None),
+        (
+            vec!["get", "--prefix", "foo", "--count-only", "-w", "json"],
+            None,
+        ),
+        (
+            vec![
+                "get",
+                "--prefix",
+                "foo",
+                "--sort-by",
+                "MODIFY",
+                "--order",
+                "DESCEND",
+            ],
+            None,
+        ),
+        (vec!["get", "foo", "--rev", "100"], None),
+        (vec!["get", "missing"], None),
+        (vec!["txn"], Some(txn_script)),
+        (vec!["txn", "-w", "json"], Some(failing_txn_script)),
+        (vec!["get", "zoo", "-w", "json"], None),
+        (vec!["del", "foo1"], None),
+        (vec!["del", "--prev-kv", "--prefix", "foo"], None),
+        (vec!["del", "nothing-here"], None),
+        (vec!["compaction", "3"], None),
+        (vec!["get", "zoo", "--rev", "2"], None),
+        (vec!["compaction", "2"], None),
+        (vec!["get", "zoo", "--rev", "3"], None),
+        (vec!["get", "--prefix", "", "-w", "json"], None),
+    ];
+    for (arguments, input) in &steps {
+        let (keel_code, keel_out, keel_err) = run(&keel_endpoints, arguments, *input);
+        let (etcd_code, etcd_out, etcd_err) = run(&etcd.endpoint, arguments, *input);
+        assert_eq!(
+            (keel_code, normalise(&keel_out)),
+            (etcd_code, normalise(&etcd_out)),
+            "etcdctl {arguments:?}: keel printed {keel_out:?} / {keel_err:?}, etcd printed {etcd_out:?} / {etcd_err:?}"
+        );
+        assert_eq!(
+            normalise(&keel_err),
+            normalise(&etcd_err),
+            "etcdctl {arguments:?}: error output differs"
+        );
+    }
+
+    // Status and membership print identities that differ by design; compare
+    // their shape and the facts keel must report.
+    let (code, status, error) = run(&keel_endpoints, &["endpoint", "status", "-w", "json"], None);
+    assert_eq!(code, 0, "{error}");
+    assert_eq!(status.matches("\"leader\":").count(), 3, "{status}");
+    assert!(status.contains("\"version\":\"3.5.0\""), "{status}");
+    let (code, table, _) = run(&keel_endpoints, &["endpoint", "status"], None);
+    assert_eq!(code, 0);
+    assert_eq!(table.lines().count(), 3, "{table}");
+    assert_eq!(
+        table
+            .lines()
+            .filter(|line| line.contains(", true, "))
+            .count(),
+        1,
+        "exactly one member reports being the leader: {table}"
+    );
+    let (code, members, _) = run(&keel_endpoints, &["member", "list"], None);
+    assert_eq!(code, 0);
+    assert_eq!(members.lines().count(), 3, "{members}");
+    for member in &keel.members {
+        assert!(
+            members.contains(&format!("http://127.0.0.1:{}", member.peer_port)),
+            "{members}"
+        );
+        assert!(members.contains(&member.name), "{members}");
+    }
+    let (code, etcd_members, _) = run(&etcd.endpoint, &["member", "list"], None);
+    assert_eq!(code, 0);
+    let fields = |line: &str| line.split(", ").count();
+    assert_eq!(
+        fields(members.lines().next().unwrap()),
+        fields(etcd_members.lines().next().unwrap()),
+        "member list columns differ: {members} vs {etcd_members}"
+    );
+}

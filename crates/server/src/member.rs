@@ -1,0 +1,297 @@
+//! The member loop: one thread that owns the core `Node`, the write-ahead log
+//! and the snapshot store, and carries out the node's outputs.
+//!
+//! It is a plain thread, not a tokio task, because its disk writes block: every
+//! Ready batch ends in one fsync. While that fsync runs, client requests and
+//! peer messages pile up in the bounded input queue, and the next Ready takes
+//! them all at once: that is group commit, with no timer and no tuning knob.
+//! The queue's bound (`input_queue_max`) is the back-pressure: when it is full,
+//! clients get "too many requests" and peer messages are dropped (Raft resends).
+
+use std::collections::BTreeMap;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
+use std::time::{Duration, Instant};
+
+use keel_core::eraftpb::{Entry, HardState as RaftHardState, Message, Snapshot, SnapshotMetadata};
+use keel_core::{Event, Node, NodeStatus, Output, Reply, RequestError, Response, WriteRequest};
+use keel_storage::{FileDisk, HardState, LogEntry, SnapshotStore, StorageError, Wal};
+use keel_types::etcdserverpb::{RangeRequest, RangeResponse};
+use keel_types::keelpb::MemberRecord;
+use protobuf::Message as _;
+use tokio::sync::oneshot;
+
+use crate::transport::PeerSenders;
+
+/// Inputs processed between two Ready batches, so a flood of requests cannot
+/// starve ticks and disk writes.
+const INPUTS_PER_BATCH_MAX: usize = 4_096;
+
+/// What a waiting client gets back.
+pub type ReplySender = oneshot::Sender<Result<Response, RequestError>>;
+
+/// Everything the member loop can be asked.
+pub enum Input {
+    /// A Raft message from a peer.
+    Peer(Box<Message>),
+    /// A client write.
+    Write {
+        /// What to write.
+        request: WriteRequest,
+        /// Where the answer goes.
+        reply: ReplySender,
+    },
+    /// A linearizable read.
+    Read {
+        /// What to read.
+        request: RangeRequest,
+        /// Where the answer goes.
+        reply: ReplySender,
+    },
+    /// A serializable read, answered from local state at once.
+    LocalRead {
+        /// What to read.
+        request: RangeRequest,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Result<RangeResponse, keel_core::mvcc::KeySpaceError>>,
+    },
+    /// The member's status and membership.
+    Status {
+        /// Where the answer goes.
+        reply: oneshot::Sender<(NodeStatus, Vec<MemberRecord>)>,
+    },
+    /// A hash of the key space up to a revision, to compare members.
+    HashKv {
+        /// The revision to hash up to (0: the newest).
+        revision: i64,
+        /// Where the answer goes.
+        reply: oneshot::Sender<
+            Result<keel_types::etcdserverpb::HashKvResponse, keel_core::mvcc::KeySpaceError>,
+        >,
+    },
+    /// The transport could not reach a peer.
+    Unreachable(u64),
+    /// A snapshot to a peer was lost.
+    SnapshotFailed(u64),
+    /// Stop the loop.
+    Shutdown,
+}
+
+/// Durable state the member loop writes to.
+pub struct Durable {
+    /// The write-ahead log.
+    pub wal: Wal<FileDisk>,
+    /// Snapshot files.
+    pub snapshots: SnapshotStore<FileDisk>,
+}
+
+/// Runs the member loop until shutdown or a storage failure.
+pub fn run(
+    mut node: Node,
+    mut durable: Durable,
+    inputs: Receiver<Input>,
+    input_sender: SyncSender<Input>,
+    peers: PeerSenders,
+    tick_interval: Duration,
+) -> Result<(), StorageError> {
+    let mut waiting: BTreeMap<u64, ReplySender> = BTreeMap::new();
+    let mut next_token: u64 = 0;
+    let mut next_tick = Instant::now() + tick_interval;
+    loop {
+        let timeout = next_tick.saturating_duration_since(Instant::now());
+        let first = match inputs.recv_timeout(timeout) {
+            Ok(input) => Some(input),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => return Ok(()),
+        };
+        let mut handled = 0;
+        let mut next_input = first;
+        while let Some(input) = next_input.take() {
+            if let Input::Shutdown = input {
+                return Ok(());
+            }
+            handle_input(&mut node, input, &mut waiting, &mut next_token);
+            handled += 1;
+            if handled < INPUTS_PER_BATCH_MAX {
+                next_input = inputs.try_recv().ok();
+            }
+        }
+        let now = Instant::now();
+        if now >= next_tick {
+            node.step(Event::Tick);
+            next_tick += tick_interval;
+            if next_tick < now {
+                // We fell behind (a long fsync or snapshot): do not fire a burst
+                // of ticks that would start a needless election.
+                next_tick = now + tick_interval;
+            }
+        }
+        while node.has_ready() {
+            let output = node.ready();
+            carry_out(output, &mut durable, &peers, &input_sender, &mut waiting)?;
+            let output = node.advance();
+            carry_out(output, &mut durable, &peers, &input_sender, &mut waiting)?;
+        }
+    }
+}
+
+fn handle_input(
+    node: &mut Node,
+    input: Input,
+    waiting: &mut BTreeMap<u64, ReplySender>,
+    next_token: &mut u64,
+) {
+    match input {
+        Input::Peer(message) => node.step(Event::Message(message)),
+        Input::Write { request, reply } => {
+            *next_token += 1;
+            waiting.insert(*next_token, reply);
+            node.step(Event::Write {
+                token: *next_token,
+                request,
+            });
+        }
+        Input::Read { request, reply } => {
+            *next_token += 1;
+            waiting.insert(*next_token, reply);
+            node.step(Event::LinearizableRead {
+                token: *next_token,
+                request,
+            });
+        }
+        Input::LocalRead { request, reply } => {
+            let _ = reply.send(node.range_local(&request));
+        }
+        Input::Status { reply } => {
+            let _ = reply.send((node.status(), node.members().to_vec()));
+        }
+        Input::HashKv { revision, reply } => {
+            let result = node
+                .state_machine()
+                .key_space()
+                .hash_kv(revision)
+                .map(|mut response| {
+                    response.header = Some(node.header(0));
+                    response
+                });
+            let _ = reply.send(result);
+        }
+        Input::Unreachable(peer) => node.step(Event::Unreachable(peer)),
+        Input::SnapshotFailed(peer) => node.step(Event::SnapshotFailed(peer)),
+        Input::Shutdown => unreachable!("handled by the loop"),
+    }
+}
+
+fn carry_out(
+    output: Output,
+    durable: &mut Durable,
+    peers: &PeerSenders,
+    input_sender: &SyncSender<Input>,
+    waiting: &mut BTreeMap<u64, ReplySender>,
+) -> Result<(), StorageError> {
+    for message in output.messages {
+        peers.send(message, input_sender);
+    }
+    persist(durable, output.persist)?;
+    for message in output.messages_after_persist {
+        peers.send(message, input_sender);
+    }
+    deliver(output.replies, waiting);
+    if let Some(own) = output.snapshot_to_save {
+        save_snapshot(durable, &own.snapshot)?;
+        durable.wal.release_before(own.compact_index)?;
+    }
+    Ok(())
+}
+
+fn deliver(replies: Vec<Reply>, waiting: &mut BTreeMap<u64, ReplySender>) {
+    for reply in replies {
+        if let Some(sender) = waiting.remove(&reply.token) {
+            // The client may have gone away; its answer is simply dropped.
+            let _ = sender.send(reply.result);
+        }
+    }
+}
+
+fn persist(durable: &mut Durable, persist: keel_core::Persist) -> Result<(), StorageError> {
+    if let Some(snapshot) = &persist.snapshot {
+        save_snapshot(durable, snapshot)?;
+    }
+    if persist.entries.is_empty() && persist.hard_state.is_none() {
+        return Ok(());
+    }
+    let entries: Vec<LogEntry> = persist.entries.iter().map(encode_entry).collect();
+    let hard_state = persist.hard_state.as_ref().map(|hard_state| HardState {
+        term: hard_state.term,
+        vote: hard_state.vote,
+        commit: hard_state.commit,
+    });
+    durable.wal.append(&entries, hard_state)
+}
+
+/// Writes a snapshot file and then marks it in the log, each durable before the next.
+fn save_snapshot(durable: &mut Durable, snapshot: &Snapshot) -> Result<(), StorageError> {
+    let metadata = snapshot.get_metadata();
+    let metadata_bytes = metadata
+        .write_to_bytes()
+        .expect("encoding snapshot metadata cannot fail");
+    durable.snapshots.save(
+        metadata.index,
+        metadata.term,
+        &metadata_bytes,
+        &snapshot.data,
+    )?;
+    durable
+        .wal
+        .save_snapshot_marker(metadata.index, metadata.term)
+}
+
+/// A raft entry as a log record: the whole entry, protobuf-encoded, with its
+/// index and term visible to the log for overwrite handling.
+pub fn encode_entry(entry: &Entry) -> LogEntry {
+    LogEntry {
+        index: entry.index,
+        term: entry.term,
+        payload: entry
+            .write_to_bytes()
+            .expect("encoding a raft entry cannot fail"),
+    }
+}
+
+/// The inverse of [`encode_entry`]; a record that does not decode is corruption
+/// that slipped past the checksum, reported with its index.
+pub fn decode_entry(record: &LogEntry) -> Result<Entry, String> {
+    let entry = Entry::parse_from_bytes(&record.payload)
+        .map_err(|error| format!("log entry {} does not decode: {error}", record.index))?;
+    if entry.index != record.index || entry.term != record.term {
+        return Err(format!(
+            "log record at index {} term {} holds entry {} term {}",
+            record.index, record.term, entry.index, entry.term
+        ));
+    }
+    Ok(entry)
+}
+
+/// Rebuilds a raft snapshot from a snapshot file.
+pub fn decode_snapshot(
+    metadata_bytes: &[u8],
+    data: Vec<u8>,
+    file_description: &str,
+) -> Result<Snapshot, String> {
+    let metadata = SnapshotMetadata::parse_from_bytes(metadata_bytes).map_err(|error| {
+        format!("snapshot {file_description}: metadata does not decode: {error}")
+    })?;
+    let mut snapshot = Snapshot::default();
+    snapshot.set_metadata(metadata);
+    snapshot.data = data.into();
+    Ok(snapshot)
+}
+
+/// A raft hard state from the log's record of it.
+pub fn to_raft_hard_state(hard_state: HardState) -> RaftHardState {
+    RaftHardState {
+        term: hard_state.term,
+        vote: hard_state.vote,
+        commit: hard_state.commit,
+        ..Default::default()
+    }
+}

@@ -1,0 +1,231 @@
+//! The `Disk` trait: the few file operations the write-ahead log and the snapshot store need,
+//! and `FileDisk`, its implementation over real files.
+//!
+//! The trait is deliberately small and synchronous so that a simulated disk can model every
+//! operation's durability exactly (see `sim_disk`). Paths are relative to the disk's root and
+//! use `/` separators; the root itself is the empty path. Two rules of POSIX durability shape
+//! the interface, and the callers follow both:
+//! - bytes appended to a file survive a crash only after that file is fsynced ([`DiskFile::sync`]);
+//! - a file created, renamed or removed survives a crash only after its directory is fsynced
+//!   ([`Disk::sync_directory`]).
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+/// File operations over a directory tree rooted somewhere; see the module documentation.
+pub trait Disk {
+    /// A file open for appending.
+    type File: DiskFile;
+
+    /// Creates `directory` and any missing parents. The new entries are durable only after the
+    /// parent directory is synced.
+    fn create_directory_all(&self, directory: &Path) -> io::Result<()>;
+
+    /// Names of the entries of `directory`, sorted bytewise.
+    fn list_directory(&self, directory: &Path) -> io::Result<Vec<String>>;
+
+    /// Opens `path` for appending, creating it empty if it does not exist.
+    fn open_append(&self, path: &Path) -> io::Result<Self::File>;
+
+    /// The whole content of `path` as the operating system currently sees it (including bytes
+    /// not yet fsynced).
+    fn read_file(&self, path: &Path) -> io::Result<Vec<u8>>;
+
+    /// Atomically replaces `to` with `from`.
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+
+    /// Removes the file `path`.
+    fn remove_file(&self, path: &Path) -> io::Result<()>;
+
+    /// Makes creations, renames and removals of entries in `directory` durable.
+    fn sync_directory(&self, directory: &Path) -> io::Result<()>;
+
+    /// Writes `bytes` to `path` so that after a crash `path` holds either its old content or all
+    /// of `bytes`, never a mix: write a temporary file, fsync it, rename it over `path`, fsync
+    /// the directory. The temporary file is `path` with [`TEMPORARY_SUFFIX`] appended, so that
+    /// owners of a directory can remove leftovers from a crash.
+    fn write_file_atomic(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
+        let temporary_path = temporary_path_for(path);
+        let mut file = self.open_append(&temporary_path)?;
+        // A leftover from an earlier crash may exist; start it over.
+        file.truncate(0)?;
+        file.append(bytes)?;
+        file.sync()?;
+        drop(file);
+        self.rename(&temporary_path, path)?;
+        self.sync_directory(parent_directory(path))
+    }
+}
+
+/// A file open for appending, from [`Disk::open_append`].
+pub trait DiskFile {
+    /// Appends `bytes` at the end of the file. Not durable until [`DiskFile::sync`].
+    fn append(&mut self, bytes: &[u8]) -> io::Result<()>;
+
+    /// Cuts the file to `length_bytes`; later appends continue from there. Not durable until
+    /// [`DiskFile::sync`].
+    fn truncate(&mut self, length_bytes: u64) -> io::Result<()>;
+
+    /// Makes the file's content durable (fdatasync). After an error, the bytes written since
+    /// the last successful sync must be presumed lost whatever later syncs report.
+    fn sync(&mut self) -> io::Result<()>;
+}
+
+/// Suffix of the temporary files of [`Disk::write_file_atomic`].
+pub const TEMPORARY_SUFFIX: &str = ".tmp";
+
+/// The temporary file that [`Disk::write_file_atomic`] uses for `path`.
+pub(crate) fn temporary_path_for(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(TEMPORARY_SUFFIX);
+    PathBuf::from(name)
+}
+
+/// The directory holding `path`; the root (empty path) for a top-level name.
+pub(crate) fn parent_directory(path: &Path) -> &Path {
+    path.parent().unwrap_or(Path::new(""))
+}
+
+/// [`Disk`] over real files below a root directory.
+#[derive(Debug, Clone)]
+pub struct FileDisk {
+    root: PathBuf,
+}
+
+impl FileDisk {
+    /// A disk rooted at `root`, which must exist.
+    pub fn new(root: impl Into<PathBuf>) -> FileDisk {
+        FileDisk { root: root.into() }
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn resolve(&self, path: &Path) -> PathBuf {
+        assert!(
+            path.is_relative(),
+            "disk paths are relative to the root, got {}",
+            path.display()
+        );
+        self.root.join(path)
+    }
+}
+
+impl Disk for FileDisk {
+    type File = FileDiskFile;
+
+    fn create_directory_all(&self, directory: &Path) -> io::Result<()> {
+        fs::create_dir_all(self.resolve(directory))
+    }
+
+    fn list_directory(&self, directory: &Path) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in fs::read_dir(self.resolve(directory))? {
+            let name = entry?.file_name().into_string().map_err(|name| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("file name {name:?} is not UTF-8"),
+                )
+            })?;
+            names.push(name);
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    fn open_append(&self, path: &Path) -> io::Result<FileDiskFile> {
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.resolve(path))?;
+        Ok(FileDiskFile { file })
+    }
+
+    fn read_file(&self, path: &Path) -> io::Result<Vec<u8>> {
+        fs::read(self.resolve(path))
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        fs::rename(self.resolve(from), self.resolve(to))
+    }
+
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        fs::remove_file(self.resolve(path))
+    }
+
+    fn sync_directory(&self, directory: &Path) -> io::Result<()> {
+        // On Linux a directory opened read-only can be fsynced, which persists its entries.
+        fs::File::open(self.resolve(directory))?.sync_all()
+    }
+}
+
+/// A real file open for appending.
+#[derive(Debug)]
+pub struct FileDiskFile {
+    file: fs::File,
+}
+
+impl DiskFile for FileDiskFile {
+    fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.file.write_all(bytes)
+    }
+
+    fn truncate(&mut self, length_bytes: u64) -> io::Result<()> {
+        // The file is in append mode, so the next write lands at the new end.
+        self.file.set_len(length_bytes)
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        // fdatasync: the file's size is data for this purpose, so appends are covered.
+        self.file.sync_data()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_disk_round_trip() {
+        let directory = tempfile::tempdir().unwrap();
+        let disk = FileDisk::new(directory.path());
+        disk.create_directory_all(Path::new("a/b")).unwrap();
+        disk.sync_directory(Path::new("")).unwrap();
+        let path = Path::new("a/b/file");
+        let mut file = disk.open_append(path).unwrap();
+        file.append(b"hello ").unwrap();
+        file.append(b"world").unwrap();
+        file.sync().unwrap();
+        assert_eq!(disk.read_file(path).unwrap(), b"hello world");
+        file.truncate(5).unwrap();
+        file.append(b"!").unwrap();
+        file.sync().unwrap();
+        assert_eq!(disk.read_file(path).unwrap(), b"hello!");
+        assert_eq!(disk.list_directory(Path::new("a/b")).unwrap(), ["file"]);
+
+        disk.write_file_atomic(Path::new("a/atomic"), b"one")
+            .unwrap();
+        disk.write_file_atomic(Path::new("a/atomic"), b"two")
+            .unwrap();
+        assert_eq!(disk.read_file(Path::new("a/atomic")).unwrap(), b"two");
+        assert_eq!(
+            disk.list_directory(Path::new("a")).unwrap(),
+            ["atomic", "b"],
+            "the temporary file is renamed away"
+        );
+        disk.remove_file(Path::new("a/atomic")).unwrap();
+        assert_eq!(disk.list_directory(Path::new("a")).unwrap(), ["b"]);
+    }
+
+    #[test]
+    fn temporary_path_appends_suffix() {
+        assert_eq!(
+            temporary_path_for(Path::new("snap/x.snap")),
+            Path::new("snap/x.snap.tmp")
+        );
+        assert_eq!(parent_directory(Path::new("top")), Path::new(""));
+    }
+}
