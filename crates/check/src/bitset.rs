@@ -32,9 +32,38 @@ impl Bitset {
             .all(|(mine, theirs)| mine & !theirs == 0)
     }
 
+    /// A canonical copy without the leading all-ones and trailing all-zeros words, for sets
+    /// that grow roughly in order (the linearized operations): its size follows the
+    /// concurrency of the history rather than its length.
+    pub(crate) fn compact(&self) -> CompactBitset {
+        let end = self
+            .words
+            .iter()
+            .rposition(|word| *word != 0)
+            .map_or(0, |last| last + 1);
+        let full_words = self
+            .words
+            .iter()
+            .position(|word| *word != u64::MAX)
+            .unwrap_or(self.words.len())
+            .min(end);
+        CompactBitset {
+            full_words,
+            words: self.words[full_words..end].into(),
+        }
+    }
+
     pub(crate) fn contains(&self, position: usize) -> bool {
         self.words[position / 64] & (1 << (position % 64)) != 0
     }
+}
+
+/// A [`Bitset`] stored as a count of leading all-ones words and the words after them, up to
+/// the last non-zero one; equal sets of the same capacity give equal values.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct CompactBitset {
+    full_words: usize,
+    words: Box<[u64]>,
 }
 
 #[cfg(test)]
@@ -58,5 +87,32 @@ mod tests {
         assert!(bitset.is_subset(&superset));
         assert!(!superset.is_subset(&bitset));
         assert!(Bitset::new(0).is_subset(&Bitset::new(0)));
+    }
+
+    #[test]
+    fn compact_form_is_canonical_and_small() {
+        let mut bitset = Bitset::new(64 * 10);
+        assert_eq!(bitset.compact().words.len(), 0);
+        for position in 0..64 * 3 + 2 {
+            bitset.insert(position);
+        }
+        bitset.insert(64 * 5);
+        let compact = bitset.compact();
+        assert_eq!(compact.full_words, 3);
+        assert_eq!(compact.words.len(), 3);
+        let mut same = Bitset::new(64 * 10);
+        for position in (0..64 * 3 + 2).rev() {
+            same.insert(position);
+        }
+        same.insert(64 * 5);
+        same.insert(64 * 7);
+        same.remove(64 * 7);
+        assert_eq!(same.compact(), compact);
+        let mut full = Bitset::new(128);
+        for position in 0..128 {
+            full.insert(position);
+        }
+        assert_eq!(full.compact().full_words, 2);
+        assert_eq!(full.compact().words.len(), 0);
     }
 }

@@ -34,6 +34,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
+use std::sync::Arc;
 
 use crate::bytes::Bytes;
 use crate::history::{Input, Operation, Output};
@@ -131,10 +132,13 @@ impl KeyValueModel {
                 }
                 (revision, ModRevision::Known(revision))
             }
-            // The write created some revision above everything seen so far on this key; the
-            // next one is the tightest bound, until a read reveals the real one.
+            // The write created some revision above everything seen so far on this key, until
+            // a read reveals which. The lower bound for later answers is left where it is (it
+            // could rise by one): that loses almost nothing, and keeps states reached through
+            // different numbers of such writes equal, which the search's cache relies on to
+            // stay small when many requests time out.
             (RevisionChecking::PerKey, None) => (
-                state.revision + 1,
+                state.revision,
                 ModRevision::Above {
                     revision: state.revision,
                 },
@@ -143,18 +147,14 @@ impl KeyValueModel {
         let mut next = state.clone();
         next.revision = store_revision;
         match value {
-            Some(value) => {
-                next.keys.insert(
-                    key.clone(),
-                    Record {
-                        value: value.clone(),
-                        mod_revision,
-                    },
-                );
-            }
-            None => {
-                next.keys.remove(key);
-            }
+            Some(value) => next.keys.insert(
+                key,
+                Record {
+                    value: Arc::from(value.as_slice()),
+                    mod_revision,
+                },
+            ),
+            None => next.keys.remove(key),
         }
         Some(next)
     }
@@ -172,7 +172,7 @@ impl KeyValueModel {
         }
         match (state.keys.get(key), value) {
             (None, None) => (mod_revision == 0).then(|| self.after_read(state, revision)),
-            (Some(record), Some(value)) if record.value == *value => match record.mod_revision {
+            (Some(record), Some(value)) if *record.value == **value => match record.mod_revision {
                 ModRevision::Known(known) if known == mod_revision => {
                     Some(self.after_read(state, revision))
                 }
@@ -196,18 +196,67 @@ impl Default for KeyValueModel {
 }
 
 /// The state of the sequential store (or of one key, for the per-key variant).
+///
+/// The search clones a state for every step and keeps one per cache entry, so states are
+/// small: keys and values are shared, reference-counted byte strings, and the keys sit in a
+/// sorted vector, exactly as long as needed, rather than in a map.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct KeyValueState {
     /// The store revision (global variant), or the highest revision the order has reached so
     /// far, a lower bound for every later answer (per-key variant).
     revision: u64,
-    keys: BTreeMap<Bytes, Record>,
+    keys: Keys,
+}
+
+/// The present keys, sorted.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+struct Keys(Vec<(Arc<[u8]>, Record)>);
+
+impl Keys {
+    fn position(&self, key: &[u8]) -> Result<usize, usize> {
+        self.0.binary_search_by(|(present, _)| (**present).cmp(key))
+    }
+
+    fn get(&self, key: &[u8]) -> Option<&Record> {
+        let position = self.position(key).ok()?;
+        Some(&self.0[position].1)
+    }
+
+    fn get_mut(&mut self, key: &[u8]) -> Option<&mut Record> {
+        let position = self.position(key).ok()?;
+        Some(&mut self.0[position].1)
+    }
+
+    fn contains_key(&self, key: &[u8]) -> bool {
+        self.position(key).is_ok()
+    }
+
+    fn insert(&mut self, key: &[u8], record: Record) {
+        match self.position(key) {
+            Ok(position) => self.0[position].1 = record,
+            Err(position) => self.0.insert(position, (Arc::from(key), record)),
+        }
+    }
+
+    fn remove(&mut self, key: &[u8]) {
+        if let Ok(position) = self.position(key) {
+            self.0.remove(position);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
 }
 
 /// A present key.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Record {
-    value: Bytes,
+    value: Arc<[u8]>,
     mod_revision: ModRevision,
 }
 
@@ -233,7 +282,7 @@ impl Model for KeyValueModel {
         };
         KeyValueState {
             revision,
-            keys: BTreeMap::new(),
+            keys: Keys::default(),
         }
     }
 
@@ -272,7 +321,7 @@ impl Model for KeyValueModel {
                     revision,
                 },
             ) => {
-                let matches = state.value(key) == expected.as_ref();
+                let matches = state.value(key) == expected.as_deref();
                 match (matches, succeeded) {
                     (true, true) => self.write(state, key, Some(new_value), Some(*revision)),
                     (false, false) if self.admits_read_revision(state, *revision) => {
@@ -410,8 +459,13 @@ impl Model for KeyValueModel {
         if state.keys.is_empty() {
             description.push_str("; no keys");
         }
-        for (key, record) in state.keys.iter().take(DESCRIBED_KEYS_MAX) {
-            let _ = write!(description, "; {key} = {}", record.value);
+        for (key, record) in state.keys.0.iter().take(DESCRIBED_KEYS_MAX) {
+            let _ = write!(
+                description,
+                "; {} = {}",
+                Bytes::from(&key[..]),
+                Bytes::from(&record.value[..])
+            );
             let _ = match record.mod_revision {
                 ModRevision::Known(revision) => write!(description, " (mod_revision {revision})"),
                 ModRevision::Above { revision } => {
@@ -448,7 +502,7 @@ impl KeyValueModel {
                 expected,
                 new_value,
             } => {
-                if state.value(key) == expected.as_ref() {
+                if state.value(key) == expected.as_deref() {
                     self.write(state, key, Some(new_value), None)
                 } else {
                     Some(state.clone())
@@ -500,8 +554,8 @@ fn unread_value_placeholder(part: &[Operation]) -> Bytes {
 }
 
 impl KeyValueState {
-    fn value(&self, key: &Bytes) -> Option<&Bytes> {
-        self.keys.get(key).map(|record| &record.value)
+    fn value(&self, key: &Bytes) -> Option<&[u8]> {
+        self.keys.get(key).map(|record| &record.value[..])
     }
 }
 
@@ -753,7 +807,7 @@ mod tests {
         let state = run(model, &[(put("a", "1"), Output::Unknown)]).unwrap();
         assert_eq!(
             model.describe_state(&state),
-            "revision at least 1; \"a\" = \"1\" (mod_revision above 0)"
+            "revision at least 0; \"a\" = \"1\" (mod_revision above 0)"
         );
         assert_eq!(
             KeyValueModel::global().describe_state(&KeyValueModel::global().init()),

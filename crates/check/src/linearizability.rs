@@ -28,7 +28,7 @@ use std::fmt;
 use std::hash::{BuildHasherDefault, Hash};
 use std::time::{Duration, Instant};
 
-use crate::bitset::Bitset;
+use crate::bitset::{Bitset, CompactBitset};
 use crate::history::{validate_times, HistoryError, Operation, OPERATIONS_MAX_DEFAULT};
 use crate::model::Model;
 
@@ -308,15 +308,21 @@ enum SearchOutcome {
 /// Marks the absence of a linked-list neighbour or of a return event.
 const NONE: usize = usize::MAX;
 
-/// The sentinel at the front of the event list.
-const HEAD: usize = 0;
+/// The sentinel at the front of the list of known-return operations' calls and returns.
+const KNOWN_HEAD: usize = 0;
 
-/// One call or return event in the doubly linked event list.
+/// The sentinel at the front of the list of unknown-outcome operations' calls (they have no
+/// return). Keeping them apart means the common pass never walks over the unknown operations
+/// that stay pending for the rest of the history.
+const UNKNOWN_HEAD: usize = 1;
+
+/// One call or return event in one of the two doubly linked event lists. Events are numbered
+/// in time order, so comparing numbers compares times across the two lists.
 struct Event {
     /// Which operation, as a position within the part.
     operation: usize,
     /// For a call: the index of its return event, or [`NONE`] when the outcome is unknown.
-    /// For a return (and the head): [`NONE`].
+    /// For a return (and the heads): [`NONE`].
     return_event: usize,
     is_call: bool,
     previous: usize,
@@ -325,19 +331,29 @@ struct Event {
 
 /// Lowe's memoisation cache, keyed by (the linearized operations with a known return, the
 /// model state) and holding the sets of linearized unknown-outcome operations reached with
-/// that key, as an antichain (no set a subset of another). A fixed-key hasher keeps runs
-/// reproducible, and the map is only queried, so its order never reaches a result.
-type Cache<State> = HashMap<(Bitset, State), Vec<Bitset>, FixedHasher>;
+/// that key, as an antichain (no set a subset of another).
+type Cache<State> = HashMap<(CompactBitset, State), Vec<Bitset>, FixedHasher>;
 
-/// std's hasher with its fixed keys: reproducible from run to run, unlike `RandomState`.
+/// std's hasher with its fixed keys: reproducible from run to run, unlike `RandomState`. The
+/// cache is only queried, never iterated, so its order never reaches a result either way.
 type FixedHasher = BuildHasherDefault<DefaultHasher>;
+
+/// One linearized operation on the undo stack.
+struct Undo<State> {
+    call_event: usize,
+    /// The state before the operation.
+    state: State,
+    /// The pass end when the operation was linearized, to resume its pass after undoing it.
+    pass_end: usize,
+}
 
 /// The state of the search over one part.
 struct Search<'a, M: Model> {
     model: &'a M,
     history: &'a [Operation<M::Input, M::Output>],
     /// History positions of the part's operations, numbered `0..len` by the search: the
-    /// operations with a known return first, then those with an unknown outcome.
+    /// operations with a known return first, then those with an unknown outcome, each group
+    /// by call time.
     indices: Vec<usize>,
     /// The part's operations as [`Model::prepare`] rewrote them, numbered like `indices`.
     prepared: Vec<Operation<M::Input, M::Output>>,
@@ -373,11 +389,15 @@ impl<'a, M: Model> Search<'a, M> {
             partition.len(),
             "Model::prepare keeps every operation"
         );
-        let (known, unknown): (Vec<_>, Vec<_>) = partition
+        let (mut known, mut unknown): (Vec<_>, Vec<_>) = partition
             .iter()
             .copied()
             .zip(prepared_part)
             .partition(|(_, operation)| operation.return_time.is_some());
+        // Numbering by call time makes the linearized set a prefix plus a short tail, which
+        // the cache stores compactly.
+        known.sort_by_key(|(index, operation)| (operation.call_time, *index));
+        unknown.sort_by_key(|(index, operation)| (operation.call_time, *index));
         let known_count = known.len();
         let (indices, prepared): (Vec<usize>, Vec<_>) = known.into_iter().chain(unknown).unzip();
 
@@ -396,35 +416,39 @@ impl<'a, M: Model> Search<'a, M> {
         }
         timeline.sort_unstable();
 
-        let mut events = Vec::with_capacity(timeline.len() + 1);
-        events.push(Event {
+        let head = || Event {
             operation: NONE,
             return_event: NONE,
             is_call: false,
             previous: NONE,
             next: NONE,
-        });
+        };
+        let mut events = Vec::with_capacity(timeline.len() + 2);
+        events.extend([head(), head()]);
+        let mut tails = [KNOWN_HEAD, UNKNOWN_HEAD];
         let mut call_events = vec![NONE; prepared.len()];
-        for (position, (_, is_return, operation)) in timeline.iter().enumerate() {
-            let event = position + 1;
-            events[event - 1].next = event;
+        for (_, is_return, operation) in timeline {
+            let event = events.len();
+            let list = usize::from(operation >= known_count);
+            events[tails[list]].next = event;
             events.push(Event {
-                operation: *operation,
+                operation,
                 return_event: NONE,
                 is_call: !is_return,
-                previous: event - 1,
+                previous: tails[list],
                 next: NONE,
             });
-            if *is_return {
-                let call_event = call_events[*operation];
+            tails[list] = event;
+            if is_return {
+                let call_event = call_events[operation];
                 assert_ne!(call_event, NONE, "a call sorts before its return");
                 events[call_event].return_event = event;
             } else {
-                call_events[*operation] = event;
+                call_events[operation] = event;
             }
         }
 
-        // Classes of identical unknown-outcome operations, each listed in call-event order.
+        // Classes of identical unknown-outcome operations, each listed in call order.
         let mut class_by_operation: HashMap<(&M::Input, &M::Output), usize, FixedHasher> =
             HashMap::default();
         let mut classes: Vec<Vec<usize>> = Vec::new();
@@ -480,20 +504,7 @@ impl<'a, M: Model> Search<'a, M> {
             .all(|twin| linearized.unknown.contains(*twin - self.known_count))
     }
 
-    /// The first return event at or after `event` in the list.
-    fn first_return_from(&self, mut event: usize) -> usize {
-        while self.events[event].is_call {
-            event = self.events[event].next;
-            assert_ne!(event, NONE, "a known return remains in the list");
-        }
-        event
-    }
-
-    fn operation(&self, operation: usize) -> &Operation<M::Input, M::Output> {
-        &self.prepared[operation]
-    }
-
-    /// Takes a call event and its return event out of the list.
+    /// Takes a call event and its return event out of their list.
     fn lift(&mut self, call_event: usize) {
         self.unlink(call_event);
         let return_event = self.events[call_event].return_event;
@@ -529,32 +540,35 @@ impl<'a, M: Model> Search<'a, M> {
         }
     }
 
-    /// The search loop. Candidates are tried in two passes: first the calls of operations with
-    /// a known return, then, only when those are exhausted, the calls of unknown-outcome
-    /// operations. Both passes stop at the first return in the list. The order is complete
-    /// (every enabled operation is tried) and explores orders that leave unknown operations
-    /// out before those that include them, which is what lets the cache prune the latter.
+    /// The search loop. Candidates are tried in two passes: first the calls in the list of
+    /// known-return operations, up to its first return (`pass_end`); then, only when those are
+    /// exhausted, the calls of unknown-outcome operations made before `pass_end`. Reaching
+    /// `pass_end` in the second pass is a dead end. The order is complete (every enabled
+    /// operation is tried, up to interchangeable twins) and explores orders that leave unknown
+    /// operations out before those that include them, which is what lets the cache prune
+    /// the latter.
     fn run(mut self) -> SearchOutcome {
         let mut known_remaining = self.known_count;
-        let has_unknown = self.known_count < self.prepared.len();
         let mut state = self.model.init();
         let mut linearized = Linearized {
             known: Bitset::new(self.known_count),
             unknown: Bitset::new(self.prepared.len() - self.known_count),
         };
         let mut cache = MemoisationCache::<M::State>::new(self.cache_entries_max);
-        // The undo stack: each linearized call event with the state before it.
-        let mut undo: Vec<(usize, M::State)> = Vec::new();
+        let mut undo: Vec<Undo<M::State>> = Vec::new();
         let mut longest_prefix: Vec<usize> = Vec::new();
+        // How many leading entries of the undo stack are known to equal `longest_prefix`, so
+        // that extending it copies only what changed (copying it whole would be quadratic).
+        let mut prefix_shared = 0;
         let mut state_after_prefix = state.clone();
         // Whether the current order is the longest one found, undisturbed by backtracking: a
         // dead end reached then names the operation that blocked it.
         let mut at_longest = true;
         let mut blocking_operation = None;
         let mut steps: u64 = 0;
-        let mut event = self.events[HEAD].next;
-        // Which pass is running: known-return operations, or unknown-outcome ones; the latter
-        // ends at `pass_end`, the first return in the list.
+        let mut backtracks: u64 = 0;
+        let mut event = self.events[KNOWN_HEAD].next;
+        // Which pass is running; the unknown pass ends at `pass_end`.
         let mut known_pass = true;
         let mut pass_end = NONE;
 
@@ -563,24 +577,31 @@ impl<'a, M: Model> Search<'a, M> {
             if steps.is_multiple_of(STEPS_PER_DEADLINE_CHECK) && self.deadline_passed() {
                 return SearchOutcome::Unknown(UnknownReason::Timeout);
             }
-            assert_ne!(
-                event, NONE,
+            assert!(
+                !known_pass || event != NONE,
                 "a known return is always reached before the end of the list"
             );
-            let Event {
-                operation,
-                is_call,
-                next,
-                ..
-            } = self.events[event];
-            if is_call {
-                if self.is_unknown(operation) == known_pass
-                    || (!known_pass && !self.is_last_pending_twin(operation, pass_end, &linearized))
-                {
+            let dead_end = if known_pass {
+                if !self.events[event].is_call {
+                    // The known candidates are exhausted: try the unknown ones.
+                    known_pass = false;
+                    pass_end = event;
+                    event = self.events[UNKNOWN_HEAD].next;
+                    continue;
+                }
+                false
+            } else {
+                event == NONE || event > pass_end
+            };
+            if !dead_end {
+                let Event {
+                    operation, next, ..
+                } = self.events[event];
+                if !known_pass && !self.is_last_pending_twin(operation, pass_end, &linearized) {
                     event = next;
                     continue;
                 }
-                let recorded = self.operation(operation);
+                let recorded = &self.prepared[operation];
                 let Some(next_state) = self.model.step(&state, &recorded.input, &recorded.output)
                 else {
                     event = next;
@@ -600,52 +621,63 @@ impl<'a, M: Model> Search<'a, M> {
                         })
                     }
                 }
-                undo.push((event, std::mem::replace(&mut state, next_state)));
+                undo.push(Undo {
+                    call_event: event,
+                    state: std::mem::replace(&mut state, next_state),
+                    pass_end,
+                });
                 if !self.is_unknown(operation) {
                     known_remaining -= 1;
                 }
                 self.lift(event);
                 if undo.len() > longest_prefix.len() {
-                    longest_prefix = undo
-                        .iter()
-                        .map(|(call_event, _)| self.events[*call_event].operation)
-                        .collect();
+                    longest_prefix.truncate(prefix_shared);
+                    longest_prefix.extend(
+                        undo[prefix_shared..]
+                            .iter()
+                            .map(|linearized| self.events[linearized.call_event].operation),
+                    );
+                    prefix_shared = undo.len();
                     state_after_prefix = state.clone();
                     at_longest = true;
                     blocking_operation = None;
                 }
-                event = self.events[HEAD].next;
+                event = self.events[KNOWN_HEAD].next;
                 known_pass = true;
-            } else if known_pass && has_unknown {
-                known_pass = false;
-                pass_end = event;
-                event = self.events[HEAD].next;
-            } else {
-                if at_longest {
-                    blocking_operation.get_or_insert(operation);
-                }
-                let Some((call_event, previous_state)) = undo.pop() else {
-                    return SearchOutcome::Illegal(self.explain(
-                        &longest_prefix,
-                        &state_after_prefix,
-                        blocking_operation,
-                    ));
-                };
-                at_longest = false;
-                let undone = self.events[call_event].operation;
-                state = previous_state;
-                linearized.remove(undone, self.known_count);
-                if !self.is_unknown(undone) {
-                    known_remaining += 1;
-                }
-                self.unlift(call_event);
-                // Candidates before the undone one, in its pass, were tried already.
-                event = self.events[call_event].next;
-                known_pass = !self.is_unknown(undone);
-                if !known_pass {
-                    pass_end = self.first_return_from(event);
-                }
+                continue;
             }
+
+            backtracks += 1;
+            if at_longest {
+                blocking_operation.get_or_insert(self.events[pass_end].operation);
+            }
+            let Some(last) = undo.pop() else {
+                return SearchOutcome::Illegal(self.explain(
+                    &longest_prefix,
+                    &state_after_prefix,
+                    blocking_operation,
+                ));
+            };
+            at_longest = false;
+            prefix_shared = prefix_shared.min(undo.len());
+            let undone = self.events[last.call_event].operation;
+            state = last.state;
+            linearized.remove(undone, self.known_count);
+            if !self.is_unknown(undone) {
+                known_remaining += 1;
+            }
+            self.unlift(last.call_event);
+            // Candidates before the undone one, in its pass, were tried already.
+            event = self.events[last.call_event].next;
+            known_pass = !self.is_unknown(undone);
+            pass_end = last.pass_end;
+        }
+        if std::env::var_os("KEEL_CHECK_DEBUG").is_some() {
+            eprintln!(
+                "backtracks {backtracks} steps {steps} cache {} undo-max {}",
+                cache.entry_count,
+                longest_prefix.len()
+            );
         }
         SearchOutcome::Linearizable
     }
@@ -757,7 +789,7 @@ impl<State: Clone + Eq + Hash> MemoisationCache<State> {
         }
         let unknown_sets = self
             .map
-            .entry((linearized.known.clone(), state.clone()))
+            .entry((linearized.known.compact(), state.clone()))
             .or_default();
         if unknown_sets
             .iter()

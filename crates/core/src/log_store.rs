@@ -293,7 +293,10 @@ mod tests {
                 .len(),
             5
         );
-        assert_eq!(log.snapshot(0, 2).unwrap().data.as_ref(), &[1, 2, 3]);
+        assert_eq!(
+            raft::Storage::snapshot(&log, 0, 2).unwrap().data.as_ref(),
+            &[1, 2, 3]
+        );
     }
 
     #[test]

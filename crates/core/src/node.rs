@@ -160,6 +160,9 @@ pub enum RequestError {
     /// The request did not commit or get a read index in time; it may still take effect.
     #[error("etcdserver: request timed out")]
     Timeout,
+    /// The term changed while the write waited; it may or may not take effect.
+    #[error("etcdserver: leader changed")]
+    LeaderChanged,
     /// Too many requests are already waiting.
     #[error("etcdserver: too many requests")]
     TooManyRequests,
@@ -316,6 +319,8 @@ struct PendingRead {
 struct PendingWrite {
     token: u64,
     proposed_tick: u64,
+    /// The term in which this member proposed it.
+    proposed_term: u64,
 }
 
 /// One keel member: raft-rs's `RawNode` plus the state machine and the
@@ -474,10 +479,38 @@ impl Node {
         let raft = &self.raw_node.raft;
         let marker = (raft.term, raft.state, raft.leader_id);
         if marker != self.election_timer_marker {
+            if marker.0 != self.election_timer_marker.0 {
+                self.fail_writes_of_older_terms();
+            }
             self.election_timer_marker = marker;
             let base = self.config.election_ticks;
             let timeout = base + self.random.gen_range(0..base);
             self.raw_node.raft.set_randomized_election_timeout(timeout);
+        }
+    }
+
+    /// When the term changes, a write proposed in an older term may have been
+    /// lost with the old leader, or may still commit under the new one: its
+    /// outcome is unknown. Answering "leader changed" at once, as etcd does,
+    /// lets the client retry in about an election timeout instead of waiting
+    /// for the request timeout.
+    fn fail_writes_of_older_terms(&mut self) {
+        let term = self.raw_node.raft.term;
+        let stale: Vec<u64> = self
+            .pending_writes
+            .iter()
+            .filter(|(_, write)| write.proposed_term < term)
+            .map(|(&request_id, _)| request_id)
+            .collect();
+        for request_id in stale {
+            let write = self
+                .pending_writes
+                .remove(&request_id)
+                .expect("listed above");
+            self.replies.push(Reply {
+                token: write.token,
+                result: Err(RequestError::LeaderChanged),
+            });
         }
     }
 
@@ -561,7 +594,9 @@ impl Node {
             log_request::Request::Txn(txn) => {
                 mvcc::validate_txn(txn, self.config.txn_operations_max)
             }
-            log_request::Request::Compaction(_) => Ok(()),
+            log_request::Request::Compaction(_) | log_request::Request::MemberAttributes(_) => {
+                Ok(())
+            }
         };
         if let Err(error) = validation {
             return self.refuse(token, RequestError::KeySpace(error));
@@ -590,6 +625,7 @@ impl Node {
                     PendingWrite {
                         token,
                         proposed_tick: self.tick_count,
+                        proposed_term: self.raw_node.raft.term,
                     },
                 );
             }
@@ -875,6 +911,7 @@ impl Node {
             WriteResponse::DeleteRange(delete) => fill(&mut delete.header, self),
             WriteResponse::Txn(txn) => fill(&mut txn.header, self),
             WriteResponse::Compaction(compaction) => fill(&mut compaction.header, self),
+            WriteResponse::MemberAttributes => {}
         }
         response
     }

@@ -26,6 +26,8 @@ pub enum WriteResponse {
     Txn(TxnResponse),
     /// The result of a Compact.
     Compaction(CompactionResponse),
+    /// A member's attributes were recorded.
+    MemberAttributes,
 }
 
 /// Why a state machine snapshot could not be restored.
@@ -142,6 +144,19 @@ impl StateMachine {
                 .key_space
                 .compact(compaction)
                 .map(WriteResponse::Compaction),
+            log_request::Request::MemberAttributes(attributes) => {
+                // Only name and client URLs are the member's to announce; peer
+                // URLs and learner status change through configuration changes.
+                if let Some(member) = self
+                    .members
+                    .iter_mut()
+                    .find(|member| member.id == attributes.id)
+                {
+                    member.name = attributes.name.clone();
+                    member.client_urls = attributes.client_urls.clone();
+                }
+                Ok(WriteResponse::MemberAttributes)
+            }
         }
     }
 

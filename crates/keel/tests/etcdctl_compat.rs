@@ -105,8 +105,10 @@ fn normalise(text: &str) -> String {
         out.push(character);
         rest = &rest[character.len_utf8()..];
     }
-    // etcdctl's error lines carry a timestamp; keep only the message.
+    // etcdctl's client logs retries as JSON lines with timestamps and
+    // connection ids, and its error lines carry a timestamp: keep only messages.
     out.lines()
+        .filter(|line| !line.starts_with("{\"level\":"))
         .map(|line| match line.find("Error:") {
             Some(position) => &line[position..],
             None => line,

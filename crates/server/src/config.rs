@@ -150,11 +150,10 @@ impl ServerConfig {
                 id: member_id(peer_urls, &self.initial_cluster_token),
                 name: name.clone(),
                 peer_urls: peer_urls.clone(),
-                client_urls: if name == &self.name {
-                    self.advertise_client_urls.clone()
-                } else {
-                    Vec::new()
-                },
+                // Every founding member must build the same initial state, and
+                // none knows the others' client URLs: each announces its own
+                // through the log once it runs (see `publish_attributes`).
+                client_urls: Vec::new(),
                 is_learner: false,
             })
             .collect();

@@ -63,6 +63,11 @@ impl Services {
         }
     }
 
+    /// Proposes a write that has no gRPC method of its own (member attributes).
+    pub async fn write_raw(&self, request: WriteRequest) -> Result<WriteResponse, Status> {
+        self.write(request).await
+    }
+
     async fn range(&self, request: RangeRequest) -> Result<RangeResponse, Status> {
         if request.serializable {
             let (reply, answer) = oneshot::channel();
@@ -106,6 +111,7 @@ pub fn status_of(error: &RequestError) -> Status {
         },
         RequestError::NoLeader => Status::unavailable(error.to_string()),
         RequestError::Timeout => Status::unavailable(error.to_string()),
+        RequestError::LeaderChanged => Status::unavailable(error.to_string()),
         RequestError::TooManyRequests => Status::resource_exhausted(error.to_string()),
         RequestError::RequestTooLarge => Status::invalid_argument(error.to_string()),
         RequestError::Dropped => Status::cancelled(error.to_string()),

@@ -242,6 +242,15 @@ impl Server {
                 );
             serve_tasks.push(tokio::spawn(router.serve_with_incoming(incoming)));
         }
+        serve_tasks.push(tokio::spawn(publish_attributes(
+            input.clone(),
+            keel_types::keelpb::MemberRecord {
+                id: member_id,
+                name: config.name.clone(),
+                client_urls: config.advertise_client_urls.clone(),
+                ..Default::default()
+            },
+        )));
         tracing::info!(
             name = %config.name,
             member_id = format!("{member_id:x}"),
@@ -289,6 +298,34 @@ impl Server {
                 "the member thread panicked".into(),
             )),
         }
+    }
+}
+
+/// Announces this member's name and client URLs through the log until the
+/// cluster has recorded them (etcd's "publish"), retrying while there is no
+/// leader. Returns once they are recorded.
+async fn publish_attributes(
+    input: mpsc::SyncSender<Input>,
+    attributes: keel_types::keelpb::MemberRecord,
+) -> Result<(), tonic::transport::Error> {
+    let services = grpc::Services::new(input);
+    loop {
+        if let Ok((_, members)) = services.status().await {
+            let recorded = members.iter().any(|member| {
+                member.id == attributes.id
+                    && member.name == attributes.name
+                    && member.client_urls == attributes.client_urls
+            });
+            if recorded {
+                return Ok(());
+            }
+            let _ = services
+                .write_raw(keel_core::WriteRequest::MemberAttributes(
+                    attributes.clone(),
+                ))
+                .await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
 

@@ -185,3 +185,9 @@ fn approximate_bytes_counts_keys_values_and_overhead() {
     let overhead = crate::mvcc::VERSION_OVERHEAD_BYTES;
     assert_eq!(key_space.approximate_bytes(), 8 + 3 + 2 * overhead);
 }
+
+#[test]
+fn the_key_space_can_move_between_threads() {
+    fn assert_send_and_sync<T: Send + Sync>() {}
+    assert_send_and_sync::<KeySpace>();
+}
