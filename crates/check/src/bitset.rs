@@ -2,9 +2,17 @@
 //! memoisation cache key.
 
 /// A set of integers below a capacity fixed at creation, one bit each.
+///
+/// It also tracks its leading all-ones and trailing all-zeros words, so that
+/// [`Bitset::compact`] costs what the set's ragged middle holds rather than its capacity: the
+/// search inserts and removes near that middle, so keeping the bounds exact is cheap.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct Bitset {
     words: Vec<u64>,
+    /// How many leading words are all ones.
+    full_words: usize,
+    /// One past the last non-zero word (0 when empty).
+    end_words: usize,
 }
 
 impl Bitset {
@@ -12,15 +20,27 @@ impl Bitset {
     pub(crate) fn new(capacity: usize) -> Bitset {
         Bitset {
             words: vec![0; capacity.div_ceil(64)],
+            full_words: 0,
+            end_words: 0,
         }
     }
 
     pub(crate) fn insert(&mut self, position: usize) {
-        self.words[position / 64] |= 1 << (position % 64);
+        let word = position / 64;
+        self.words[word] |= 1 << (position % 64);
+        while self.full_words < self.words.len() && self.words[self.full_words] == u64::MAX {
+            self.full_words += 1;
+        }
+        self.end_words = self.end_words.max(word + 1);
     }
 
     pub(crate) fn remove(&mut self, position: usize) {
-        self.words[position / 64] &= !(1 << (position % 64));
+        let word = position / 64;
+        self.words[word] &= !(1 << (position % 64));
+        self.full_words = self.full_words.min(word);
+        while self.end_words > 0 && self.words[self.end_words - 1] == 0 {
+            self.end_words -= 1;
+        }
     }
 
     /// Whether every member of `self` is in `other`, which has the same capacity.
@@ -36,20 +56,10 @@ impl Bitset {
     /// that grow roughly in order (the linearized operations): its size follows the
     /// concurrency of the history rather than its length.
     pub(crate) fn compact(&self) -> CompactBitset {
-        let end = self
-            .words
-            .iter()
-            .rposition(|word| *word != 0)
-            .map_or(0, |last| last + 1);
-        let full_words = self
-            .words
-            .iter()
-            .position(|word| *word != u64::MAX)
-            .unwrap_or(self.words.len())
-            .min(end);
+        let full_words = self.full_words.min(self.end_words);
         CompactBitset {
             full_words,
-            words: self.words[full_words..end].into(),
+            words: self.words[full_words..self.end_words].into(),
         }
     }
 

@@ -308,21 +308,19 @@ enum SearchOutcome {
 /// Marks the absence of a linked-list neighbour or of a return event.
 const NONE: usize = usize::MAX;
 
-/// The sentinel at the front of the list of known-return operations' calls and returns.
-const KNOWN_HEAD: usize = 0;
+/// The sentinel at the front of the event list.
+const HEAD: usize = 0;
 
-/// The sentinel at the front of the list of unknown-outcome operations' calls (they have no
-/// return). Keeping them apart means the common pass never walks over the unknown operations
-/// that stay pending for the rest of the history.
-const UNKNOWN_HEAD: usize = 1;
-
-/// One call or return event in one of the two doubly linked event lists. Events are numbered
-/// in time order, so comparing numbers compares times across the two lists.
+/// One call or return event. Events are numbered in time order, so comparing numbers compares
+/// times. Only operations with a known return are linked into the list: an unknown-outcome
+/// operation stays enabled from its call on, so the search finds it through its class of
+/// twins instead, and the common pass never walks over the many that stay pending for the
+/// rest of the history.
 struct Event {
     /// Which operation, as a position within the part.
     operation: usize,
     /// For a call: the index of its return event, or [`NONE`] when the outcome is unknown.
-    /// For a return (and the heads): [`NONE`].
+    /// For a return (and the head): [`NONE`].
     return_event: usize,
     is_call: bool,
     previous: usize,
@@ -337,6 +335,15 @@ type Cache<State> = HashMap<(CompactBitset, State), Vec<Bitset>, FixedHasher>;
 /// std's hasher with its fixed keys: reproducible from run to run, unlike `RandomState`. The
 /// cache is only queried, never iterated, so its order never reaches a result either way.
 type FixedHasher = BuildHasherDefault<DefaultHasher>;
+
+/// Where the search looks for the next candidate.
+#[derive(Clone, Copy)]
+enum Cursor {
+    /// At an event of the list (first pass).
+    Event(usize),
+    /// At a class of unknown-outcome operations (second pass).
+    Class(usize),
+}
 
 /// One linearized operation on the undo stack.
 struct Undo<State> {
@@ -363,8 +370,8 @@ struct Search<'a, M: Model> {
     /// Index of each operation's call event.
     call_events: Vec<usize>,
     /// For each unknown-outcome operation (numbered from 0), its class of identical
-    /// operations (equal input and output) and its place in that class.
-    class_of_unknown: Vec<(usize, usize)>,
+    /// operations (equal input and output).
+    class_of_unknown: Vec<usize>,
     /// The members of each class, by call time.
     classes: Vec<Vec<usize>>,
     cache_entries_max: usize,
@@ -416,29 +423,30 @@ impl<'a, M: Model> Search<'a, M> {
         }
         timeline.sort_unstable();
 
-        let head = || Event {
+        let mut events = Vec::with_capacity(timeline.len() + 1);
+        events.push(Event {
             operation: NONE,
             return_event: NONE,
             is_call: false,
             previous: NONE,
             next: NONE,
-        };
-        let mut events = Vec::with_capacity(timeline.len() + 2);
-        events.extend([head(), head()]);
-        let mut tails = [KNOWN_HEAD, UNKNOWN_HEAD];
+        });
+        let mut tail = HEAD;
         let mut call_events = vec![NONE; prepared.len()];
         for (_, is_return, operation) in timeline {
             let event = events.len();
-            let list = usize::from(operation >= known_count);
-            events[tails[list]].next = event;
+            let linked = operation < known_count;
             events.push(Event {
                 operation,
                 return_event: NONE,
                 is_call: !is_return,
-                previous: tails[list],
+                previous: if linked { tail } else { NONE },
                 next: NONE,
             });
-            tails[list] = event;
+            if linked {
+                events[tail].next = event;
+                tail = event;
+            }
             if is_return {
                 let call_event = call_events[operation];
                 assert_ne!(call_event, NONE, "a call sorts before its return");
@@ -454,7 +462,7 @@ impl<'a, M: Model> Search<'a, M> {
         let mut classes: Vec<Vec<usize>> = Vec::new();
         let mut unknown_by_call: Vec<usize> = (known_count..prepared.len()).collect();
         unknown_by_call.sort_unstable_by_key(|operation| call_events[*operation]);
-        let mut class_of_unknown = vec![(NONE, NONE); prepared.len() - known_count];
+        let mut class_of_unknown = vec![NONE; prepared.len() - known_count];
         for operation in unknown_by_call {
             let recorded = &prepared[operation];
             let class = *class_by_operation
@@ -463,7 +471,7 @@ impl<'a, M: Model> Search<'a, M> {
                     classes.push(Vec::new());
                     classes.len() - 1
                 });
-            class_of_unknown[operation - known_count] = (class, classes[class].len());
+            class_of_unknown[operation - known_count] = class;
             classes[class].push(operation);
         }
 
@@ -486,31 +494,34 @@ impl<'a, M: Model> Search<'a, M> {
         operation >= self.known_count
     }
 
-    /// Whether an unknown-outcome operation is, of its class of identical operations, the
-    /// last one called before `pass_end` (the first return in the list) and not yet
-    /// linearized. Only that one is tried: linearizing an earlier-called twin instead leads to
-    /// the same state and leaves a later-called twin for the future, which can do no more
-    /// than the earlier one (it is enabled no sooner), so the search loses nothing.
-    fn is_last_pending_twin(
+    /// The unknown-outcome operation of `class` to try: the last one called before
+    /// `pass_end` (the first return in the list) that is not linearized yet. Only that one is
+    /// tried: linearizing an earlier-called twin instead leads to the same state and leaves a
+    /// later-called twin for the future, which can do no more than the earlier one (it is
+    /// enabled no sooner), so the search loses nothing.
+    fn last_pending_twin(
         &self,
-        operation: usize,
+        class: usize,
         pass_end: usize,
         linearized: &Linearized,
-    ) -> bool {
-        let (class, place) = self.class_of_unknown[operation - self.known_count];
-        self.classes[class][place + 1..]
+    ) -> Option<usize> {
+        let members = &self.classes[class];
+        let enabled = members.partition_point(|member| self.call_events[*member] < pass_end);
+        members[..enabled]
             .iter()
-            .take_while(|twin| self.call_events[**twin] < pass_end)
-            .all(|twin| linearized.unknown.contains(*twin - self.known_count))
+            .rev()
+            .copied()
+            .find(|member| !linearized.unknown.contains(*member - self.known_count))
     }
 
-    /// Takes a call event and its return event out of their list.
+    /// Takes a call event and its return event out of the list (unknown-outcome operations
+    /// are not in it).
     fn lift(&mut self, call_event: usize) {
-        self.unlink(call_event);
-        let return_event = self.events[call_event].return_event;
-        if return_event != NONE {
-            self.unlink(return_event);
+        if self.events[call_event].return_event == NONE {
+            return;
         }
+        self.unlink(call_event);
+        self.unlink(self.events[call_event].return_event);
     }
 
     /// Puts back what [`Search::lift`] took out, in reverse order.
@@ -518,8 +529,8 @@ impl<'a, M: Model> Search<'a, M> {
         let return_event = self.events[call_event].return_event;
         if return_event != NONE {
             self.relink(return_event);
+            self.relink(call_event);
         }
-        self.relink(call_event);
     }
 
     fn unlink(&mut self, event: usize) {
@@ -540,13 +551,12 @@ impl<'a, M: Model> Search<'a, M> {
         }
     }
 
-    /// The search loop. Candidates are tried in two passes: first the calls in the list of
-    /// known-return operations, up to its first return (`pass_end`); then, only when those are
-    /// exhausted, the calls of unknown-outcome operations made before `pass_end`. Reaching
-    /// `pass_end` in the second pass is a dead end. The order is complete (every enabled
-    /// operation is tried, up to interchangeable twins) and explores orders that leave unknown
-    /// operations out before those that include them, which is what lets the cache prune
-    /// the latter.
+    /// The search loop. Candidates are tried in two passes: first the calls in the list, up
+    /// to its first return (`pass_end`); then, only when those are exhausted, one
+    /// unknown-outcome operation of each class called before `pass_end`. Exhausting the
+    /// classes is a dead end. The order is complete (every enabled operation is tried, up to
+    /// interchangeable twins) and explores orders that leave unknown operations out before
+    /// those that include them, which is what lets the cache prune the latter.
     fn run(mut self) -> SearchOutcome {
         let mut known_remaining = self.known_count;
         let mut state = self.model.init();
@@ -566,10 +576,7 @@ impl<'a, M: Model> Search<'a, M> {
         let mut at_longest = true;
         let mut blocking_operation = None;
         let mut steps: u64 = 0;
-        let mut backtracks: u64 = 0;
-        let mut event = self.events[KNOWN_HEAD].next;
-        // Which pass is running; the unknown pass ends at `pass_end`.
-        let mut known_pass = true;
+        let mut cursor = Cursor::Event(self.events[HEAD].next);
         let mut pass_end = NONE;
 
         while known_remaining > 0 {
@@ -577,77 +584,84 @@ impl<'a, M: Model> Search<'a, M> {
             if steps.is_multiple_of(STEPS_PER_DEADLINE_CHECK) && self.deadline_passed() {
                 return SearchOutcome::Unknown(UnknownReason::Timeout);
             }
-            assert!(
-                !known_pass || event != NONE,
-                "a known return is always reached before the end of the list"
-            );
-            let dead_end = if known_pass {
-                if !self.events[event].is_call {
-                    // The known candidates are exhausted: try the unknown ones.
-                    known_pass = false;
-                    pass_end = event;
-                    event = self.events[UNKNOWN_HEAD].next;
-                    continue;
-                }
-                false
-            } else {
-                event == NONE || event > pass_end
-            };
-            if !dead_end {
-                let Event {
-                    operation, next, ..
-                } = self.events[event];
-                if !known_pass && !self.is_last_pending_twin(operation, pass_end, &linearized) {
-                    event = next;
-                    continue;
-                }
-                let recorded = &self.prepared[operation];
-                let Some(next_state) = self.model.step(&state, &recorded.input, &recorded.output)
-                else {
-                    event = next;
-                    continue;
-                };
-                linearized.insert(operation, self.known_count);
-                match cache.visit(&linearized, &next_state) {
-                    Visit::New => {}
-                    Visit::Dominated => {
-                        linearized.remove(operation, self.known_count);
-                        event = next;
+            let candidate = match cursor {
+                Cursor::Event(event) => {
+                    assert_ne!(
+                        event, NONE,
+                        "a known return is always reached before the end of the list"
+                    );
+                    if self.events[event].is_call {
+                        Some(event)
+                    } else {
+                        // The listed candidates are exhausted: try the unknown ones.
+                        pass_end = event;
+                        cursor = Cursor::Class(0);
                         continue;
                     }
-                    Visit::Full => {
+                }
+                Cursor::Class(class) if class < self.classes.len() => {
+                    match self.last_pending_twin(class, pass_end, &linearized) {
+                        Some(operation) => Some(self.call_events[operation]),
+                        None => {
+                            cursor = Cursor::Class(class + 1);
+                            continue;
+                        }
+                    }
+                }
+                Cursor::Class(_) => None,
+            };
+
+            if let Some(call_event) = candidate {
+                let operation = self.events[call_event].operation;
+                let recorded = &self.prepared[operation];
+                let next_state = self.model.step(&state, &recorded.input, &recorded.output);
+                let visit = match next_state {
+                    None => Visit::Dominated,
+                    Some(ref next_state) => {
+                        linearized.insert(operation, self.known_count);
+                        let visit = cache.visit(&linearized, next_state);
+                        if !matches!(visit, Visit::New) {
+                            linearized.remove(operation, self.known_count);
+                        }
+                        visit
+                    }
+                };
+                match (visit, next_state) {
+                    (Visit::New, Some(next_state)) => {
+                        undo.push(Undo {
+                            call_event,
+                            state: std::mem::replace(&mut state, next_state),
+                            pass_end,
+                        });
+                        if !self.is_unknown(operation) {
+                            known_remaining -= 1;
+                        }
+                        self.lift(call_event);
+                        if undo.len() > longest_prefix.len() {
+                            longest_prefix.truncate(prefix_shared);
+                            longest_prefix.extend(
+                                undo[prefix_shared..]
+                                    .iter()
+                                    .map(|linearized| self.events[linearized.call_event].operation),
+                            );
+                            prefix_shared = undo.len();
+                            state_after_prefix = state.clone();
+                            at_longest = true;
+                            blocking_operation = None;
+                        }
+                        cursor = Cursor::Event(self.events[HEAD].next);
+                    }
+                    (Visit::Full, _) => {
                         return SearchOutcome::Unknown(UnknownReason::CacheFull {
                             cache_entries_max: self.cache_entries_max,
                         })
                     }
+                    _ => cursor = self.cursor_after(operation),
                 }
-                undo.push(Undo {
-                    call_event: event,
-                    state: std::mem::replace(&mut state, next_state),
-                    pass_end,
-                });
-                if !self.is_unknown(operation) {
-                    known_remaining -= 1;
-                }
-                self.lift(event);
-                if undo.len() > longest_prefix.len() {
-                    longest_prefix.truncate(prefix_shared);
-                    longest_prefix.extend(
-                        undo[prefix_shared..]
-                            .iter()
-                            .map(|linearized| self.events[linearized.call_event].operation),
-                    );
-                    prefix_shared = undo.len();
-                    state_after_prefix = state.clone();
-                    at_longest = true;
-                    blocking_operation = None;
-                }
-                event = self.events[KNOWN_HEAD].next;
-                known_pass = true;
                 continue;
             }
 
-            backtracks += 1;
+            // A dead end: no candidate leads anywhere from here.
             if at_longest {
                 blocking_operation.get_or_insert(self.events[pass_end].operation);
             }
@@ -668,18 +682,20 @@ impl<'a, M: Model> Search<'a, M> {
             }
             self.unlift(last.call_event);
             // Candidates before the undone one, in its pass, were tried already.
-            event = self.events[last.call_event].next;
-            known_pass = !self.is_unknown(undone);
+            cursor = self.cursor_after(undone);
             pass_end = last.pass_end;
         }
-        if std::env::var_os("KEEL_CHECK_DEBUG").is_some() {
-            eprintln!(
-                "backtracks {backtracks} steps {steps} cache {} undo-max {}",
-                cache.entry_count,
-                longest_prefix.len()
-            );
-        }
         SearchOutcome::Linearizable
+    }
+
+    /// Where the search continues after trying `operation`: the next event in the list, or
+    /// the next class of unknown-outcome operations.
+    fn cursor_after(&self, operation: usize) -> Cursor {
+        if self.is_unknown(operation) {
+            Cursor::Class(self.class_of_unknown[operation - self.known_count] + 1)
+        } else {
+            Cursor::Event(self.events[self.call_events[operation]].next)
+        }
     }
 
     fn deadline_passed(&self) -> bool {

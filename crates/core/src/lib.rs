@@ -3,20 +3,23 @@
 //! returning actions.
 //!
 //! Architecture invariant: nothing in this crate touches a socket, a file, a
-//! thread, a wall clock or unseeded randomness. Time comes in as ticks and
+//! thread, a wall clock or unseeded randomness; the disk is reached only
+//! through `keel_storage::Disk`, which the shell or the simulator provides. Time comes in as ticks and
 //! randomness as seeds, so that the same inputs always produce the same outputs;
 //! the deterministic simulator (`sim`) and the tokio shell (`server`) drive the
 //! very same `Node`.
 
+pub mod durable;
 pub mod log_store;
 pub mod mvcc;
 pub mod node;
 pub mod raft_logger;
 pub mod state_machine;
 
+pub use durable::{DurableError, DurableState};
 pub use node::{
-    bootstrap_snapshot, Event, Node, NodeConfig, NodeStatus, Output, OwnSnapshot, Persist,
-    Recovered, Reply, RequestError, Response, StartError, WriteRequest,
+    bootstrap_snapshot, DeliberateBug, Event, Node, NodeConfig, NodeStatus, Output, OwnSnapshot,
+    Persist, Recovered, Reply, RequestError, Response, StartError, WriteRequest,
 };
 pub use state_machine::{StateMachine, WriteResponse};
 

@@ -73,6 +73,20 @@ pub struct NodeConfig {
     /// A per-boot value placed in the high bits of proposal ids, so that ids
     /// never repeat across restarts of this member.
     pub boot_epoch: u32,
+    /// A deliberately wrong behaviour, for proving that the simulator catches
+    /// bugs. Always `None` outside those tests.
+    pub deliberate_bug: DeliberateBug,
+}
+
+/// Deliberately wrong behaviours the simulator must detect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeliberateBug {
+    /// Correct behaviour.
+    #[default]
+    None,
+    /// Answer linearizable reads from local state without a ReadIndex round,
+    /// so a deposed leader or a lagging follower can return stale data.
+    ReadsWithoutReadIndex,
 }
 
 impl NodeConfig {
@@ -94,6 +108,7 @@ impl NodeConfig {
             read_index_retry_ticks: 5,
             random_seed: member_id,
             boot_epoch: 0,
+            deliberate_bug: DeliberateBug::None,
         }
     }
 }
@@ -640,6 +655,14 @@ impl Node {
         }
         if let Err(error) = mvcc::validate_range(&request) {
             return self.refuse(token, RequestError::KeySpace(error));
+        }
+        if self.config.deliberate_bug == DeliberateBug::ReadsWithoutReadIndex {
+            let result = self
+                .range_local(&request)
+                .map(Response::Range)
+                .map_err(RequestError::KeySpace);
+            self.replies.push(Reply { token, result });
+            return;
         }
         if self.raw_node.raft.leader_id == raft::INVALID_ID {
             return self.refuse(token, RequestError::NoLeader);

@@ -32,14 +32,14 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::mpsc;
 
-use keel_core::{bootstrap_snapshot, Node, NodeConfig, Recovered};
-use keel_storage::{FileDisk, SnapshotStore, StorageError, Wal, WalOptions};
+use keel_core::{DurableError, DurableState, Node, NodeConfig};
+use keel_storage::FileDisk;
 use tokio::net::TcpListener;
 
 pub use config::{InitialClusterState, ServerConfig};
 
 use crate::config::{cluster_id, parse_url_address};
-use crate::member::{Durable, Input};
+use crate::member::Input;
 
 /// Why a member could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +50,7 @@ pub enum ServerError {
     Config(#[from] config::ConfigError),
     /// The data directory could not be read or written.
     #[error("storage: {0}")]
-    Storage(#[from] StorageError),
+    Storage(#[from] DurableError),
     /// The data directory holds something that does not make sense.
     #[error("data directory {path}: {reason}")]
     Recovery {
@@ -78,7 +78,7 @@ pub enum ServerError {
 /// A running member.
 pub struct Server {
     input: mpsc::SyncSender<Input>,
-    member_thread: Option<std::thread::JoinHandle<Result<(), StorageError>>>,
+    member_thread: Option<std::thread::JoinHandle<Result<(), DurableError>>>,
     client_addresses: Vec<SocketAddr>,
     serve_tasks: Vec<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
     peer_task: Vec<tokio::task::JoinHandle<()>>,
@@ -95,19 +95,10 @@ impl Server {
             reason: format!("cannot create the data directory: {source}"),
         })?;
         let disk = FileDisk::new(&member_directory);
-        let snapshots = SnapshotStore::open(disk.clone(), Default::default())?;
-        let (wal, recovered_log) = Wal::open(disk, WalOptions::default())?;
-        let snapshot = match snapshots.load_newest()? {
-            Some(file) => member::decode_snapshot(
-                &file.metadata,
-                file.data,
-                &format!(
-                    "{}/snap at index {}",
-                    member_directory.display(),
-                    file.index
-                ),
-            )
-            .map_err(|reason| recovery_error(&member_directory, reason))?,
+        let (mut durable, recovered) = DurableState::open(disk)
+            .map_err(|error| recovery_error(&member_directory, error.to_string()))?;
+        let recovered = match recovered {
+            Some(recovered) => recovered,
             None => {
                 if config.initial_cluster_state == InitialClusterState::Existing {
                     return Err(recovery_error(
@@ -118,27 +109,10 @@ impl Server {
                     ));
                 }
                 let members = config.initial_members();
-                let snapshot = bootstrap_snapshot(members.clone(), cluster_id(&members));
-                // The bootstrap snapshot records the founding configuration, so
-                // a restart does not depend on the flags matching again.
-                let metadata = protobuf::Message::write_to_bytes(snapshot.get_metadata())
-                    .expect("encoding snapshot metadata cannot fail");
-                snapshots.save(0, 0, &metadata, &snapshot.data)?;
-                snapshot
+                durable
+                    .bootstrap(members.clone(), cluster_id(&members))
+                    .map_err(|error| recovery_error(&member_directory, error.to_string()))?
             }
-        };
-        let snapshot_index = snapshot.get_metadata().index;
-        let entries = recovered_log
-            .entries
-            .iter()
-            .filter(|record| record.index > snapshot_index)
-            .map(member::decode_entry)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|reason| recovery_error(&member_directory, reason))?;
-        let recovered = Recovered {
-            snapshot,
-            hard_state: recovered_log.hard_state.map(member::to_raft_hard_state),
-            entries,
         };
         let member_id = config.member_id();
         let mut node_config = NodeConfig::with_member_id(member_id);
@@ -196,7 +170,6 @@ impl Server {
             )));
         }
 
-        let durable = Durable { wal, snapshots };
         let tick_interval = config.heartbeat_interval;
         let loop_input = input.clone();
         let (stopped_sender, member_stopped) = tokio::sync::watch::channel(false);

@@ -12,12 +12,14 @@ use std::collections::BTreeMap;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::time::{Duration, Instant};
 
-use keel_core::eraftpb::{Entry, HardState as RaftHardState, Message, Snapshot, SnapshotMetadata};
-use keel_core::{Event, Node, NodeStatus, Output, Reply, RequestError, Response, WriteRequest};
-use keel_storage::{FileDisk, HardState, LogEntry, SnapshotStore, StorageError, Wal};
+use keel_core::eraftpb::Message;
+use keel_core::{
+    DurableError, DurableState, Event, Node, NodeStatus, Output, Reply, RequestError, Response,
+    WriteRequest,
+};
+use keel_storage::FileDisk;
 use keel_types::etcdserverpb::{RangeRequest, RangeResponse};
 use keel_types::keelpb::MemberRecord;
-use protobuf::Message as _;
 use tokio::sync::oneshot;
 
 use crate::transport::PeerSenders;
@@ -77,12 +79,7 @@ pub enum Input {
 }
 
 /// Durable state the member loop writes to.
-pub struct Durable {
-    /// The write-ahead log.
-    pub wal: Wal<FileDisk>,
-    /// Snapshot files.
-    pub snapshots: SnapshotStore<FileDisk>,
-}
+pub type Durable = DurableState<FileDisk>;
 
 /// Runs the member loop until shutdown or a storage failure.
 pub fn run(
@@ -92,7 +89,7 @@ pub fn run(
     input_sender: SyncSender<Input>,
     peers: PeerSenders,
     tick_interval: Duration,
-) -> Result<(), StorageError> {
+) -> Result<(), DurableError> {
     let mut waiting: BTreeMap<u64, ReplySender> = BTreeMap::new();
     let mut next_token: u64 = 0;
     let mut next_tick = Instant::now() + tick_interval;
@@ -187,18 +184,17 @@ fn carry_out(
     peers: &PeerSenders,
     input_sender: &SyncSender<Input>,
     waiting: &mut BTreeMap<u64, ReplySender>,
-) -> Result<(), StorageError> {
+) -> Result<(), DurableError> {
     for message in output.messages {
         peers.send(message, input_sender);
     }
-    persist(durable, output.persist)?;
+    durable.persist(&output.persist)?;
     for message in output.messages_after_persist {
         peers.send(message, input_sender);
     }
     deliver(output.replies, waiting);
     if let Some(own) = output.snapshot_to_save {
-        save_snapshot(durable, &own.snapshot)?;
-        durable.wal.release_before(own.compact_index)?;
+        durable.save_own_snapshot(&own)?;
     }
     Ok(())
 }
@@ -209,89 +205,5 @@ fn deliver(replies: Vec<Reply>, waiting: &mut BTreeMap<u64, ReplySender>) {
             // The client may have gone away; its answer is simply dropped.
             let _ = sender.send(reply.result);
         }
-    }
-}
-
-fn persist(durable: &mut Durable, persist: keel_core::Persist) -> Result<(), StorageError> {
-    if let Some(snapshot) = &persist.snapshot {
-        save_snapshot(durable, snapshot)?;
-    }
-    if persist.entries.is_empty() && persist.hard_state.is_none() {
-        return Ok(());
-    }
-    let entries: Vec<LogEntry> = persist.entries.iter().map(encode_entry).collect();
-    let hard_state = persist.hard_state.as_ref().map(|hard_state| HardState {
-        term: hard_state.term,
-        vote: hard_state.vote,
-        commit: hard_state.commit,
-    });
-    durable.wal.append(&entries, hard_state)
-}
-
-/// Writes a snapshot file and then marks it in the log, each durable before the next.
-fn save_snapshot(durable: &mut Durable, snapshot: &Snapshot) -> Result<(), StorageError> {
-    let metadata = snapshot.get_metadata();
-    let metadata_bytes = metadata
-        .write_to_bytes()
-        .expect("encoding snapshot metadata cannot fail");
-    durable.snapshots.save(
-        metadata.index,
-        metadata.term,
-        &metadata_bytes,
-        &snapshot.data,
-    )?;
-    durable
-        .wal
-        .save_snapshot_marker(metadata.index, metadata.term)
-}
-
-/// A raft entry as a log record: the whole entry, protobuf-encoded, with its
-/// index and term visible to the log for overwrite handling.
-pub fn encode_entry(entry: &Entry) -> LogEntry {
-    LogEntry {
-        index: entry.index,
-        term: entry.term,
-        payload: entry
-            .write_to_bytes()
-            .expect("encoding a raft entry cannot fail"),
-    }
-}
-
-/// The inverse of [`encode_entry`]; a record that does not decode is corruption
-/// that slipped past the checksum, reported with its index.
-pub fn decode_entry(record: &LogEntry) -> Result<Entry, String> {
-    let entry = Entry::parse_from_bytes(&record.payload)
-        .map_err(|error| format!("log entry {} does not decode: {error}", record.index))?;
-    if entry.index != record.index || entry.term != record.term {
-        return Err(format!(
-            "log record at index {} term {} holds entry {} term {}",
-            record.index, record.term, entry.index, entry.term
-        ));
-    }
-    Ok(entry)
-}
-
-/// Rebuilds a raft snapshot from a snapshot file.
-pub fn decode_snapshot(
-    metadata_bytes: &[u8],
-    data: Vec<u8>,
-    file_description: &str,
-) -> Result<Snapshot, String> {
-    let metadata = SnapshotMetadata::parse_from_bytes(metadata_bytes).map_err(|error| {
-        format!("snapshot {file_description}: metadata does not decode: {error}")
-    })?;
-    let mut snapshot = Snapshot::default();
-    snapshot.set_metadata(metadata);
-    snapshot.data = data.into();
-    Ok(snapshot)
-}
-
-/// A raft hard state from the log's record of it.
-pub fn to_raft_hard_state(hard_state: HardState) -> RaftHardState {
-    RaftHardState {
-        term: hard_state.term,
-        vote: hard_state.vote,
-        commit: hard_state.commit,
-        ..Default::default()
     }
 }

@@ -1,0 +1,260 @@
+//! `DurableState`: the write-ahead log and snapshot store of one member, and
+//! the translation between the core's outputs and their records on disk.
+//!
+//! It reaches the disk only through `keel_storage::Disk`: the server passes a
+//! real `FileDisk`, the simulator a fault-injecting `SimDisk`. Keeping this glue
+//! here, rather than in the server, means the simulator exercises exactly the
+//! code that decides what is written, in which order, and how it is recovered.
+//!
+//! Write order, each step durable before the next:
+//! 1. a snapshot (received from the leader, or our own) is written as a file;
+//! 2. its marker is appended to the log;
+//! 3. entries and hard state are appended with one fsync;
+//! 4. only then may log segments behind a snapshot be released.
+
+use keel_storage::{
+    Disk, HardState, LogEntry, SnapshotOptions, SnapshotStore, StorageError, Wal, WalOptions,
+};
+use keel_types::keelpb::MemberRecord;
+use protobuf::Message as _;
+use raft::eraftpb::{Entry, HardState as RaftHardState, Snapshot, SnapshotMetadata};
+
+use crate::node::{bootstrap_snapshot, OwnSnapshot, Persist, Recovered};
+
+/// Why the durable state could not be opened or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DurableError {
+    /// The log or snapshot store failed (I/O, corruption, fsync).
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// A record passed its checksum but does not make sense.
+    #[error("{0}")]
+    Inconsistent(String),
+}
+
+/// One member's write-ahead log and snapshot files.
+#[derive(Debug)]
+pub struct DurableState<D: Disk> {
+    wal: Wal<D>,
+    snapshots: SnapshotStore<D>,
+}
+
+impl<D: Disk + Clone> DurableState<D> {
+    /// Opens the log and snapshots on `disk`. Returns the recovered state, or
+    /// `None` when the disk holds no member yet (no snapshot, not even the
+    /// bootstrap one).
+    pub fn open(disk: D) -> Result<(Self, Option<Recovered>), DurableError> {
+        let snapshots = SnapshotStore::open(disk.clone(), SnapshotOptions::default())?;
+        let (wal, recovered_log) = Wal::open(disk, WalOptions::default())?;
+        let durable = DurableState { wal, snapshots };
+        let Some(file) = durable.snapshots.load_newest()? else {
+            if !recovered_log.entries.is_empty() {
+                return Err(DurableError::Inconsistent(format!(
+                    "the log holds {} entries but there is no snapshot, not even the \
+                     bootstrap one: the snapshot directory was lost",
+                    recovered_log.entries.len()
+                )));
+            }
+            return Ok((durable, None));
+        };
+        let metadata = SnapshotMetadata::parse_from_bytes(&file.metadata).map_err(|error| {
+            DurableError::Inconsistent(format!(
+                "snapshot at index {}: metadata does not decode: {error}",
+                file.index
+            ))
+        })?;
+        let mut snapshot = Snapshot::default();
+        snapshot.set_metadata(metadata);
+        snapshot.data = file.data.into();
+        let snapshot_index = snapshot.get_metadata().index;
+        // Entries at or below the snapshot are covered by it; the marker for a
+        // snapshot written just before a crash may be missing from the log.
+        let entries = recovered_log
+            .entries
+            .iter()
+            .filter(|record| record.index > snapshot_index)
+            .map(decode_entry)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(DurableError::Inconsistent)?;
+        let recovered = Recovered {
+            snapshot,
+            hard_state: recovered_log.hard_state.map(to_raft_hard_state),
+            entries,
+        };
+        Ok((durable, Some(recovered)))
+    }
+
+    /// Makes a brand-new member's initial state durable: the bootstrap snapshot
+    /// at index 0 holding the founding configuration, so a restart does not
+    /// depend on the command-line flags matching again.
+    pub fn bootstrap(
+        &mut self,
+        members: Vec<MemberRecord>,
+        cluster_id: u64,
+    ) -> Result<Recovered, DurableError> {
+        let snapshot = bootstrap_snapshot(members, cluster_id);
+        self.save_snapshot(&snapshot)?;
+        Ok(Recovered {
+            snapshot,
+            hard_state: None,
+            entries: Vec::new(),
+        })
+    }
+
+    /// Makes a Ready's `persist` durable, with one fsync for entries and hard state.
+    pub fn persist(&mut self, persist: &Persist) -> Result<(), DurableError> {
+        if let Some(snapshot) = &persist.snapshot {
+            self.save_snapshot(snapshot)?;
+        }
+        if persist.entries.is_empty() && persist.hard_state.is_none() {
+            return Ok(());
+        }
+        let entries: Vec<LogEntry> = persist.entries.iter().map(encode_entry).collect();
+        let hard_state = persist.hard_state.as_ref().map(|hard_state| HardState {
+            term: hard_state.term,
+            vote: hard_state.vote,
+            commit: hard_state.commit,
+        });
+        self.wal.append(&entries, hard_state)?;
+        Ok(())
+    }
+
+    /// Saves a snapshot of our own state machine and releases the log behind it.
+    pub fn save_own_snapshot(&mut self, own: &OwnSnapshot) -> Result<(), DurableError> {
+        self.save_snapshot(&own.snapshot)?;
+        self.wal.release_before(own.compact_index)?;
+        Ok(())
+    }
+
+    fn save_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), DurableError> {
+        let metadata = snapshot.get_metadata();
+        let metadata_bytes = metadata
+            .write_to_bytes()
+            .expect("encoding snapshot metadata cannot fail");
+        self.snapshots.save(
+            metadata.index,
+            metadata.term,
+            &metadata_bytes,
+            &snapshot.data,
+        )?;
+        self.wal
+            .save_snapshot_marker(metadata.index, metadata.term)?;
+        Ok(())
+    }
+
+    /// The log's counters (fsyncs, bytes), for metrics and tests.
+    pub fn wal_stats(&self) -> keel_storage::WalStats {
+        self.wal.stats()
+    }
+}
+
+/// A raft entry as a log record: the whole entry, protobuf-encoded, with its
+/// index and term visible to the log for overwrite handling.
+pub fn encode_entry(entry: &Entry) -> LogEntry {
+    LogEntry {
+        index: entry.index,
+        term: entry.term,
+        payload: entry
+            .write_to_bytes()
+            .expect("encoding a raft entry cannot fail"),
+    }
+}
+
+/// The inverse of [`encode_entry`]. A record that passed its checksum but does
+/// not decode, or disagrees with its own header, is reported with its index.
+pub fn decode_entry(record: &LogEntry) -> Result<Entry, String> {
+    let entry = Entry::parse_from_bytes(&record.payload)
+        .map_err(|error| format!("log entry {} does not decode: {error}", record.index))?;
+    if entry.index != record.index || entry.term != record.term {
+        return Err(format!(
+            "log record at index {} term {} holds entry {} term {}",
+            record.index, record.term, entry.index, entry.term
+        ));
+    }
+    Ok(entry)
+}
+
+fn to_raft_hard_state(hard_state: HardState) -> RaftHardState {
+    RaftHardState {
+        term: hard_state.term,
+        vote: hard_state.vote,
+        commit: hard_state.commit,
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keel_storage::SimDisk;
+
+    fn member(id: u64) -> MemberRecord {
+        MemberRecord {
+            id,
+            name: format!("m{id}"),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn fresh_disk_has_nothing_and_bootstrap_is_recovered() {
+        let disk = SimDisk::new();
+        let (mut durable, recovered) = DurableState::open(disk.clone()).unwrap();
+        assert!(recovered.is_none());
+        durable.bootstrap(vec![member(1), member(2)], 7).unwrap();
+        drop(durable);
+        let (_, recovered) = DurableState::open(disk).unwrap();
+        let recovered = recovered.expect("bootstrap snapshot recovered");
+        assert_eq!(recovered.snapshot.get_metadata().index, 0);
+        assert_eq!(
+            recovered.snapshot.get_metadata().get_conf_state().voters,
+            vec![1, 2]
+        );
+    }
+
+    #[test]
+    fn entries_and_hard_state_round_trip_and_snapshot_cuts_the_log() {
+        let disk = SimDisk::new();
+        let (mut durable, _) = DurableState::open(disk.clone()).unwrap();
+        durable.bootstrap(vec![member(1)], 7).unwrap();
+        let entries: Vec<Entry> = (1..=10)
+            .map(|index| Entry {
+                index,
+                term: 1,
+                data: vec![index as u8].into(),
+                ..Default::default()
+            })
+            .collect();
+        durable
+            .persist(&Persist {
+                snapshot: None,
+                entries,
+                hard_state: Some(RaftHardState {
+                    term: 1,
+                    vote: 1,
+                    commit: 10,
+                    ..Default::default()
+                }),
+            })
+            .unwrap();
+        let mut snapshot = Snapshot::default();
+        snapshot.mut_metadata().index = 6;
+        snapshot.mut_metadata().term = 1;
+        snapshot.data = bootstrap_snapshot(vec![member(1)], 7).data;
+        durable
+            .save_own_snapshot(&OwnSnapshot {
+                snapshot,
+                compact_index: 4,
+            })
+            .unwrap();
+        drop(durable);
+        let (_, recovered) = DurableState::open(disk).unwrap();
+        let recovered = recovered.unwrap();
+        assert_eq!(recovered.snapshot.get_metadata().index, 6);
+        let indexes: Vec<u64> = recovered.entries.iter().map(|entry| entry.index).collect();
+        assert_eq!(indexes, vec![7, 8, 9, 10]);
+        assert_eq!(recovered.entries[0].data.as_ref(), &[7]);
+        assert_eq!(recovered.hard_state.unwrap().commit, 10);
+    }
+}
