@@ -47,6 +47,10 @@ pub struct ServerArguments {
     /// Number of applied entries between snapshots.
     #[arg(long, default_value_t = 100_000)]
     snapshot_count: u64,
+    /// Entries kept behind a snapshot for slow followers to catch up from the
+    /// log (etcd's flag of the same name).
+    #[arg(long, default_value_t = 5_000)]
+    experimental_snapshot_catchup_entries: u64,
     /// Largest client request in bytes.
     #[arg(long, default_value_t = 1_572_864)]
     max_request_bytes: usize,
@@ -118,6 +122,7 @@ impl ServerArguments {
         config.heartbeat_interval = Duration::from_millis(self.heartbeat_interval);
         config.election_timeout = Duration::from_millis(self.election_timeout);
         config.snapshot_count = self.snapshot_count;
+        config.snapshot_catch_up_entries = self.experimental_snapshot_catchup_entries;
         config.request_bytes_max = self.max_request_bytes;
         config.txn_operations_max = self.max_txn_ops;
         config.validate()?;

@@ -125,6 +125,10 @@ fn etcdctl_sees_what_it_sees_on_etcd() {
 
     let txn_script = "value(\"zoo\") = \"val\"\n\nput zoo new\n\nput zoo old\n\n";
     let failing_txn_script = "value(\"zoo\") = \"nope\"\n\nput zoo never\n\nget zoo\n\n";
+    // Limits: etcd's defaults are 1.5 MiB per request and 128 operations per txn.
+    let big_value = "x".repeat(1_600_000);
+    let many_puts: String = (0..129).map(|i| format!("put many{i} v\n")).collect();
+    let too_many_ops_script = format!("\n{many_puts}\n\n");
     let steps: Vec<(Vec<&str>, Option<&str>)> = vec![
         (vec!["put", "foo", "bar"], None),
         (vec!["put", "foo1", "bar1"], None),
@@ -168,6 +172,13 @@ fn etcdctl_sees_what_it_sees_on_etcd() {
         (vec!["compaction", "2"], None),
         (vec!["get", "zoo", "--rev", "3"], None),
         (vec!["get", "--prefix", "", "-w", "json"], None),
+        (vec!["put", "big"], Some(big_value.as_str())),
+        (vec!["txn"], Some(too_many_ops_script.as_str())),
+        (vec!["put", "", "empty-key"], None),
+        (
+            vec!["get", "--prefix", "", "--rev", "0", "-w", "json"],
+            None,
+        ),
     ];
     for (arguments, input) in &steps {
         let (keel_code, keel_out, keel_err) = run(&keel_endpoints, arguments, *input);

@@ -194,6 +194,19 @@ fn leader_killed_mid_stream_loses_no_acknowledged_write() {
             }
         }
     }
+    let revision = reference
+        .as_ref()
+        .and_then(|response| response.header.as_ref())
+        .map(|header| header.revision)
+        .expect("a revision");
+    let hash = cluster.hash_kv(0, revision);
+    for index in 1..3 {
+        assert_eq!(
+            cluster.hash_kv(index, revision),
+            hash,
+            "member {index}'s key-value hash differs"
+        );
+    }
     eprintln!(
         "kill -9 of the leader: new leader after {:?}, first write issued after the kill acknowledged after {:?}",
         election_time,

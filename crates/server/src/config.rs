@@ -48,6 +48,9 @@ pub struct ServerConfig {
     pub election_timeout: Duration,
     /// Applied entries between snapshots (`--snapshot-count`).
     pub snapshot_count: u64,
+    /// Entries kept behind a snapshot for slow followers
+    /// (`--experimental-snapshot-catchup-entries`).
+    pub snapshot_catch_up_entries: u64,
     /// Largest client request in bytes (`--max-request-bytes`).
     pub request_bytes_max: usize,
     /// Operations per transaction (`--max-txn-ops`).
@@ -78,6 +81,7 @@ impl ServerConfig {
             heartbeat_interval: Duration::from_millis(100),
             election_timeout: Duration::from_millis(1000),
             snapshot_count: 100_000,
+            snapshot_catch_up_entries: 5_000,
             request_bytes_max: 1536 * 1024,
             txn_operations_max: 128,
             input_queue_max: 65_536,

@@ -119,6 +119,7 @@ impl Server {
         node_config.election_ticks = config.election_ticks();
         node_config.heartbeat_ticks = 1;
         node_config.snapshot_entries_interval = config.snapshot_count;
+        node_config.snapshot_catch_up_entries = config.snapshot_catch_up_entries;
         node_config.request_bytes_max = config.request_bytes_max;
         node_config.txn_operations_max = config.txn_operations_max;
         node_config.random_seed = rand::random();

@@ -277,6 +277,21 @@ impl Cluster {
         })
     }
 
+    /// HashKV of member `index` at `revision`: (hash, compact revision).
+    pub fn hash_kv(&self, index: usize, revision: i64) -> (u32, i64) {
+        let url = self.members[index].url();
+        block_on(async move {
+            let channel = connect(&url).await.expect("connect");
+            let mut client = MaintenanceClient::new(channel);
+            let response = client
+                .hash_kv(keel_types::etcdserverpb::HashKvRequest { revision })
+                .await
+                .expect("hashkv")
+                .into_inner();
+            (response.hash, response.compact_revision)
+        })
+    }
+
     /// Runs etcdctl against this cluster and returns its stdout; panics on failure.
     pub fn etcdctl(&self, arguments: &[&str]) -> String {
         etcdctl(&self.endpoints(), arguments)

@@ -1,0 +1,1 @@
+//! Deterministic simulation of keel clusters (being written).
