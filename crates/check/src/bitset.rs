@@ -63,6 +63,11 @@ impl Bitset {
         }
     }
 
+    /// The bytes the set takes, inline and on the heap.
+    pub(crate) fn bytes(&self) -> usize {
+        std::mem::size_of::<Bitset>() + self.words.len() * std::mem::size_of::<u64>()
+    }
+
     pub(crate) fn contains(&self, position: usize) -> bool {
         self.words[position / 64] & (1 << (position % 64)) != 0
     }
@@ -74,6 +79,13 @@ impl Bitset {
 pub(crate) struct CompactBitset {
     full_words: usize,
     words: Box<[u64]>,
+}
+
+impl CompactBitset {
+    /// The bytes the set holds on the heap.
+    pub(crate) fn heap_bytes(&self) -> usize {
+        self.words.len() * std::mem::size_of::<u64>()
+    }
 }
 
 #[cfg(test)]

@@ -12,7 +12,27 @@
 //! - [`check_serializable_reads`]: did every serializable read return a value somebody wrote?
 //!
 //! [`check_history`] asks all three. Which key-value model to search with is explained in
-//! [`key_value`]: per key for big histories, global for small ones.
+//! [`key_value`]: per key for big histories, global for small ones. The `keel-check` binary
+//! asks them of a history dumped as JSON ([`History::write_json`]).
+//!
+//! ```
+//! use std::time::Duration;
+//! use keel_check::{check, CheckResult, HistoryRecorder, Input, Output};
+//!
+//! let mut recorder = HistoryRecorder::new(1_000);
+//! let put = Input::Put { key: "k".into(), value: "v".into() };
+//! let call = recorder.record_call(1, 10, put)?;
+//! recorder.record_return(call, 20, Output::Put { revision: 2 });
+//! let get = Input::Get { key: "k".into(), serializable: false };
+//! let call = recorder.record_call(2, 30, get)?;
+//! let value = Some("v".into());
+//! recorder.record_return(call, 40, Output::Get { value, mod_revision: 2, revision: 2 });
+//! // A request that never gets an answer is left pending: its outcome is unknown.
+//! let _lost = recorder.record_call(3, 50, Input::Delete { key: "k".into() })?;
+//! let history = recorder.finish();
+//! assert_eq!(check(&history.operations, Duration::from_secs(1))?, CheckResult::Ok);
+//! # Ok::<(), keel_check::HistoryError>(())
+//! ```
 //!
 //! Architecture invariant: this crate depends on no other keel crate, so that histories from
 //! real etcd-protocol clients and from the simulator are checked by the same code, and the

@@ -15,6 +15,23 @@
 //! unknown operation is linearized only when some later answer needs its effect. This is the
 //! "may have happened, at any time after its call, or never" of a timed-out request.
 //!
+//! Unknown operations stay candidates for the rest of the history, and with Porcupine's plain
+//! search every subset of them is a new cache key: a few dozen timeouts on one key make an
+//! illegal verdict unreachable. Three additions keep them cheap, each sound on its own:
+//!
+//! - the model may [`prepare`](Model::prepare) a part, giving an unknown operation a return
+//!   time when an answer proves it took effect, or erasing what no step can observe;
+//! - identical unknown operations (equal input and output) are interchangeable twins, and
+//!   only the last-called pending twin is ever tried (see `Search::last_pending_twin`);
+//! - the cache keeps, per (known operations linearized, state), the sets of unknown
+//!   operations linearized, and skips a configuration whose set includes one already
+//!   explored, which can do no more (see `MemoisationCache`).
+//!
+//! The search tries every known candidate before any unknown one, so an unknown operation is
+//! linearized only when the known ones cannot go on without it. Searching stays exponential in
+//! the worst case (deciding linearizability is NP-complete, Gibbons and Korach 1997), hence the
+//! time and memory limits.
+//!
 //! At equal times a call sorts before a return, so an operation returning at `t` and another
 //! called at `t` count as concurrent: clocks have finite resolution and a checker must not
 //! invent a real-time order the clock could not observe.
@@ -23,6 +40,7 @@
 //! only queried (never iterated), and the clock is read only to stop at the deadline.
 
 use std::collections::hash_map::DefaultHasher;
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hash};
@@ -32,9 +50,9 @@ use crate::bitset::{Bitset, CompactBitset};
 use crate::history::{validate_times, HistoryError, Operation, OPERATIONS_MAX_DEFAULT};
 use crate::model::Model;
 
-/// The default bound on memoisation cache entries per part: about a gigabyte for per-key
-/// key-value states, the most a test machine should give one check.
-pub const CACHE_ENTRIES_MAX_DEFAULT: usize = 4_000_000;
+/// The default bound on the memoisation cache of one part, in (estimated) bytes: the most a
+/// test machine should give one check.
+pub const CACHE_BYTES_MAX_DEFAULT: usize = 1 << 30;
 
 /// The default time limit of a check.
 pub const TIMEOUT_DEFAULT: Duration = Duration::from_secs(60);
@@ -54,9 +72,9 @@ pub struct CheckOptions {
     pub timeout: Duration,
     /// Histories with more operations are refused with [`HistoryError::TooManyOperations`].
     pub operations_max: usize,
-    /// A part whose memoisation cache would grow past this many entries is left undecided
-    /// ([`UnknownReason::CacheFull`]).
-    pub cache_entries_max: usize,
+    /// A part whose memoisation cache would grow past this many bytes (as estimated with
+    /// [`Model::state_bytes`]) is left undecided ([`UnknownReason::CacheFull`]).
+    pub cache_bytes_max: usize,
 }
 
 impl Default for CheckOptions {
@@ -64,7 +82,7 @@ impl Default for CheckOptions {
         CheckOptions {
             timeout: TIMEOUT_DEFAULT,
             operations_max: OPERATIONS_MAX_DEFAULT,
-            cache_entries_max: CACHE_ENTRIES_MAX_DEFAULT,
+            cache_bytes_max: CACHE_BYTES_MAX_DEFAULT,
         }
     }
 }
@@ -117,10 +135,10 @@ impl fmt::Display for CheckResult {
 pub enum UnknownReason {
     /// The time limit expired.
     Timeout,
-    /// A part's memoisation cache reached `cache_entries_max`.
+    /// A part's memoisation cache reached `cache_bytes_max`.
     CacheFull {
         /// The limit that was reached.
-        cache_entries_max: usize,
+        cache_bytes_max: usize,
     },
 }
 
@@ -128,9 +146,9 @@ impl fmt::Display for UnknownReason {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             UnknownReason::Timeout => formatter.write_str("the time limit expired"),
-            UnknownReason::CacheFull { cache_entries_max } => write!(
+            UnknownReason::CacheFull { cache_bytes_max } => write!(
                 formatter,
-                "the memoisation cache reached cache_entries_max ({cache_entries_max} entries)"
+                "the memoisation cache reached cache_bytes_max ({cache_bytes_max} bytes)"
             ),
         }
     }
@@ -183,13 +201,21 @@ pub struct Explanation {
 
 impl fmt::Display for Explanation {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
-            formatter,
-            "not linearizable: a part of {} operations (the smallest failing of {} parts) has no \
-             valid order",
-            self.operations.len(),
-            self.partition_count
-        )?;
+        if self.partition_count == 1 {
+            writeln!(
+                formatter,
+                "not linearizable: no valid order of its {} searched operations",
+                self.operations.len()
+            )?;
+        } else {
+            writeln!(
+                formatter,
+                "not linearizable: no valid order of a part of {} operations, the smallest \
+                 failing of {} parts",
+                self.operations.len(),
+                self.partition_count
+            )?;
+        }
         writeln!(formatter, "operations, by call time:")?;
         for operation in self.operations.iter().take(EXPLANATION_OPERATIONS_MAX) {
             writeln!(formatter, "  {operation}")?;
@@ -225,8 +251,8 @@ impl fmt::Display for Explanation {
                 .map_or_else(|| format!("#{index}"), |operation| operation.to_string());
             write!(
                 formatter,
-                "then {operation} must take effect before it returns, but no remaining \
-                 operation can be linearized next"
+                "then {operation} had to take effect before it returned, but neither it nor any \
+                 other candidate could be linearized next"
             )?;
         }
         Ok(())
@@ -374,7 +400,7 @@ struct Search<'a, M: Model> {
     class_of_unknown: Vec<usize>,
     /// The members of each class, by call time.
     classes: Vec<Vec<usize>>,
-    cache_entries_max: usize,
+    cache_bytes_max: usize,
     deadline: Option<Instant>,
 }
 
@@ -485,7 +511,7 @@ impl<'a, M: Model> Search<'a, M> {
             call_events,
             class_of_unknown,
             classes,
-            cache_entries_max: options.cache_entries_max,
+            cache_bytes_max: options.cache_bytes_max,
             deadline,
         }
     }
@@ -564,17 +590,9 @@ impl<'a, M: Model> Search<'a, M> {
             known: Bitset::new(self.known_count),
             unknown: Bitset::new(self.prepared.len() - self.known_count),
         };
-        let mut cache = MemoisationCache::<M::State>::new(self.cache_entries_max);
+        let mut cache = MemoisationCache::<M::State>::new(self.cache_bytes_max);
         let mut undo: Vec<Undo<M::State>> = Vec::new();
-        let mut longest_prefix: Vec<usize> = Vec::new();
-        // How many leading entries of the undo stack are known to equal `longest_prefix`, so
-        // that extending it copies only what changed (copying it whole would be quadratic).
-        let mut prefix_shared = 0;
-        let mut state_after_prefix = state.clone();
-        // Whether the current order is the longest one found, undisturbed by backtracking: a
-        // dead end reached then names the operation that blocked it.
-        let mut at_longest = true;
-        let mut blocking_operation = None;
+        let mut longest = LongestPrefix::new(state.clone());
         let mut steps: u64 = 0;
         let mut cursor = Cursor::Event(self.events[HEAD].next);
         let mut pass_end = NONE;
@@ -614,66 +632,46 @@ impl<'a, M: Model> Search<'a, M> {
             if let Some(call_event) = candidate {
                 let operation = self.events[call_event].operation;
                 let recorded = &self.prepared[operation];
-                let next_state = self.model.step(&state, &recorded.input, &recorded.output);
-                let visit = match next_state {
-                    None => Visit::Dominated,
-                    Some(ref next_state) => {
-                        linearized.insert(operation, self.known_count);
-                        let visit = cache.visit(&linearized, next_state);
-                        if !matches!(visit, Visit::New) {
-                            linearized.remove(operation, self.known_count);
-                        }
-                        visit
-                    }
+                let Some(next_state) = self.model.step(&state, &recorded.input, &recorded.output)
+                else {
+                    cursor = self.cursor_after(operation);
+                    continue;
                 };
-                match (visit, next_state) {
-                    (Visit::New, Some(next_state)) => {
-                        undo.push(Undo {
-                            call_event,
-                            state: std::mem::replace(&mut state, next_state),
-                            pass_end,
-                        });
-                        if !self.is_unknown(operation) {
-                            known_remaining -= 1;
-                        }
-                        self.lift(call_event);
-                        if undo.len() > longest_prefix.len() {
-                            longest_prefix.truncate(prefix_shared);
-                            longest_prefix.extend(
-                                undo[prefix_shared..]
-                                    .iter()
-                                    .map(|linearized| self.events[linearized.call_event].operation),
-                            );
-                            prefix_shared = undo.len();
-                            state_after_prefix = state.clone();
-                            at_longest = true;
-                            blocking_operation = None;
-                        }
-                        cursor = Cursor::Event(self.events[HEAD].next);
+                linearized.insert(operation, self.known_count);
+                let state_bytes = self.model.state_bytes(&next_state);
+                match cache.visit(&linearized, &next_state, state_bytes) {
+                    Visit::New => {}
+                    Visit::Dominated => {
+                        linearized.remove(operation, self.known_count);
+                        cursor = self.cursor_after(operation);
+                        continue;
                     }
-                    (Visit::Full, _) => {
+                    Visit::Full => {
                         return SearchOutcome::Unknown(UnknownReason::CacheFull {
-                            cache_entries_max: self.cache_entries_max,
+                            cache_bytes_max: self.cache_bytes_max,
                         })
                     }
-                    _ => cursor = self.cursor_after(operation),
                 }
+                undo.push(Undo {
+                    call_event,
+                    state: std::mem::replace(&mut state, next_state),
+                    pass_end,
+                });
+                if !self.is_unknown(operation) {
+                    known_remaining -= 1;
+                }
+                self.lift(call_event);
+                longest.linearized(&undo, &self.events, &state);
+                cursor = Cursor::Event(self.events[HEAD].next);
                 continue;
             }
 
             // A dead end: no candidate leads anywhere from here.
-            if at_longest {
-                blocking_operation.get_or_insert(self.events[pass_end].operation);
-            }
+            longest.dead_end(self.events[pass_end].operation);
             let Some(last) = undo.pop() else {
-                return SearchOutcome::Illegal(self.explain(
-                    &longest_prefix,
-                    &state_after_prefix,
-                    blocking_operation,
-                ));
+                return SearchOutcome::Illegal(self.explain(&longest));
             };
-            at_longest = false;
-            prefix_shared = prefix_shared.min(undo.len());
+            longest.undone(undo.len());
             let undone = self.events[last.call_event].operation;
             state = last.state;
             linearized.remove(undone, self.known_count);
@@ -703,12 +701,7 @@ impl<'a, M: Model> Search<'a, M> {
             .is_some_and(|deadline| Instant::now() >= deadline)
     }
 
-    fn explain(
-        &self,
-        longest_prefix: &[usize],
-        state_after_prefix: &M::State,
-        blocking_operation: Option<usize>,
-    ) -> Explanation {
+    fn explain(&self, longest: &LongestPrefix<M::State>) -> Explanation {
         let mut operations: Vec<ExplainedOperation> = self
             .indices
             .iter()
@@ -729,13 +722,73 @@ impl<'a, M: Model> Search<'a, M> {
         Explanation {
             partition_count: 1,
             operations,
-            longest_prefix: longest_prefix
+            longest_prefix: longest
+                .operations
                 .iter()
                 .map(|operation| self.indices[*operation])
                 .collect(),
-            state_after_prefix: self.model.describe_state(state_after_prefix),
-            blocking_operation: blocking_operation.map(|operation| self.indices[operation]),
+            state_after_prefix: self.model.describe_state(&longest.state),
+            blocking_operation: longest
+                .blocking_operation
+                .map(|operation| self.indices[operation]),
         }
+    }
+}
+
+/// The longest order the search has linearized, for the explanation.
+struct LongestPrefix<State> {
+    /// The operations, in order.
+    operations: Vec<usize>,
+    /// How many leading entries of the undo stack are known to equal `operations`, so that
+    /// extending it copies only what changed (copying it whole would be quadratic).
+    shared: usize,
+    /// The state after it.
+    state: State,
+    /// Whether the search is still at the end of that order, not having backtracked since: a
+    /// dead end reached then names the operation that blocked it.
+    at_end: bool,
+    blocking_operation: Option<usize>,
+}
+
+impl<State: Clone> LongestPrefix<State> {
+    fn new(state: State) -> Self {
+        LongestPrefix {
+            operations: Vec::new(),
+            shared: 0,
+            state,
+            at_end: true,
+            blocking_operation: None,
+        }
+    }
+
+    /// Called after each operation is linearized.
+    fn linearized(&mut self, undo: &[Undo<State>], events: &[Event], state: &State) {
+        if undo.len() <= self.operations.len() {
+            return;
+        }
+        self.operations.truncate(self.shared);
+        self.operations.extend(
+            undo[self.shared..]
+                .iter()
+                .map(|linearized| events[linearized.call_event].operation),
+        );
+        self.shared = undo.len();
+        self.state = state.clone();
+        self.at_end = true;
+        self.blocking_operation = None;
+    }
+
+    /// Called at each dead end, with the operation whose return ended the candidates.
+    fn dead_end(&mut self, blocking_operation: usize) {
+        if self.at_end {
+            self.blocking_operation.get_or_insert(blocking_operation);
+        }
+    }
+
+    /// Called after an operation is undone, with the depth left.
+    fn undone(&mut self, depth: usize) {
+        self.at_end = false;
+        self.shared = self.shared.min(depth);
     }
 }
 
@@ -769,7 +822,7 @@ enum Visit {
     New,
     /// A configuration at least as promising was explored (or is being explored): skip it.
     Dominated,
-    /// The cache is at `cache_entries_max`.
+    /// The cache is at `cache_bytes_max`.
     Full,
 }
 
@@ -779,34 +832,43 @@ enum Visit {
 /// Two configurations with the same known set and state, whose unknown sets are `S1 ⊆ S2`:
 /// the first can do everything the second can, because unknown operations impose no return
 /// deadline and need never take effect, so it can follow the second's continuation and simply
-/// leave `S2 \ S1` out. Having explored the first, the search skips the second. Without this,
-/// every subset of the unknown operations called so far is a distinct key, and a history with
-/// a few dozen timed-out writes to one key makes an illegal verdict unreachable. With no
-/// unknown operations the sets are all empty and this is exactly Lowe's cache.
+/// leave `S2 \ S1` out. Having explored the first, or while still exploring it (an ancestor
+/// reaches the second only through unknown operations, and finds any continuation of the
+/// second without them), the search skips the second. With no unknown operations the sets are
+/// all empty and this is exactly Lowe's cache.
 struct MemoisationCache<State> {
     map: Cache<State>,
-    /// Unknown sets stored over all keys, bounded by `entries_max`.
-    entry_count: usize,
-    entries_max: usize,
+    /// Estimated bytes held, bounded by `bytes_max`.
+    bytes: usize,
+    bytes_max: usize,
 }
 
 impl<State: Clone + Eq + Hash> MemoisationCache<State> {
-    fn new(entries_max: usize) -> Self {
+    fn new(bytes_max: usize) -> Self {
         MemoisationCache {
             map: Cache::default(),
-            entry_count: 0,
-            entries_max,
+            bytes: 0,
+            bytes_max,
         }
     }
 
-    fn visit(&mut self, linearized: &Linearized, state: &State) -> Visit {
-        if self.entry_count >= self.entries_max {
+    fn visit(&mut self, linearized: &Linearized, state: &State, state_bytes: usize) -> Visit {
+        if self.bytes >= self.bytes_max {
             return Visit::Full;
         }
-        let unknown_sets = self
-            .map
-            .entry((linearized.known.compact(), state.clone()))
-            .or_default();
+        let known = linearized.known.compact();
+        let unknown_sets = match self.map.entry((known, state.clone())) {
+            Entry::Vacant(vacant) => {
+                // The entry itself (key, state and list) plus what its parts hold on the heap.
+                self.bytes += std::mem::size_of::<((CompactBitset, State), Vec<Bitset>)>()
+                    + vacant.key().0.heap_bytes()
+                    + state_bytes.saturating_sub(std::mem::size_of::<State>())
+                    + linearized.unknown.bytes();
+                vacant.insert(vec![linearized.unknown.clone()]);
+                return Visit::New;
+            }
+            Entry::Occupied(occupied) => occupied.into_mut(),
+        };
         if unknown_sets
             .iter()
             .any(|explored| explored.is_subset(&linearized.unknown))
@@ -819,7 +881,8 @@ impl<State: Clone + Eq + Hash> MemoisationCache<State> {
         unknown_sets.retain(|explored| !linearized.unknown.is_subset(explored));
         let removed = before - unknown_sets.len();
         unknown_sets.push(linearized.unknown.clone());
-        self.entry_count = self.entry_count + 1 - removed;
+        self.bytes = (self.bytes + linearized.unknown.bytes())
+            .saturating_sub(removed * linearized.unknown.bytes());
         Visit::New
     }
 }
@@ -917,14 +980,12 @@ mod tests {
             operation(20, Some(30), None, 1),
         ];
         let options = CheckOptions {
-            cache_entries_max: 1,
+            cache_bytes_max: 1,
             ..CheckOptions::default()
         };
         assert_eq!(
             check_model(&Register, &history, &options).unwrap(),
-            CheckResult::Unknown(UnknownReason::CacheFull {
-                cache_entries_max: 1
-            })
+            CheckResult::Unknown(UnknownReason::CacheFull { cache_bytes_max: 1 })
         );
     }
 

@@ -65,6 +65,14 @@ pub trait Model {
 
     /// A one-line description of a state, for explanations.
     fn describe_state(&self, state: &Self::State) -> String;
+
+    /// An estimate of the bytes one copy of `state` takes, inline and on the heap but not
+    /// counting what copies share, for the memoisation cache's memory limit. The default
+    /// counts only the inline size, which is right for states without heap data.
+    fn state_bytes(&self, state: &Self::State) -> usize {
+        let _ = state;
+        std::mem::size_of::<Self::State>()
+    }
 }
 
 /// A sequential specification in which an operation may lead to several states, for example
@@ -107,6 +115,12 @@ pub trait NondeterministicModel {
 
     /// See [`Model::describe_state`].
     fn describe_state(&self, state: &Self::State) -> String;
+
+    /// See [`Model::state_bytes`].
+    fn state_bytes(&self, state: &Self::State) -> usize {
+        let _ = state;
+        std::mem::size_of::<Self::State>()
+    }
 }
 
 /// A [`NondeterministicModel`] seen as a deterministic [`Model`] whose state is the set of
@@ -165,5 +179,14 @@ impl<N: NondeterministicModel> Model for PowersetModel<N> {
             .map(|state| self.0.describe_state(state))
             .collect();
         format!("one of {{{}}}", descriptions.join(" | "))
+    }
+
+    /// Each state, plus about three words of B-tree node per state.
+    fn state_bytes(&self, states: &Self::State) -> usize {
+        std::mem::size_of::<Self::State>()
+            + states
+                .iter()
+                .map(|state| self.0.state_bytes(state) + 3 * std::mem::size_of::<usize>())
+                .sum::<usize>()
     }
 }

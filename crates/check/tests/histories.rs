@@ -210,6 +210,14 @@ fn smallest_failing_partition_is_explained() {
     ];
     let explanation = assert_illegal(&history);
     assert_eq!(explanation.partition_count, 3);
+    let text = explanation.to_string();
+    assert!(
+        text.starts_with(
+            "not linearizable: no valid order of a part of 2 operations, \
+             the smallest failing of 3 parts"
+        ),
+        "{text}"
+    );
     let indices: Vec<usize> = explanation
         .operations
         .iter()

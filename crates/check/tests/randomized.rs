@@ -92,7 +92,13 @@ impl Store {
     }
 }
 
-fn generate(random: &mut StdRng, operation_count_max: usize) -> Vec<Operation> {
+/// Generates a history of up to `operation_count_max` operations; values are unique unless a
+/// `value_pool` size is given, in which case they repeat.
+fn generate(
+    random: &mut StdRng,
+    operation_count_max: usize,
+    value_pool: Option<u64>,
+) -> Vec<Operation> {
     let operation_count = random.gen_range(operation_count_max / 4..=operation_count_max);
     let mut store = Store::new();
     // Every state the store went through, for serializable reads to observe.
@@ -103,7 +109,10 @@ fn generate(random: &mut StdRng, operation_count_max: usize) -> Vec<Operation> {
         let call_time = point - random.gen_range(0..=35);
         let return_time = point + random.gen_range(0..=35);
         let key = Bytes::from(KEYS[random.gen_range(0..KEYS.len())]);
-        let value = Bytes::from(format!("v{number}"));
+        let value = match value_pool {
+            Some(pool) => Bytes::from(format!("v{}", random.gen_range(0..pool))),
+            None => Bytes::from(format!("v{number}")),
+        };
         let input = match random.gen_range(0..10) {
             0..=2 => Input::Put { key, value },
             3..=5 => Input::Get {
@@ -215,9 +224,11 @@ fn corrupt(history: &mut [Operation], random: &mut StdRng) -> Option<Corruption>
             continue;
         }
         let overwritten = history.iter().any(|new| {
-            matches!((&new.input, &new.output), (Input::Put { key: new_key, .. }, Output::Put { .. }) if *new_key == key)
-                && precedes(old, new)
-                && precedes(new, &history[read])
+            let is_answered_put = matches!(
+                (&new.input, &new.output),
+                (Input::Put { key: new_key, .. }, Output::Put { .. }) if *new_key == key
+            );
+            is_answered_put && precedes(old, new) && precedes(new, &history[read])
         });
         if overwritten {
             stale_candidates.push((old_index, old_value.clone()));
@@ -300,7 +311,7 @@ fn histories_of_a_sequential_store_are_linearizable_and_corruptions_are_caught()
     let mut corruptions: BTreeMap<Corruption, usize> = BTreeMap::new();
     let mut unknown_outcomes = 0;
     for number in 0..HISTORY_COUNT {
-        let mut history = generate(&mut random, 32);
+        let mut history = generate(&mut random, 32, None);
         unknown_outcomes += history
             .iter()
             .filter(|operation| operation.return_time.is_none())
@@ -357,7 +368,7 @@ fn big_history_is_checked_quickly_per_key() {
     let mut history = Vec::new();
     // Concatenate generated histories on distinct keys and disjoint times, like a long run.
     for segment in 0..100u64 {
-        for mut operation in generate(&mut random, 32) {
+        for mut operation in generate(&mut random, 32, None) {
             let offset = segment * 1_000;
             operation.call_time += offset;
             operation.return_time = operation.return_time.map(|time| time + offset);
@@ -472,7 +483,8 @@ fn search_agrees_with_brute_force_on_small_mutated_histories() {
     let options = CheckOptions::with_timeout(TIMEOUT);
     let mut illegal_count = 0;
     for number in 0..300 {
-        let mut history: Vec<Operation> = generate(&mut random, 7)
+        let value_pool = random.gen_bool(0.5).then_some(3);
+        let mut history: Vec<Operation> = generate(&mut random, 7, value_pool)
             .into_iter()
             .filter(|operation| !operation.input.is_serializable_read())
             .collect();
@@ -537,7 +549,7 @@ fn models_scale_to_big_histories() {
         let verdict =
             check_model(&model, &corrupted, &CheckOptions::with_timeout(TIMEOUT)).unwrap();
         eprintln!(
-            "{operation_count} operations with a made-up read at #{read}, {model:?}: illegal {} in              {:?}",
+            "{operation_count} operations, made-up read #{read}, {model:?}: illegal {} in {:?}",
             verdict.is_illegal(),
             started.elapsed()
         );

@@ -114,9 +114,14 @@ pub async fn run(arguments: DevArguments) -> anyhow::Result<()> {
         arguments.data_dir.display()
     );
 
+    // SIGTERM too (a supervisor or `kill` stopping us): otherwise the members
+    // would outlive this process, holding their ports.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
     let mut exited = None;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
         status = wait_any(&mut members) => exited = Some(status),
     }
     if let Some((name, status)) = exited {

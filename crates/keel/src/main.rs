@@ -1,7 +1,8 @@
 //! The `keel` command: `keel server` runs one member (with etcd's flag names),
 //! `keel dev` runs a local three-member cluster, and `keel kv …` is a small
-//! etcd-protocol client for the basics.
+//! etcd-protocol client for the basics; `keel bench` measures a cluster.
 
+mod bench;
 mod dev;
 mod kv;
 mod server_command;
@@ -24,6 +25,8 @@ enum Command {
     Dev(dev::DevArguments),
     /// Read and write keys.
     Kv(kv::KvArguments),
+    /// Measure throughput and latency of an etcd-protocol cluster (keel or etcd).
+    Bench(bench::BenchArguments),
 }
 
 fn main() -> std::process::ExitCode {
@@ -43,6 +46,7 @@ fn main() -> std::process::ExitCode {
             Command::Server(arguments) => server_command::run(*arguments).await,
             Command::Dev(arguments) => dev::run(arguments).await,
             Command::Kv(arguments) => kv::run(arguments).await,
+            Command::Bench(arguments) => bench::run(arguments).await,
         }
     });
     match result {

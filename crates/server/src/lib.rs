@@ -197,7 +197,10 @@ impl Server {
                 .local_addr()
                 .map_err(|source| ServerError::Listen { address, source })?;
             client_addresses.push(bound);
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            // Nagle's algorithm would hold a response's second HTTP/2 frame
+            // until the client's delayed ACK (40 ms): measured reads took 44 ms.
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
             let decoding_limit = config.request_bytes_max + GRPC_OVERHEAD_BYTES;
             let router = tonic::transport::Server::builder()
                 .tcp_nodelay(true)
