@@ -6,6 +6,7 @@ mod bench;
 mod dev;
 mod kv;
 mod server_command;
+mod watch;
 
 use clap::{Parser, Subcommand};
 
@@ -25,6 +26,8 @@ enum Command {
     Dev(dev::DevArguments),
     /// Read and write keys.
     Kv(kv::KvArguments),
+    /// Watch a key or prefix for changes, from now or from a past revision.
+    Watch(watch::WatchArguments),
     /// Measure throughput and latency of an etcd-protocol cluster (keel or etcd).
     Bench(bench::BenchArguments),
 }
@@ -47,6 +50,7 @@ fn main() -> std::process::ExitCode {
             Command::Dev(arguments) => dev::run(arguments).await,
             Command::Kv(arguments) => kv::run(arguments).await,
             Command::Bench(arguments) => bench::run(arguments).await,
+            Command::Watch(arguments) => watch::run(arguments).await,
         }
     });
     match result {

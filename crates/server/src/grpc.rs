@@ -32,14 +32,27 @@ pub struct Services {
 
 struct ServicesInner {
     input: SyncSender<Input>,
+    revision: tokio::sync::watch::Receiver<i64>,
 }
 
 impl Services {
-    /// Services that talk to the member loop through `input`.
-    pub fn new(input: SyncSender<Input>) -> Self {
+    /// Services that talk to the member loop through `input` and learn of new
+    /// revisions from `revision`.
+    pub fn new(input: SyncSender<Input>, revision: tokio::sync::watch::Receiver<i64>) -> Self {
         Services {
-            inner: Arc::new(ServicesInner { input }),
+            inner: Arc::new(ServicesInner { input, revision }),
         }
+    }
+
+    /// A receiver that changes whenever the member applies a new revision.
+    pub fn revision(&self) -> tokio::sync::watch::Receiver<i64> {
+        self.inner.revision.clone()
+    }
+
+    /// Sends an input to the member loop, or fails with etcd's "too many
+    /// requests" when its queue is full.
+    pub fn send_input(&self, input: Input) -> Result<(), Status> {
+        self.submit(input)
     }
 
     fn submit(&self, input: Input) -> Result<(), Status> {

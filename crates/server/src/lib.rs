@@ -9,6 +9,7 @@ pub mod config;
 pub mod grpc;
 pub mod member;
 pub mod transport;
+pub mod watch;
 
 /// Generated gRPC services and clients for etcd's v3 API.
 #[allow(missing_docs, clippy::all)]
@@ -174,10 +175,19 @@ impl Server {
         let tick_interval = config.heartbeat_interval;
         let loop_input = input.clone();
         let (stopped_sender, member_stopped) = tokio::sync::watch::channel(false);
+        let (revision_sender, revision_receiver) = tokio::sync::watch::channel(0i64);
         let member_thread = std::thread::Builder::new()
             .name(format!("keel-member-{}", config.name))
             .spawn(move || {
-                let result = member::run(node, durable, inputs, loop_input, peers, tick_interval);
+                let result = member::run(
+                    node,
+                    durable,
+                    inputs,
+                    loop_input,
+                    peers,
+                    tick_interval,
+                    revision_sender,
+                );
                 if let Err(error) = &result {
                     tracing::error!(%error, "member loop stopped: storage failed");
                 }
@@ -186,7 +196,7 @@ impl Server {
             })
             .expect("spawning the member thread");
 
-        let services = grpc::Services::new(input.clone());
+        let services = grpc::Services::new(input.clone(), revision_receiver.clone());
         let mut serve_tasks = Vec::new();
         let mut client_addresses = Vec::new();
         for &address in &config.listen_client_addresses {
@@ -210,6 +220,12 @@ impl Server {
                         .max_encoding_message_size(usize::MAX),
                 )
                 .add_service(
+                    api::etcdserverpb::watch_server::WatchServer::new(watch::WatchService::new(
+                        services.clone(),
+                    ))
+                    .max_decoding_message_size(decoding_limit),
+                )
+                .add_service(
                     api::etcdserverpb::cluster_server::ClusterServer::new(services.clone())
                         .max_decoding_message_size(decoding_limit),
                 )
@@ -220,7 +236,7 @@ impl Server {
             serve_tasks.push(tokio::spawn(router.serve_with_incoming(incoming)));
         }
         serve_tasks.push(tokio::spawn(publish_attributes(
-            input.clone(),
+            services.clone(),
             keel_types::keelpb::MemberRecord {
                 id: member_id,
                 name: config.name.clone(),
@@ -282,10 +298,9 @@ impl Server {
 /// cluster has recorded them (etcd's "publish"), retrying while there is no
 /// leader. Returns once they are recorded.
 async fn publish_attributes(
-    input: mpsc::SyncSender<Input>,
+    services: grpc::Services,
     attributes: keel_types::keelpb::MemberRecord,
 ) -> Result<(), tonic::transport::Error> {
-    let services = grpc::Services::new(input);
     loop {
         if let Ok((_, members)) = services.status().await {
             let recorded = members.iter().any(|member| {

@@ -70,6 +70,21 @@ pub enum Input {
             Result<keel_types::etcdserverpb::HashKvResponse, keel_core::mvcc::KeySpaceError>,
         >,
     },
+    /// Changes at `start_revision` and later to keys in `[key, range_end)`
+    /// (etcd's range conventions), for watchers catching up from history.
+    Events {
+        /// The first revision wanted.
+        start_revision: i64,
+        /// Scan at most about this many changes (of any key) per request, so a
+        /// catching-up watcher cannot hold the member loop for long.
+        events_max: usize,
+        /// The first key of interest.
+        key: Vec<u8>,
+        /// The end of the key range, as in a RangeRequest.
+        range_end: Vec<u8>,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Result<keel_core::mvcc::EventBatch, keel_core::mvcc::KeySpaceError>>,
+    },
     /// The transport could not reach a peer.
     Unreachable(u64),
     /// A snapshot to a peer was lost.
@@ -81,7 +96,22 @@ pub enum Input {
 /// Durable state the member loop writes to.
 pub type Durable = DurableState<FileDisk>;
 
-/// Runs the member loop until shutdown or a storage failure.
+/// True when `key` is in `[start, range_end)` with etcd's conventions: an
+/// empty `range_end` means the single key `start`; `[0]` means every key from
+/// `start` on.
+pub fn key_in_range(key: &[u8], start: &[u8], range_end: &[u8]) -> bool {
+    if range_end.is_empty() {
+        return key == start;
+    }
+    if range_end == [0] {
+        return key >= start;
+    }
+    key >= start && key < range_end
+}
+
+/// Runs the member loop until shutdown or a storage failure. After every
+/// batch it publishes the key space's revision on `revision`, which is how
+/// watchers learn that there is something new to read.
 pub fn run(
     mut node: Node,
     mut durable: Durable,
@@ -89,7 +119,9 @@ pub fn run(
     input_sender: SyncSender<Input>,
     peers: PeerSenders,
     tick_interval: Duration,
+    revision: tokio::sync::watch::Sender<i64>,
 ) -> Result<(), DurableError> {
+    revision.send_replace(node.status().revision);
     let mut waiting: BTreeMap<u64, ReplySender> = BTreeMap::new();
     let mut next_token: u64 = 0;
     let mut next_tick = Instant::now() + tick_interval;
@@ -128,6 +160,12 @@ pub fn run(
             let output = node.advance();
             carry_out(output, &mut durable, &peers, &input_sender, &mut waiting)?;
         }
+        let current = node.state_machine().key_space().current_revision();
+        revision.send_if_modified(|published| {
+            let changed = *published != current;
+            *published = current;
+            changed
+        });
     }
 }
 
@@ -169,6 +207,28 @@ fn handle_input(
                 .map(|mut response| {
                     response.header = Some(node.header(0));
                     response
+                });
+            let _ = reply.send(result);
+        }
+        Input::Events {
+            start_revision,
+            events_max,
+            key,
+            range_end,
+            reply,
+        } => {
+            let result = node
+                .state_machine()
+                .key_space()
+                .events(start_revision, events_max)
+                .map(|mut batch| {
+                    batch.events.retain(|event| {
+                        event
+                            .kv
+                            .as_ref()
+                            .is_some_and(|kv| key_in_range(&kv.key, &key, &range_end))
+                    });
+                    batch
                 });
             let _ = reply.send(result);
         }
