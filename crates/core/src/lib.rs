@@ -10,6 +10,7 @@
 //! very same `Node`.
 
 pub mod durable;
+pub mod lease;
 pub mod log_store;
 pub mod mvcc;
 pub mod node;
@@ -21,7 +22,7 @@ pub use node::{
     bootstrap_snapshot, DeliberateBug, Event, Node, NodeConfig, NodeStatus, Output, OwnSnapshot,
     Persist, Recovered, Reply, RequestError, Response, StartError, WriteRequest,
 };
-pub use state_machine::{StateMachine, WriteResponse};
+pub use state_machine::{ApplyError, StateMachine, WriteResponse};
 
 /// raft-rs's message and entry types, re-exported so the shell and simulator
 /// need not depend on raft-rs directly.

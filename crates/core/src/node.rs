@@ -23,7 +23,10 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
-use keel_types::etcdserverpb::{RangeRequest, RangeResponse, ResponseHeader};
+use keel_types::etcdserverpb::{
+    LeaseCheckpoint, LeaseCheckpointRequest, LeaseKeepAliveResponse, LeaseRevokeRequest,
+    LeaseTimeToLiveResponse, RangeRequest, RangeResponse, ResponseHeader,
+};
 use keel_types::keelpb::{log_request, LogRequest, MemberRecord};
 use prost::Message as _;
 use raft::eraftpb::{
@@ -32,9 +35,10 @@ use raft::eraftpb::{
 use raft::{RawNode, ReadOnlyOption, StateRole};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
+use crate::lease::{Lessor, LEASE_TTL_SECONDS_MAX};
 use crate::log_store::LogStore;
 use crate::mvcc::{self, KeySpaceError};
-use crate::state_machine::{SnapshotDecodeError, StateMachine, WriteResponse};
+use crate::state_machine::{ApplyError, SnapshotDecodeError, StateMachine, WriteResponse};
 
 /// Settings of one member's consensus and request handling.
 #[derive(Debug, Clone)]
@@ -76,6 +80,17 @@ pub struct NodeConfig {
     /// A deliberately wrong behaviour, for proving that the simulator catches
     /// bugs. Always `None` outside those tests.
     pub deliberate_bug: DeliberateBug,
+    /// Length of one tick in milliseconds: converts lease TTLs to ticks.
+    pub tick_milliseconds: u64,
+    /// Ticks between the leader's checkpoints of remaining lease TTLs.
+    pub lease_checkpoint_interval_ticks: u64,
+    /// Ticks after which an unapplied lease revocation is proposed again.
+    pub lease_revoke_retry_ticks: u64,
+    /// Expired leases revoked per tick, so a mass expiry does not flood the log
+    /// (etcd limits revocations per second the same way).
+    pub lease_revokes_per_tick_max: usize,
+    /// Leases per checkpoint entry.
+    pub lease_checkpoints_per_entry_max: usize,
 }
 
 /// Deliberately wrong behaviours the simulator must detect.
@@ -90,6 +105,19 @@ pub enum DeliberateBug {
 }
 
 impl NodeConfig {
+    /// Ticks in one second of lease time.
+    pub fn ticks_per_second(&self) -> u64 {
+        (1000 / self.tick_milliseconds.max(1)).max(1)
+    }
+
+    /// The shortest TTL a lease is granted, in seconds: one and a half election
+    /// timeouts, rounded up, as etcd's `minLeaseTTL`, so that a lease can
+    /// survive a leader election.
+    pub fn lease_ttl_seconds_min(&self) -> i64 {
+        let milliseconds = (3 * self.election_ticks as u64 / 2) * self.tick_milliseconds;
+        milliseconds.div_ceil(1000) as i64
+    }
+
     /// Defaults equivalent to etcd's: 100 ms ticks, heartbeat every tick,
     /// election after 10 ticks (1 s).
     pub fn with_member_id(member_id: u64) -> Self {
@@ -109,6 +137,11 @@ impl NodeConfig {
             random_seed: member_id,
             boot_epoch: 0,
             deliberate_bug: DeliberateBug::None,
+            tick_milliseconds: 100,
+            lease_checkpoint_interval_ticks: 50,
+            lease_revoke_retry_ticks: 30,
+            lease_revokes_per_tick_max: 100,
+            lease_checkpoints_per_entry_max: 1_000,
         }
     }
 }
@@ -137,6 +170,22 @@ pub enum Event {
         /// What to read.
         request: RangeRequest,
     },
+    /// A lease keep-alive; only the leader can answer it.
+    LeaseKeepAlive {
+        /// The shell's handle for the waiting client.
+        token: u64,
+        /// The lease.
+        id: i64,
+    },
+    /// A lease's remaining time; only the leader can answer it.
+    LeaseTimeToLive {
+        /// The shell's handle for the waiting client.
+        token: u64,
+        /// The lease.
+        id: i64,
+        /// Whether to list the attached keys.
+        keys: bool,
+    },
     /// The transport could not reach this peer.
     Unreachable(u64),
     /// A snapshot sent to this peer was lost; raft-rs must be told or the peer
@@ -160,6 +209,10 @@ pub enum Response {
     Write(WriteResponse),
     /// A read's result.
     Range(RangeResponse),
+    /// A keep-alive's result.
+    LeaseKeepAlive(LeaseKeepAliveResponse),
+    /// A time-to-live query's result.
+    LeaseTimeToLive(LeaseTimeToLiveResponse),
 }
 
 /// Why a client request failed. Messages are etcd's, so clients react the same way.
@@ -175,6 +228,18 @@ pub enum RequestError {
     /// The request did not commit or get a read index in time; it may still take effect.
     #[error("etcdserver: request timed out")]
     Timeout,
+    /// The request must be answered by the leader, which is this member.
+    #[error("etcdserver: not leader")]
+    NotLeader {
+        /// The leader this member knows of, 0 if none.
+        leader_id: u64,
+    },
+    /// A lease with this id exists already.
+    #[error("etcdserver: lease already exists")]
+    LeaseExists,
+    /// The requested lease TTL is above the maximum.
+    #[error("etcdserver: too large lease TTL")]
+    LeaseTtlTooLarge,
     /// The term changed while the write waited; it may or may not take effect.
     #[error("etcdserver: leader changed")]
     LeaderChanged,
@@ -336,6 +401,18 @@ struct PendingWrite {
     proposed_tick: u64,
     /// The term in which this member proposed it.
     proposed_term: u64,
+    /// For a keep-alive that had to clear a checkpoint first: the lease and
+    /// TTL to answer with once the checkpoint applies.
+    keep_alive: Option<(i64, i64)>,
+}
+
+impl From<ApplyError> for RequestError {
+    fn from(error: ApplyError) -> Self {
+        match error {
+            ApplyError::KeySpace(error) => RequestError::KeySpace(error),
+            ApplyError::LeaseExists => RequestError::LeaseExists,
+        }
+    }
 }
 
 /// One keel member: raft-rs's `RawNode` plus the state machine and the
@@ -366,6 +443,11 @@ pub struct Node {
     in_progress: Option<raft::Ready>,
     /// The index of the newest snapshot of our own state machine.
     last_snapshot_index: u64,
+    /// The leader's lease expiry clock.
+    lessor: Lessor,
+    next_lease_sequence: u32,
+    /// The tick of the leader's last lease checkpoint.
+    last_lease_checkpoint_tick: u64,
 }
 
 impl std::fmt::Debug for Node {
@@ -444,6 +526,9 @@ impl Node {
             replies: Vec::new(),
             in_progress: None,
             last_snapshot_index: snapshot_index,
+            lessor: Lessor::default(),
+            next_lease_sequence: 0,
+            last_lease_checkpoint_tick: 0,
             config,
         };
         node.jitter_election_timeout_if_reset();
@@ -473,18 +558,220 @@ impl Node {
             }
             Event::Write { token, request } => self.propose_write(token, request),
             Event::LinearizableRead { token, request } => self.queue_read(token, request),
+            Event::LeaseKeepAlive { token, id } => self.lease_keep_alive(token, id),
+            Event::LeaseTimeToLive { token, id, keys } => self.lease_time_to_live(token, id, keys),
             Event::Unreachable(peer) => self.raw_node.report_unreachable(peer),
             Event::SnapshotFailed(peer) => self
                 .raw_node
                 .report_snapshot(peer, raft::SnapshotStatus::Failure),
         }
         self.jitter_election_timeout_if_reset();
+        self.follow_leadership();
     }
 
     fn tick(&mut self) {
         self.tick_count += 1;
         self.raw_node.tick();
         self.expire_requests();
+        self.follow_leadership();
+        if self.lessor.is_active() {
+            self.revoke_expired_leases();
+            self.checkpoint_leases();
+        }
+    }
+
+    /// Starts the lease clock when this member becomes leader and stops it
+    /// when it stops being one.
+    fn follow_leadership(&mut self) {
+        let is_leader = self.raw_node.raft.state == StateRole::Leader;
+        if is_leader && !self.lessor.is_active() {
+            let ticks_per_second = self.config.ticks_per_second();
+            self.lessor.promote(
+                self.tick_count,
+                self.state_machine.leases(),
+                ticks_per_second,
+                self.config.election_ticks as u64,
+            );
+            self.last_lease_checkpoint_tick = self.tick_count;
+        } else if !is_leader && self.lessor.is_active() {
+            self.lessor.demote();
+        }
+    }
+
+    fn revoke_expired_leases(&mut self) {
+        let expired = self.lessor.take_expired(
+            self.tick_count,
+            self.config.lease_revoke_retry_ticks,
+            self.config.lease_revokes_per_tick_max,
+        );
+        for id in expired {
+            self.propose_internal(log_request::Request::LeaseRevoke(LeaseRevokeRequest { id }));
+        }
+    }
+
+    /// Records remaining TTLs in the log every checkpoint interval, so a new
+    /// leader continues from them instead of restarting every lease at its full TTL.
+    fn checkpoint_leases(&mut self) {
+        if self.tick_count - self.last_lease_checkpoint_tick
+            < self.config.lease_checkpoint_interval_ticks
+        {
+            return;
+        }
+        self.last_lease_checkpoint_tick = self.tick_count;
+        let remaining = self.lessor.remaining_seconds(
+            self.tick_count,
+            self.config.ticks_per_second(),
+            usize::MAX,
+        );
+        let leases = self.state_machine.leases();
+        let changed: Vec<LeaseCheckpoint> = remaining
+            .into_iter()
+            .filter(|(id, seconds)| {
+                leases
+                    .get(*id)
+                    .is_some_and(|lease| lease.remaining_ttl_seconds != *seconds)
+            })
+            .map(|(id, remaining_ttl)| LeaseCheckpoint { id, remaining_ttl })
+            .collect();
+        for chunk in changed.chunks(self.config.lease_checkpoints_per_entry_max.max(1)) {
+            self.propose_internal(log_request::Request::LeaseCheckpoint(
+                LeaseCheckpointRequest {
+                    checkpoints: chunk.to_vec(),
+                },
+            ));
+        }
+    }
+
+    /// Proposes a write nobody waits for (lease revocations and checkpoints).
+    /// If it is lost, the leader proposes it again later.
+    fn propose_internal(&mut self, request: WriteRequest) {
+        let log_request = LogRequest {
+            request_id: 0,
+            origin_member_id: self.config.member_id,
+            request: Some(request),
+        };
+        if let Err(error) = self
+            .raw_node
+            .propose(Vec::new(), log_request.encode_to_vec())
+        {
+            tracing::debug!(%error, "internal proposal dropped");
+        }
+    }
+
+    fn lease_keep_alive(&mut self, token: u64, id: i64) {
+        if !self.lessor.is_active() {
+            let leader_id = self.raw_node.raft.leader_id;
+            return self.refuse(token, RequestError::NotLeader { leader_id });
+        }
+        let Some(lease) = self.state_machine.leases().get(id) else {
+            // etcd answers a keep-alive for an unknown lease with TTL 0.
+            let response = LeaseKeepAliveResponse {
+                header: Some(self.header(0)),
+                id,
+                ttl: 0,
+            };
+            self.replies.push(Reply {
+                token,
+                result: Ok(Response::LeaseKeepAlive(response)),
+            });
+            return;
+        };
+        let ttl_seconds = lease.ttl_seconds;
+        let checkpointed = lease.remaining_ttl_seconds != 0;
+        self.lessor.refresh(
+            id,
+            self.tick_count,
+            ttl_seconds,
+            self.config.ticks_per_second(),
+        );
+        if !checkpointed {
+            let response = LeaseKeepAliveResponse {
+                header: Some(self.header(0)),
+                id,
+                ttl: ttl_seconds,
+            };
+            self.replies.push(Reply {
+                token,
+                result: Ok(Response::LeaseKeepAlive(response)),
+            });
+            return;
+        }
+        // A checkpoint says less than the full TTL remains: a new leader would
+        // start from it. Clear it through the log before acknowledging, so an
+        // acknowledged keep-alive always buys the full TTL.
+        if self.pending_request_count() >= self.config.pending_requests_max {
+            return self.refuse(token, RequestError::TooManyRequests);
+        }
+        self.next_request_sequence = self.next_request_sequence.wrapping_add(1);
+        let request_id =
+            (u64::from(self.config.boot_epoch) << 32) | u64::from(self.next_request_sequence);
+        let log_request = LogRequest {
+            request_id,
+            origin_member_id: self.config.member_id,
+            request: Some(log_request::Request::LeaseCheckpoint(
+                LeaseCheckpointRequest {
+                    checkpoints: vec![LeaseCheckpoint {
+                        id,
+                        remaining_ttl: 0,
+                    }],
+                },
+            )),
+        };
+        match self
+            .raw_node
+            .propose(Vec::new(), log_request.encode_to_vec())
+        {
+            Ok(()) => {
+                self.pending_writes.insert(
+                    request_id,
+                    PendingWrite {
+                        token,
+                        proposed_tick: self.tick_count,
+                        proposed_term: self.raw_node.raft.term,
+                        keep_alive: Some((id, ttl_seconds)),
+                    },
+                );
+            }
+            Err(_) => self.refuse(token, RequestError::Dropped),
+        }
+    }
+
+    fn lease_time_to_live(&mut self, token: u64, id: i64, keys: bool) {
+        if !self.lessor.is_active() {
+            let leader_id = self.raw_node.raft.leader_id;
+            return self.refuse(token, RequestError::NotLeader { leader_id });
+        }
+        let header = Some(self.header(0));
+        let response = match self.state_machine.leases().get(id) {
+            // etcd reports an unknown (expired or revoked) lease with TTL -1.
+            None => LeaseTimeToLiveResponse {
+                header,
+                id,
+                ttl: -1,
+                ..Default::default()
+            },
+            Some(lease) => {
+                let remaining_ticks = self
+                    .lessor
+                    .remaining_ticks(id, self.tick_count)
+                    .unwrap_or(0);
+                LeaseTimeToLiveResponse {
+                    header,
+                    id,
+                    ttl: (remaining_ticks / self.config.ticks_per_second()) as i64,
+                    granted_ttl: lease.ttl_seconds,
+                    keys: if keys {
+                        lease.keys.iter().cloned().collect()
+                    } else {
+                        Vec::new()
+                    },
+                }
+            }
+        };
+        self.replies.push(Reply {
+            token,
+            result: Ok(Response::LeaseTimeToLive(response)),
+        });
     }
 
     /// Each time raft-rs resets its election timer (on every change of term,
@@ -597,7 +884,18 @@ impl Node {
         });
     }
 
-    fn propose_write(&mut self, token: u64, request: WriteRequest) {
+    fn propose_write(&mut self, token: u64, mut request: WriteRequest) {
+        if let log_request::Request::LeaseGrant(grant) = &mut request {
+            if grant.ttl > LEASE_TTL_SECONDS_MAX {
+                return self.refuse(token, RequestError::LeaseTtlTooLarge);
+            }
+            // Decided here, before the log, so that members with different
+            // election settings still apply the same grant identically.
+            grant.ttl = grant.ttl.max(self.config.lease_ttl_seconds_min());
+            if grant.id == 0 {
+                grant.id = self.next_lease_id();
+            }
+        }
         if self.pending_request_count() >= self.config.pending_requests_max {
             return self.refuse(token, RequestError::TooManyRequests);
         }
@@ -609,9 +907,11 @@ impl Node {
             log_request::Request::Txn(txn) => {
                 mvcc::validate_txn(txn, self.config.txn_operations_max)
             }
-            log_request::Request::Compaction(_) | log_request::Request::MemberAttributes(_) => {
-                Ok(())
-            }
+            log_request::Request::Compaction(_)
+            | log_request::Request::MemberAttributes(_)
+            | log_request::Request::LeaseGrant(_)
+            | log_request::Request::LeaseRevoke(_)
+            | log_request::Request::LeaseCheckpoint(_) => Ok(()),
         };
         if let Err(error) = validation {
             return self.refuse(token, RequestError::KeySpace(error));
@@ -641,12 +941,23 @@ impl Node {
                         token,
                         proposed_tick: self.tick_count,
                         proposed_term: self.raw_node.raft.term,
+                        keep_alive: None,
                     },
                 );
             }
             Err(raft::Error::ProposalDropped) => self.refuse(token, RequestError::Dropped),
             Err(error) => panic!("raft-rs failed a proposal in an unexpected way: {error}"),
         }
+    }
+
+    /// A lease id no other member or boot of this member generates: the low
+    /// bits of the member id, the boot epoch and a counter, kept positive.
+    fn next_lease_id(&mut self) -> i64 {
+        self.next_lease_sequence = self.next_lease_sequence.wrapping_add(1) & 0x7fff_ffff;
+        let member = self.config.member_id & 0xffff;
+        let epoch = u64::from(self.config.boot_epoch) & 0xffff;
+        let id = (member << 47) | (epoch << 31) | u64::from(self.next_lease_sequence);
+        (id as i64).max(1)
     }
 
     fn queue_read(&mut self, token: u64, request: RangeRequest) {
@@ -753,6 +1064,7 @@ impl Node {
         output.snapshot_to_save = self.maybe_snapshot();
         output.replies = std::mem::take(&mut self.replies);
         self.jitter_election_timeout_if_reset();
+        self.follow_leadership();
         output
     }
 
@@ -818,16 +1130,54 @@ impl Node {
             return;
         };
         let result = self.state_machine.apply_write(entry.index, &request);
-        if log_request.origin_member_id == self.config.member_id {
+        if result.is_ok() && self.lessor.is_active() {
+            self.follow_lease_changes(&request);
+        }
+        if log_request.origin_member_id == self.config.member_id && log_request.request_id != 0 {
             if let Some(write) = self.pending_writes.remove(&log_request.request_id) {
-                let result = result
-                    .map(|response| Response::Write(self.with_header_write(response)))
-                    .map_err(RequestError::KeySpace);
+                let result = match write.keep_alive {
+                    Some((id, ttl)) => result.map(|_| {
+                        Response::LeaseKeepAlive(LeaseKeepAliveResponse {
+                            header: Some(self.header(0)),
+                            id,
+                            ttl,
+                        })
+                    }),
+                    None => {
+                        result.map(|response| Response::Write(self.with_header_write(response)))
+                    }
+                }
+                .map_err(RequestError::from);
                 self.replies.push(Reply {
                     token: write.token,
                     result,
                 });
             }
+        }
+    }
+
+    /// Keeps the leader's lease clock in step with applied lease changes.
+    fn follow_lease_changes(&mut self, request: &WriteRequest) {
+        let ticks_per_second = self.config.ticks_per_second();
+        match request {
+            log_request::Request::LeaseGrant(grant) => {
+                self.lessor
+                    .refresh(grant.id, self.tick_count, grant.ttl, ticks_per_second);
+            }
+            log_request::Request::LeaseRevoke(revoke) => self.lessor.forget(revoke.id),
+            log_request::Request::LeaseCheckpoint(checkpoint) => {
+                for entry in &checkpoint.checkpoints {
+                    // A cleared checkpoint is a keep-alive: the full TTL from now.
+                    if entry.remaining_ttl == 0 {
+                        if let Some(lease) = self.state_machine.leases().get(entry.id) {
+                            let ttl = lease.ttl_seconds;
+                            self.lessor
+                                .refresh(entry.id, self.tick_count, ttl, ticks_per_second);
+                        }
+                    }
+                }
+            }
+            _ => {}
         }
     }
 
@@ -935,6 +1285,9 @@ impl Node {
             WriteResponse::Txn(txn) => fill(&mut txn.header, self),
             WriteResponse::Compaction(compaction) => fill(&mut compaction.header, self),
             WriteResponse::MemberAttributes => {}
+            WriteResponse::LeaseGrant(grant) => fill(&mut grant.header, self),
+            WriteResponse::LeaseRevoke(revoke) => fill(&mut revoke.header, self),
+            WriteResponse::LeaseCheckpoint(checkpoint) => fill(&mut checkpoint.header, self),
         }
         response
     }

@@ -8,11 +8,13 @@
 //! and the revision does not move.
 
 use keel_types::etcdserverpb::{
-    CompactionResponse, DeleteRangeResponse, PutResponse, RangeRequest, RangeResponse, TxnResponse,
+    CompactionResponse, DeleteRangeResponse, LeaseCheckpointResponse, LeaseGrantResponse,
+    LeaseRevokeResponse, PutResponse, RangeRequest, RangeResponse, TxnResponse,
 };
 use keel_types::keelpb::{log_request, MemberRecord, StateMachineSnapshot};
 use prost::Message as _;
 
+use crate::lease::LeaseTable;
 use crate::mvcc::{KeySpace, KeySpaceError};
 
 /// The result of applying one client write.
@@ -28,6 +30,24 @@ pub enum WriteResponse {
     Compaction(CompactionResponse),
     /// A member's attributes were recorded.
     MemberAttributes,
+    /// A lease was granted.
+    LeaseGrant(LeaseGrantResponse),
+    /// A lease was revoked and its keys deleted.
+    LeaseRevoke(LeaseRevokeResponse),
+    /// Remaining TTLs were recorded.
+    LeaseCheckpoint(LeaseCheckpointResponse),
+}
+
+/// Why applying a write failed; the same on every member.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApplyError {
+    /// The key space refused the request.
+    #[error(transparent)]
+    KeySpace(#[from] KeySpaceError),
+    /// A lease with this id exists already.
+    #[error("etcdserver: lease already exists")]
+    LeaseExists,
 }
 
 /// Why a state machine snapshot could not be restored.
@@ -49,6 +69,7 @@ pub struct StateMachine {
     members: Vec<MemberRecord>,
     cluster_id: u64,
     applied_index: u64,
+    leases: LeaseTable,
 }
 
 impl StateMachine {
@@ -59,6 +80,7 @@ impl StateMachine {
             members,
             cluster_id,
             applied_index: 0,
+            leases: LeaseTable::default(),
         }
     }
 
@@ -66,11 +88,27 @@ impl StateMachine {
     pub fn decode(bytes: &[u8]) -> Result<Self, SnapshotDecodeError> {
         let snapshot = StateMachineSnapshot::decode(bytes)?;
         let key_space = KeySpace::from_snapshot(&snapshot)?;
+        // Which keys are attached to which lease is not stored: every live key
+        // version carries its lease, so the index is rebuilt from them.
+        let live = key_space.range(&RangeRequest {
+            key: vec![0],
+            range_end: vec![0],
+            keys_only: true,
+            ..Default::default()
+        })?;
+        let leases = LeaseTable::from_records(
+            &snapshot.leases,
+            live.kvs
+                .iter()
+                .filter(|kv| kv.lease != 0)
+                .map(|kv| (kv.key.as_slice(), kv.lease)),
+        );
         Ok(StateMachine {
             key_space,
             members: snapshot.members,
             cluster_id: snapshot.cluster_id,
             applied_index: snapshot.applied_index,
+            leases,
         })
     }
 
@@ -80,6 +118,7 @@ impl StateMachine {
             applied_index: self.applied_index,
             members: self.members.clone(),
             cluster_id: self.cluster_id,
+            leases: self.leases.records(),
             ..Default::default()
         };
         self.key_space.write_snapshot(&mut snapshot);
@@ -89,6 +128,11 @@ impl StateMachine {
     /// The key space, for reads.
     pub fn key_space(&self) -> &KeySpace {
         &self.key_space
+    }
+
+    /// The lease table.
+    pub fn leases(&self) -> &LeaseTable {
+        &self.leases
     }
 
     /// The members as of the last applied entry.
@@ -128,22 +172,30 @@ impl StateMachine {
         &mut self,
         index: u64,
         request: &log_request::Request,
-    ) -> Result<WriteResponse, KeySpaceError> {
+    ) -> Result<WriteResponse, ApplyError> {
         self.set_applied_index(index);
-        match request {
-            log_request::Request::Put(put) => self.key_space.put(put).map(WriteResponse::Put),
-            log_request::Request::DeleteRange(delete) => self
-                .key_space
-                .delete_range(delete)
-                .map(WriteResponse::DeleteRange),
-            // The operation-count limit is checked before proposing, not here:
-            // it is configuration, and members with different settings must
-            // still apply the same log identically.
-            log_request::Request::Txn(txn) => self.key_space.txn(txn).map(WriteResponse::Txn),
-            log_request::Request::Compaction(compaction) => self
-                .key_space
-                .compact(compaction)
-                .map(WriteResponse::Compaction),
+        let revision_before = self.key_space.current_revision();
+        let response = match request {
+            log_request::Request::Put(put) => {
+                // etcd's applier checks the lease before the key space sees the put.
+                if put.lease != 0 && !put.ignore_lease && !self.leases.contains(put.lease) {
+                    return Err(KeySpaceError::LeaseNotFound.into());
+                }
+                WriteResponse::Put(self.key_space.put(put)?)
+            }
+            log_request::Request::DeleteRange(delete) => {
+                WriteResponse::DeleteRange(self.key_space.delete_range(delete)?)
+            }
+            log_request::Request::Txn(txn) => {
+                let leases = &self.leases;
+                WriteResponse::Txn(
+                    self.key_space
+                        .txn_with_lease_check(txn, |lease| leases.contains(lease))?,
+                )
+            }
+            log_request::Request::Compaction(compaction) => {
+                WriteResponse::Compaction(self.key_space.compact(compaction)?)
+            }
             log_request::Request::MemberAttributes(attributes) => {
                 // Only name and client URLs are the member's to announce; peer
                 // URLs and learner status change through configuration changes.
@@ -155,9 +207,47 @@ impl StateMachine {
                     member.name = attributes.name.clone();
                     member.client_urls = attributes.client_urls.clone();
                 }
-                Ok(WriteResponse::MemberAttributes)
+                WriteResponse::MemberAttributes
             }
+            log_request::Request::LeaseGrant(grant) => {
+                if !self.leases.grant(grant.id, grant.ttl) {
+                    return Err(ApplyError::LeaseExists);
+                }
+                WriteResponse::LeaseGrant(LeaseGrantResponse {
+                    header: None,
+                    id: grant.id,
+                    ttl: grant.ttl,
+                    error: String::new(),
+                })
+            }
+            log_request::Request::LeaseRevoke(revoke) => {
+                let Some(lease) = self.leases.revoke(revoke.id) else {
+                    return Err(KeySpaceError::LeaseNotFound.into());
+                };
+                // All of the lease's keys go at one revision, as in etcd.
+                let keys: Vec<Vec<u8>> = lease.keys.into_iter().collect();
+                if !keys.is_empty() {
+                    self.key_space.delete_keys(&keys);
+                }
+                WriteResponse::LeaseRevoke(LeaseRevokeResponse { header: None })
+            }
+            log_request::Request::LeaseCheckpoint(checkpoint) => {
+                for entry in &checkpoint.checkpoints {
+                    self.leases.checkpoint(entry.id, entry.remaining_ttl);
+                }
+                WriteResponse::LeaseCheckpoint(LeaseCheckpointResponse { header: None })
+            }
+        };
+        let revision_after = self.key_space.current_revision();
+        if revision_after != revision_before {
+            // Keep the lease → keys index in step with what this write changed.
+            let batch = self
+                .key_space
+                .events(revision_after, usize::MAX)
+                .expect("the revision just written is not compacted");
+            self.leases.apply_events(&batch.events);
         }
+        Ok(response)
     }
 
     /// Adds or replaces a member (by id).

@@ -51,6 +51,10 @@ pub struct ServerArguments {
     /// log (etcd's flag of the same name).
     #[arg(long, default_value_t = 5_000)]
     experimental_snapshot_catchup_entries: u64,
+    /// How often the leader records remaining lease TTLs in the log (etcd's
+    /// flag; keel always checkpoints). Accepts etcd's duration forms: 5s, 500ms, 1m.
+    #[arg(long, default_value = "5s")]
+    experimental_lease_checkpoint_interval: String,
     /// Largest client request in bytes.
     #[arg(long, default_value_t = 1_572_864)]
     max_request_bytes: usize,
@@ -79,6 +83,27 @@ fn split_urls(flag: &str, text: &str) -> anyhow::Result<Vec<String>> {
         parse_url_address(url).with_context(|| format!("--{flag}"))?;
     }
     Ok(urls)
+}
+
+/// Parses a duration the way etcd's flags write them: `500ms`, `5s`, `1m`.
+fn parse_duration(text: &str) -> anyhow::Result<Duration> {
+    let (number, unit) = text
+        .find(|character: char| !character.is_ascii_digit())
+        .map(|position| text.split_at(position))
+        .unwrap_or((text, "s"));
+    let value: u64 = number
+        .parse()
+        .with_context(|| format!("{text:?} is not a duration like 500ms, 5s or 1m"))?;
+    let duration = match unit {
+        "ms" => Duration::from_millis(value),
+        "s" => Duration::from_secs(value),
+        "m" => Duration::from_secs(value * 60),
+        _ => anyhow::bail!("{text:?} is not a duration like 500ms, 5s or 1m"),
+    };
+    if duration.is_zero() {
+        anyhow::bail!("{text:?} must be positive");
+    }
+    Ok(duration)
 }
 
 impl ServerArguments {
@@ -123,6 +148,9 @@ impl ServerArguments {
         config.election_timeout = Duration::from_millis(self.election_timeout);
         config.snapshot_count = self.snapshot_count;
         config.snapshot_catch_up_entries = self.experimental_snapshot_catchup_entries;
+        config.lease_checkpoint_interval =
+            parse_duration(&self.experimental_lease_checkpoint_interval)
+                .context("--experimental-lease-checkpoint-interval")?;
         config.request_bytes_max = self.max_request_bytes;
         config.txn_operations_max = self.max_txn_ops;
         config.validate()?;

@@ -51,6 +51,9 @@ pub struct ServerConfig {
     /// Entries kept behind a snapshot for slow followers
     /// (`--experimental-snapshot-catchup-entries`).
     pub snapshot_catch_up_entries: u64,
+    /// How often the leader checkpoints remaining lease TTLs
+    /// (`--experimental-lease-checkpoint-interval`).
+    pub lease_checkpoint_interval: Duration,
     /// Largest client request in bytes (`--max-request-bytes`).
     pub request_bytes_max: usize,
     /// Operations per transaction (`--max-txn-ops`).
@@ -82,6 +85,7 @@ impl ServerConfig {
             election_timeout: Duration::from_millis(1000),
             snapshot_count: 100_000,
             snapshot_catch_up_entries: 5_000,
+            lease_checkpoint_interval: Duration::from_secs(5),
             request_bytes_max: 1536 * 1024,
             txn_operations_max: 128,
             input_queue_max: 65_536,

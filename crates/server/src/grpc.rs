@@ -70,7 +70,7 @@ impl Services {
         self.submit(Input::Write { request, reply })?;
         match answer.await {
             Ok(Ok(Response::Write(response))) => Ok(response),
-            Ok(Ok(Response::Range(_))) => Err(Status::internal("a write was answered with a read")),
+            Ok(Ok(_)) => Err(Status::internal("a write was answered with a read")),
             Ok(Err(error)) => Err(status_of(&error)),
             Err(_) => Err(Status::unavailable("etcdserver: server stopped")),
         }
@@ -94,7 +94,7 @@ impl Services {
         self.submit(Input::Read { request, reply })?;
         match answer.await {
             Ok(Ok(Response::Range(response))) => Ok(response),
-            Ok(Ok(Response::Write(_))) => Err(Status::internal("a read was answered with a write")),
+            Ok(Ok(_)) => Err(Status::internal("a read was answered with a write")),
             Ok(Err(error)) => Err(status_of(&error)),
             Err(_) => Err(Status::unavailable("etcdserver: server stopped")),
         }
@@ -120,8 +120,12 @@ pub fn status_of(error: &RequestError) -> Status {
             KeySpaceError::FutureRevision => {
                 Status::out_of_range("etcdserver: mvcc: required revision is a future revision")
             }
+            KeySpaceError::LeaseNotFound => Status::not_found(key_space_error.to_string()),
             other => Status::invalid_argument(other.to_string()),
         },
+        RequestError::LeaseExists => Status::failed_precondition(error.to_string()),
+        RequestError::LeaseTtlTooLarge => Status::out_of_range(error.to_string()),
+        RequestError::NotLeader { .. } => Status::failed_precondition(error.to_string()),
         RequestError::NoLeader => Status::unavailable(error.to_string()),
         RequestError::Timeout => Status::unavailable(error.to_string()),
         RequestError::LeaderChanged => Status::unavailable(error.to_string()),

@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod grpc;
+pub mod lease;
 pub mod member;
 pub mod transport;
 pub mod watch;
@@ -126,6 +127,12 @@ impl Server {
         node_config.random_seed = rand::random();
         node_config.boot_epoch = rand::random();
         // etcd's request timeout: 7 s, in ticks.
+        node_config.tick_milliseconds = config.heartbeat_interval.as_millis().max(1) as u64;
+        // The checkpoint interval bounds how long a lease can outlive its TTL
+        // across a leader change (plus an election); see core's lease module.
+        node_config.lease_checkpoint_interval_ticks = (config.lease_checkpoint_interval.as_millis()
+            / config.heartbeat_interval.as_millis().max(1))
+        .max(1) as u64;
         node_config.request_timeout_ticks =
             (7_000 / config.heartbeat_interval.as_millis().max(1)) as u64;
         let logger = keel_core::raft_logger::raft_logger(member_id);
@@ -221,6 +228,12 @@ impl Server {
                 )
                 .add_service(
                     api::etcdserverpb::watch_server::WatchServer::new(watch::WatchService::new(
+                        services.clone(),
+                    ))
+                    .max_decoding_message_size(decoding_limit),
+                )
+                .add_service(
+                    api::etcdserverpb::lease_server::LeaseServer::new(lease::LeaseService::new(
                         services.clone(),
                     ))
                     .max_decoding_message_size(decoding_limit),

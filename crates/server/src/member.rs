@@ -85,6 +85,27 @@ pub enum Input {
         /// Where the answer goes.
         reply: oneshot::Sender<Result<keel_core::mvcc::EventBatch, keel_core::mvcc::KeySpaceError>>,
     },
+    /// A lease keep-alive (answered by the leader only).
+    LeaseKeepAlive {
+        /// The lease.
+        id: i64,
+        /// Where the answer goes.
+        reply: ReplySender,
+    },
+    /// A lease's remaining time (answered by the leader only).
+    LeaseTimeToLive {
+        /// The lease.
+        id: i64,
+        /// Whether to list attached keys.
+        keys: bool,
+        /// Where the answer goes.
+        reply: ReplySender,
+    },
+    /// Every lease id, from local state.
+    LeaseList {
+        /// Where the answer goes.
+        reply: oneshot::Sender<(keel_types::etcdserverpb::ResponseHeader, Vec<i64>)>,
+    },
     /// The transport could not reach a peer.
     Unreachable(u64),
     /// A snapshot to a peer was lost.
@@ -231,6 +252,27 @@ fn handle_input(
                     batch
                 });
             let _ = reply.send(result);
+        }
+        Input::LeaseKeepAlive { id, reply } => {
+            *next_token += 1;
+            waiting.insert(*next_token, reply);
+            node.step(Event::LeaseKeepAlive {
+                token: *next_token,
+                id,
+            });
+        }
+        Input::LeaseTimeToLive { id, keys, reply } => {
+            *next_token += 1;
+            waiting.insert(*next_token, reply);
+            node.step(Event::LeaseTimeToLive {
+                token: *next_token,
+                id,
+                keys,
+            });
+        }
+        Input::LeaseList { reply } => {
+            let ids = node.state_machine().leases().ids().collect();
+            let _ = reply.send((node.header(0), ids));
         }
         Input::Unreachable(peer) => node.step(Event::Unreachable(peer)),
         Input::SnapshotFailed(peer) => node.step(Event::SnapshotFailed(peer)),

@@ -364,3 +364,80 @@ pub fn etcdctl_with_input(endpoints: &str, arguments: &[&str], input: Option<&st
 pub fn member_directory(data_dir: &Path) -> PathBuf {
     data_dir.join("member")
 }
+
+/// A single real etcd member, killed on drop.
+pub struct ReferenceEtcd {
+    process: Child,
+    pub endpoint: String,
+    _directory: tempfile::TempDir,
+}
+
+impl ReferenceEtcd {
+    pub fn start(client_port: u16) -> ReferenceEtcd {
+        let directory = tempfile::tempdir().expect("temporary directory");
+        let client_url = format!("http://127.0.0.1:{client_port}");
+        let peer_url = format!("http://127.0.0.1:{}", client_port + 1);
+        let process = Command::new("etcd")
+            .args(["--name", "reference"])
+            .arg("--data-dir")
+            .arg(directory.path().join("data"))
+            .args(["--listen-client-urls", &client_url])
+            .args(["--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("reference={peer_url}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd is installed (scripts/test installs Debian's etcd-server)");
+        let etcd = ReferenceEtcd {
+            process,
+            endpoint: format!("127.0.0.1:{client_port}"),
+            _directory: directory,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while run_etcdctl(&etcd.endpoint, &["endpoint", "health"], None).0 != 0 {
+            assert!(Instant::now() < deadline, "reference etcd did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        etcd
+    }
+}
+
+impl Drop for ReferenceEtcd {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+/// Runs etcdctl; returns (exit code, stdout, stderr).
+pub fn run_etcdctl(
+    endpoints: &str,
+    arguments: &[&str],
+    input: Option<&str>,
+) -> (i32, String, String) {
+    use std::io::Write;
+    let mut child = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={endpoints}"))
+        .arg("--command-timeout=10s")
+        .args(arguments)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("etcdctl is installed");
+    {
+        let mut stdin = child.stdin.take().expect("stdin");
+        if let Some(input) = input {
+            stdin.write_all(input.as_bytes()).expect("etcdctl input");
+        }
+    }
+    let output = child.wait_with_output().expect("etcdctl runs");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}

@@ -1,0 +1,248 @@
+//! etcd's Lease service. Grants and revocations go through the log; keep-alives
+//! and time-to-live queries are answered by the leader, which alone keeps
+//! expiry times: a member that is not the leader forwards them to the leader's
+//! client endpoint (once: a forwarded request is never forwarded again).
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use keel_core::{RequestError, Response, WriteRequest, WriteResponse};
+use keel_types::etcdserverpb::{
+    LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse,
+    LeaseLeasesRequest, LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse, LeaseStatus,
+    LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::Stream;
+use tonic::transport::Channel;
+use tonic::{Request, Status, Streaming};
+
+use crate::api::etcdserverpb::lease_client::LeaseClient;
+use crate::api::etcdserverpb::lease_server;
+use crate::grpc::{status_of, Services};
+use crate::member::Input;
+
+/// Metadata key marking a request forwarded by another member.
+const FORWARDED_METADATA_KEY: &str = "keel-forwarded";
+/// Keep-alive responses queued for one client stream before we stop reading it.
+const KEEP_ALIVE_QUEUE_MAX: usize = 64;
+/// How long a forwarded call may take.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The Lease service over one member.
+#[derive(Clone)]
+pub struct LeaseService {
+    services: Services,
+    /// Connections to other members' client endpoints, by URL, for forwarding.
+    leader_channels: Arc<Mutex<BTreeMap<String, Channel>>>,
+}
+
+/// Which leader-only question to ask.
+#[derive(Debug, Clone, Copy)]
+enum LeaderQuery {
+    KeepAlive(i64),
+    TimeToLive { id: i64, keys: bool },
+}
+
+impl LeaseService {
+    /// A Lease service over `services`.
+    pub fn new(services: Services) -> Self {
+        LeaseService {
+            services,
+            leader_channels: Arc::default(),
+        }
+    }
+
+    async fn write(&self, request: WriteRequest) -> Result<WriteResponse, Status> {
+        self.services.write_raw(request).await
+    }
+
+    async fn ask_local(&self, query: LeaderQuery) -> Result<Response, RequestError> {
+        let (reply, answer) = oneshot::channel();
+        let input = match query {
+            LeaderQuery::KeepAlive(id) => Input::LeaseKeepAlive { id, reply },
+            LeaderQuery::TimeToLive { id, keys } => Input::LeaseTimeToLive { id, keys, reply },
+        };
+        if self.services.send_input(input).is_err() {
+            return Err(RequestError::TooManyRequests);
+        }
+        answer.await.unwrap_or(Err(RequestError::NoLeader))
+    }
+
+    /// Asks the leader: locally if this member leads, else over gRPC.
+    async fn ask_leader(&self, query: LeaderQuery, forwarded: bool) -> Result<Response, Status> {
+        match self.ask_local(query).await {
+            Ok(response) => Ok(response),
+            Err(RequestError::NotLeader { leader_id }) if !forwarded && leader_id != 0 => {
+                self.forward(query, leader_id).await
+            }
+            Err(RequestError::NotLeader { .. }) => {
+                Err(Status::unavailable("etcdserver: no leader"))
+            }
+            Err(error) => Err(status_of(&error)),
+        }
+    }
+
+    async fn leader_channel(&self, leader_id: u64) -> Result<Channel, Status> {
+        let (_, members) = self.services.status().await?;
+        let url = members
+            .iter()
+            .find(|member| member.id == leader_id)
+            .and_then(|member| member.client_urls.first().cloned())
+            .ok_or_else(|| {
+                Status::unavailable("etcdserver: leader's client URL is not known yet")
+            })?;
+        if let Some(channel) = self.leader_channels.lock().expect("not poisoned").get(&url) {
+            return Ok(channel.clone());
+        }
+        let channel = Channel::from_shared(url.clone())
+            .map_err(|_| Status::internal(format!("leader client URL {url:?} is not a URL")))?
+            .connect_timeout(FORWARD_TIMEOUT)
+            .timeout(FORWARD_TIMEOUT)
+            .connect_lazy();
+        self.leader_channels
+            .lock()
+            .expect("not poisoned")
+            .insert(url, channel.clone());
+        Ok(channel)
+    }
+
+    async fn forward(&self, query: LeaderQuery, leader_id: u64) -> Result<Response, Status> {
+        let mut client = LeaseClient::new(self.leader_channel(leader_id).await?);
+        match query {
+            LeaderQuery::KeepAlive(id) => {
+                let mut request = Request::new(tokio_stream::once(LeaseKeepAliveRequest { id }));
+                request
+                    .metadata_mut()
+                    .insert(FORWARDED_METADATA_KEY, "1".parse().expect("ascii"));
+                let mut responses = client.lease_keep_alive(request).await?.into_inner();
+                match responses.message().await? {
+                    Some(response) => Ok(Response::LeaseKeepAlive(response)),
+                    None => Err(Status::unavailable(
+                        "etcdserver: leader closed the keep-alive",
+                    )),
+                }
+            }
+            LeaderQuery::TimeToLive { id, keys } => {
+                let mut request = Request::new(LeaseTimeToLiveRequest { id, keys });
+                request
+                    .metadata_mut()
+                    .insert(FORWARDED_METADATA_KEY, "1".parse().expect("ascii"));
+                let response = client.lease_time_to_live(request).await?.into_inner();
+                Ok(Response::LeaseTimeToLive(response))
+            }
+        }
+    }
+}
+
+fn is_forwarded<T>(request: &Request<T>) -> bool {
+    request.metadata().contains_key(FORWARDED_METADATA_KEY)
+}
+
+type KeepAliveStream =
+    Pin<Box<dyn Stream<Item = Result<LeaseKeepAliveResponse, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl lease_server::Lease for LeaseService {
+    async fn lease_grant(
+        &self,
+        request: Request<LeaseGrantRequest>,
+    ) -> Result<tonic::Response<LeaseGrantResponse>, Status> {
+        match self
+            .write(WriteRequest::LeaseGrant(request.into_inner()))
+            .await?
+        {
+            WriteResponse::LeaseGrant(response) => Ok(tonic::Response::new(response)),
+            _ => Err(Status::internal(
+                "a lease grant was answered with another write",
+            )),
+        }
+    }
+
+    async fn lease_revoke(
+        &self,
+        request: Request<LeaseRevokeRequest>,
+    ) -> Result<tonic::Response<LeaseRevokeResponse>, Status> {
+        match self
+            .write(WriteRequest::LeaseRevoke(request.into_inner()))
+            .await?
+        {
+            WriteResponse::LeaseRevoke(response) => Ok(tonic::Response::new(response)),
+            _ => Err(Status::internal(
+                "a lease revoke was answered with another write",
+            )),
+        }
+    }
+
+    async fn lease_keep_alive(
+        &self,
+        request: Request<Streaming<LeaseKeepAliveRequest>>,
+    ) -> Result<tonic::Response<KeepAliveStream>, Status> {
+        let forwarded = is_forwarded(&request);
+        let mut incoming = request.into_inner();
+        let (sender, receiver) = mpsc::channel(KEEP_ALIVE_QUEUE_MAX);
+        let service = self.clone();
+        tokio::spawn(async move {
+            // One keep-alive at a time per stream, in order, as etcd does.
+            while let Ok(Some(keep_alive)) = incoming.message().await {
+                let result = match service
+                    .ask_leader(LeaderQuery::KeepAlive(keep_alive.id), forwarded)
+                    .await
+                {
+                    Ok(Response::LeaseKeepAlive(response)) => Ok(response),
+                    Ok(_) => Err(Status::internal(
+                        "a keep-alive was answered with something else",
+                    )),
+                    Err(status) => Err(status),
+                };
+                let failed = result.is_err();
+                if sender.send(result).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(tonic::Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
+    }
+
+    async fn lease_time_to_live(
+        &self,
+        request: Request<LeaseTimeToLiveRequest>,
+    ) -> Result<tonic::Response<LeaseTimeToLiveResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        let query = request.into_inner();
+        match self
+            .ask_leader(
+                LeaderQuery::TimeToLive {
+                    id: query.id,
+                    keys: query.keys,
+                },
+                forwarded,
+            )
+            .await?
+        {
+            Response::LeaseTimeToLive(response) => Ok(tonic::Response::new(response)),
+            _ => Err(Status::internal(
+                "a time-to-live query was answered with something else",
+            )),
+        }
+    }
+
+    async fn lease_leases(
+        &self,
+        _request: Request<LeaseLeasesRequest>,
+    ) -> Result<tonic::Response<LeaseLeasesResponse>, Status> {
+        let (reply, answer) = oneshot::channel();
+        self.services.send_input(Input::LeaseList { reply })?;
+        let (header, ids) = answer
+            .await
+            .map_err(|_| Status::unavailable("etcdserver: server stopped"))?;
+        Ok(tonic::Response::new(LeaseLeasesResponse {
+            header: Some(header),
+            leases: ids.into_iter().map(|id| LeaseStatus { id }).collect(),
+        }))
+    }
+}
