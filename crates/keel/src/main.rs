@@ -4,7 +4,10 @@
 
 mod bench;
 mod dev;
+mod elect;
 mod kv;
+mod lease_command;
+mod lock;
 mod server_command;
 mod watch;
 
@@ -26,6 +29,13 @@ enum Command {
     Dev(dev::DevArguments),
     /// Read and write keys.
     Kv(kv::KvArguments),
+    /// Grant, revoke, keep alive and inspect leases.
+    Lease(lease_command::Arguments),
+    /// Run a command while holding a distributed lock (its fencing token in
+    /// KEEL_LOCK_REVISION), or just acquire it.
+    Lock(lock::Arguments),
+    /// Campaign for leadership of an election, or observe it.
+    Elect(elect::Arguments),
     /// Watch a key or prefix for changes, from now or from a past revision.
     Watch(watch::WatchArguments),
     /// Measure throughput and latency of an etcd-protocol cluster (keel or etcd).
@@ -51,6 +61,9 @@ fn main() -> std::process::ExitCode {
             Command::Kv(arguments) => kv::run(arguments).await,
             Command::Bench(arguments) => bench::run(arguments).await,
             Command::Watch(arguments) => watch::run(arguments).await,
+            Command::Lease(arguments) => lease_command::run(arguments).await,
+            Command::Lock(arguments) => lock::run(arguments).await,
+            Command::Elect(arguments) => elect::run(arguments).await,
         }
     });
     match result {

@@ -6,8 +6,10 @@
 //! this crate only carries out its decisions and feeds it what happens.
 
 pub mod config;
+pub mod election;
 pub mod grpc;
 pub mod lease;
+pub mod lock;
 pub mod member;
 pub mod transport;
 pub mod watch;
@@ -236,6 +238,18 @@ impl Server {
                     api::etcdserverpb::lease_server::LeaseServer::new(lease::LeaseService::new(
                         services.clone(),
                     ))
+                    .max_decoding_message_size(decoding_limit),
+                )
+                .add_service(
+                    api::v3lockpb::lock_server::LockServer::new(lock::LockService::new(
+                        services.clone(),
+                    ))
+                    .max_decoding_message_size(decoding_limit),
+                )
+                .add_service(
+                    api::v3electionpb::election_server::ElectionServer::new(
+                        election::ElectionService::new(services.clone()),
+                    )
                     .max_decoding_message_size(decoding_limit),
                 )
                 .add_service(
