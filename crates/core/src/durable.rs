@@ -85,8 +85,8 @@ impl<D: Disk + Clone> DurableState<D> {
         Ok((durable, Some(recovered)))
     }
 
-    /// Makes a brand-new member's initial state durable: the bootstrap snapshot
-    /// at index 0 holding the founding configuration, so a restart does not
+    /// Makes a founding member's initial state durable: the bootstrap snapshot
+    /// at index 1 holding the founding configuration, so a restart does not
     /// depend on the command-line flags matching again.
     pub fn bootstrap(
         &mut self,
@@ -206,7 +206,7 @@ mod tests {
         drop(durable);
         let (_, recovered) = DurableState::open(disk).unwrap();
         let recovered = recovered.expect("bootstrap snapshot recovered");
-        assert_eq!(recovered.snapshot.get_metadata().index, 0);
+        assert_eq!(recovered.snapshot.get_metadata().index, 1);
         assert_eq!(
             recovered.snapshot.get_metadata().get_conf_state().voters,
             vec![1, 2]
@@ -218,7 +218,7 @@ mod tests {
         let disk = SimDisk::new();
         let (mut durable, _) = DurableState::open(disk.clone()).unwrap();
         durable.bootstrap(vec![member(1)], 7).unwrap();
-        let entries: Vec<Entry> = (1..=10)
+        let entries: Vec<Entry> = (2..=10)
             .map(|index| Entry {
                 index,
                 term: 1,

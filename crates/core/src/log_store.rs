@@ -30,7 +30,7 @@ pub struct LogStore {
 }
 
 impl LogStore {
-    /// A log that starts at the given snapshot (index 0 for a new cluster, whose
+    /// A log that starts at the given snapshot (index 1 for a new cluster, whose
     /// "snapshot" is just the initial configuration).
     pub fn from_snapshot(metadata: SnapshotMetadata, data: Arc<Vec<u8>>) -> LogStore {
         let conf_state = metadata.get_conf_state().clone();

@@ -302,7 +302,7 @@ pub struct Output {
 #[derive(Debug)]
 pub struct Recovered {
     /// The newest snapshot. For a member that never made one, the bootstrap
-    /// snapshot at index 0 that holds the initial configuration.
+    /// snapshot at index 1 that holds the initial configuration.
     pub snapshot: Snapshot,
     /// The last hard state written, if any.
     pub hard_state: Option<HardState>,
@@ -359,7 +359,10 @@ pub struct NodeStatus {
     pub is_learner: bool,
 }
 
-/// Builds the snapshot at index 0 that a brand-new member starts from: no data,
+/// The index (and term) of the snapshot a founding member starts from.
+pub const BOOTSTRAP_INDEX: u64 = 1;
+
+/// Builds the snapshot at index 1 that a founding member starts from: no data,
 /// only the initial voters and their records.
 pub fn bootstrap_snapshot(members: Vec<MemberRecord>, cluster_id: u64) -> Snapshot {
     let voters = members
@@ -372,9 +375,15 @@ pub fn bootstrap_snapshot(members: Vec<MemberRecord>, cluster_id: u64) -> Snapsh
         .filter(|member| member.is_learner)
         .map(|member| member.id)
         .collect::<Vec<_>>();
-    let state_machine = StateMachine::new(members, cluster_id);
+    let mut state_machine = StateMachine::new(members, cluster_id);
+    state_machine.set_applied_index(BOOTSTRAP_INDEX);
     let mut snapshot = Snapshot::default();
     let metadata = snapshot.mut_metadata();
+    // At index 1, term 1, not 0: a member added later starts with an empty log
+    // (last index 0), so the leader cannot find index 1 in its log and must
+    // send it a snapshot, which carries the membership. Entries start at 2.
+    metadata.index = BOOTSTRAP_INDEX;
+    metadata.term = BOOTSTRAP_INDEX;
     metadata.mut_conf_state().voters = voters;
     metadata.mut_conf_state().learners = learners;
     snapshot.data = state_machine.encode().into();

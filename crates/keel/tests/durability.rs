@@ -69,7 +69,7 @@ fn follower_behind_compacted_log_catches_up_from_a_snapshot() {
             .file_name()
             .unwrap()
             .to_string_lossy()
-            .ends_with("0000000000000000.snap")),
+            .ends_with("0000000000000001.snap")),
         "no snapshot beyond the bootstrap one: {snapshots:?}"
     );
 
@@ -114,7 +114,7 @@ fn follower_behind_compacted_log_catches_up_from_a_snapshot() {
             .file_name()
             .unwrap()
             .to_string_lossy()
-            .ends_with("0000000000000000.snap")),
+            .ends_with("0000000000000001.snap")),
         "the follower holds no snapshot beyond the bootstrap one: {follower_snapshots:?}"
     );
 
