@@ -27,6 +27,10 @@ pub struct LogStore {
     /// `entries[i]` has index `snapshot_metadata.index + 1 + i` after the
     /// entries compacted behind the snapshot are accounted for by `first_index`.
     entries: Vec<Entry>,
+    /// Set when raft-rs asked for a snapshot we could not give (too old, or its
+    /// configuration does not include the recipient yet); the node then makes
+    /// a fresh one. A `Cell` because raft-rs asks through `&self`.
+    snapshot_wanted: std::cell::Cell<bool>,
 }
 
 impl LogStore {
@@ -45,7 +49,13 @@ impl LogStore {
             snapshot_metadata: metadata,
             snapshot_data: data,
             entries: Vec::new(),
+            snapshot_wanted: std::cell::Cell::new(false),
         }
+    }
+
+    /// True (once) when raft-rs wanted a newer snapshot than we have.
+    pub fn take_snapshot_wanted(&self) -> bool {
+        self.snapshot_wanted.replace(false)
     }
 
     /// The index of the first entry still held (entries before it are in the snapshot).
@@ -231,11 +241,19 @@ impl raft::Storage for LogStore {
         Ok(LogStore::last_index(self))
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         // Our snapshot always covers every compacted entry, so it is never too
-        // old for a follower that needs entries we no longer hold; a request for
-        // a newer one waits for the next snapshot.
-        if self.snapshot_metadata.index < request_index {
+        // old for a follower that needs entries we no longer hold. But a member
+        // added after it is not in its configuration, and raft-rs on the
+        // recipient refuses such a snapshot: ask for a fresh one and let
+        // raft-rs retry.
+        let conf_state = self.snapshot_metadata.get_conf_state();
+        let includes_recipient = conf_state.voters.contains(&to)
+            || conf_state.learners.contains(&to)
+            || conf_state.voters_outgoing.contains(&to)
+            || conf_state.learners_next.contains(&to);
+        if self.snapshot_metadata.index < request_index || !includes_recipient {
+            self.snapshot_wanted.set(true);
             return Err(raft::Error::Store(
                 StorageError::SnapshotTemporarilyUnavailable,
             ));

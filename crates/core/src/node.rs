@@ -186,12 +186,53 @@ pub enum Event {
         /// Whether to list the attached keys.
         keys: bool,
     },
+    /// A change of membership (etcd's Cluster service), answered once applied.
+    ChangeMembership {
+        /// The shell's handle for the waiting client.
+        token: u64,
+        /// What to change.
+        change: MembershipChange,
+    },
     /// The transport could not reach this peer.
     Unreachable(u64),
     /// A snapshot sent to this peer was lost; raft-rs must be told or the peer
     /// stays stuck waiting for it.
     SnapshotFailed(u64),
 }
+
+/// A change of membership, as etcd's Cluster service asks for it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MembershipChange {
+    /// Add a member (a voter, or a learner when `is_learner`); its id is
+    /// chosen by this member before proposing.
+    Add {
+        /// Peer URLs of the new member.
+        peer_urls: Vec<String>,
+        /// Whether it joins as a non-voting learner.
+        is_learner: bool,
+    },
+    /// Remove a member.
+    Remove {
+        /// The member.
+        member_id: u64,
+    },
+    /// Make a caught-up learner a voter (only the leader can judge "caught up").
+    Promote {
+        /// The learner.
+        member_id: u64,
+    },
+    /// Change a member's peer URLs.
+    Update {
+        /// The member.
+        member_id: u64,
+        /// Its new peer URLs.
+        peer_urls: Vec<String>,
+    },
+}
+
+/// A learner is promoted only once its log is within this fraction of the
+/// leader's (etcd's `readyPercent`), so promotion cannot stall the quorum.
+const LEARNER_READY_FRACTION: f64 = 0.9;
 
 /// The answer to one client request.
 #[derive(Debug)]
@@ -213,6 +254,13 @@ pub enum Response {
     LeaseKeepAlive(LeaseKeepAliveResponse),
     /// A time-to-live query's result.
     LeaseTimeToLive(LeaseTimeToLiveResponse),
+    /// A membership change applied: the member it concerned and everyone after it.
+    Membership {
+        /// The member added, removed, promoted or updated.
+        member: MemberRecord,
+        /// The membership after the change.
+        members: Vec<MemberRecord>,
+    },
 }
 
 /// Why a client request failed. Messages are etcd's, so clients react the same way.
@@ -237,6 +285,21 @@ pub enum RequestError {
     /// A lease with this id exists already.
     #[error("etcdserver: lease already exists")]
     LeaseExists,
+    /// No member has this id.
+    #[error("etcdserver: member not found")]
+    MemberNotFound,
+    /// Another member already uses one of these peer URLs.
+    #[error("etcdserver: Peer URLs already exists")]
+    PeerUrlExists,
+    /// Only learners can be promoted.
+    #[error("etcdserver: can only promote a learner member")]
+    MemberNotLearner,
+    /// The learner's log is too far behind the leader's to promote it.
+    #[error("etcdserver: can only promote a learner member which is in sync with leader")]
+    LearnerNotReady,
+    /// Another membership change is still being applied.
+    #[error("etcdserver: unhealthy cluster")]
+    MembershipChangeInProgress,
     /// The requested lease TTL is above the maximum.
     #[error("etcdserver: too large lease TTL")]
     LeaseTtlTooLarge,
@@ -457,6 +520,10 @@ pub struct Node {
     next_lease_sequence: u32,
     /// The tick of the leader's last lease checkpoint.
     last_lease_checkpoint_tick: u64,
+    /// Membership changes this member proposed, by request id.
+    pending_membership: BTreeMap<u64, PendingWrite>,
+    /// The tick at which this member applied its own removal.
+    removed_at_tick: Option<u64>,
 }
 
 impl std::fmt::Debug for Node {
@@ -538,6 +605,8 @@ impl Node {
             lessor: Lessor::default(),
             next_lease_sequence: 0,
             last_lease_checkpoint_tick: 0,
+            pending_membership: BTreeMap::new(),
+            removed_at_tick: None,
             config,
         };
         node.jitter_election_timeout_if_reset();
@@ -567,6 +636,7 @@ impl Node {
             }
             Event::Write { token, request } => self.propose_write(token, request),
             Event::LinearizableRead { token, request } => self.queue_read(token, request),
+            Event::ChangeMembership { token, change } => self.change_membership(token, change),
             Event::LeaseKeepAlive { token, id } => self.lease_keep_alive(token, id),
             Event::LeaseTimeToLive { token, id, keys } => self.lease_time_to_live(token, id, keys),
             Event::Unreachable(peer) => self.raw_node.report_unreachable(peer),
@@ -664,6 +734,158 @@ impl Node {
             .propose(Vec::new(), log_request.encode_to_vec())
         {
             tracing::debug!(%error, "internal proposal dropped");
+        }
+    }
+
+    fn next_request_id(&mut self) -> u64 {
+        self.next_request_sequence = self.next_request_sequence.wrapping_add(1);
+        (u64::from(self.config.boot_epoch) << 32) | u64::from(self.next_request_sequence)
+    }
+
+    fn change_membership(&mut self, token: u64, change: MembershipChange) {
+        use raft::eraftpb::{ConfChangeSingle, ConfChangeType};
+        if self.raw_node.raft.leader_id == raft::INVALID_ID {
+            return self.refuse(token, RequestError::NoLeader);
+        }
+        let members = self.state_machine.members().to_vec();
+        let find = |id: u64| members.iter().find(|member| member.id == id).cloned();
+        let (change_type, member) = match change {
+            MembershipChange::Add {
+                peer_urls,
+                is_learner,
+            } => {
+                if members
+                    .iter()
+                    .any(|member| member.peer_urls.iter().any(|url| peer_urls.contains(url)))
+                {
+                    return self.refuse(token, RequestError::PeerUrlExists);
+                }
+                let id = self.next_member_id(&peer_urls, &members);
+                let member = MemberRecord {
+                    id,
+                    name: String::new(),
+                    peer_urls,
+                    client_urls: Vec::new(),
+                    is_learner,
+                };
+                let change_type = if is_learner {
+                    ConfChangeType::AddLearnerNode
+                } else {
+                    ConfChangeType::AddNode
+                };
+                (change_type, member)
+            }
+            MembershipChange::Remove { member_id } => {
+                let Some(member) = find(member_id) else {
+                    return self.refuse(token, RequestError::MemberNotFound);
+                };
+                (ConfChangeType::RemoveNode, member)
+            }
+            MembershipChange::Promote { member_id } => {
+                let Some(mut member) = find(member_id) else {
+                    return self.refuse(token, RequestError::MemberNotFound);
+                };
+                if !member.is_learner {
+                    return self.refuse(token, RequestError::MemberNotLearner);
+                }
+                if !self.lessor.is_active() {
+                    let leader_id = self.raw_node.raft.leader_id;
+                    return self.refuse(token, RequestError::NotLeader { leader_id });
+                }
+                let raft = &self.raw_node.raft;
+                let leader_match = raft
+                    .prs()
+                    .get(self.config.member_id)
+                    .map_or(0, |progress| progress.matched);
+                let learner_match = raft
+                    .prs()
+                    .get(member_id)
+                    .map_or(0, |progress| progress.matched);
+                if (learner_match as f64) < (leader_match as f64) * LEARNER_READY_FRACTION {
+                    return self.refuse(token, RequestError::LearnerNotReady);
+                }
+                member.is_learner = false;
+                (ConfChangeType::AddNode, member)
+            }
+            MembershipChange::Update {
+                member_id,
+                peer_urls,
+            } => {
+                let Some(mut member) = find(member_id) else {
+                    return self.refuse(token, RequestError::MemberNotFound);
+                };
+                if members.iter().any(|other| {
+                    other.id != member_id
+                        && other.peer_urls.iter().any(|url| peer_urls.contains(url))
+                }) {
+                    return self.refuse(token, RequestError::PeerUrlExists);
+                }
+                member.peer_urls = peer_urls;
+                // Peer URLs are metadata, not configuration: a normal entry.
+                return self.propose_write(token, log_request::Request::MemberPeerUrls(member));
+            }
+        };
+        let request_id = self.next_request_id();
+        let context = keel_types::keelpb::ConfChangeContext {
+            request_id,
+            origin_member_id: self.config.member_id,
+            member: Some(member.clone()),
+        };
+        let mut single = ConfChangeSingle::default();
+        single.set_change_type(change_type);
+        single.node_id = member.id;
+        let mut conf_change = ConfChangeV2::default();
+        conf_change.set_changes(vec![single].into());
+        conf_change.context = context.encode_to_vec().into();
+        match self.raw_node.propose_conf_change(Vec::new(), conf_change) {
+            Ok(()) => {
+                self.pending_membership.insert(
+                    request_id,
+                    PendingWrite {
+                        token,
+                        proposed_tick: self.tick_count,
+                        proposed_term: self.raw_node.raft.term,
+                        keep_alive: None,
+                    },
+                );
+            }
+            // raft-rs allows one configuration change in flight at a time.
+            Err(_) => self.refuse(token, RequestError::MembershipChangeInProgress),
+        }
+    }
+
+    /// A member id for a new member: a hash of its peer URLs, the cluster and
+    /// this member's request counter, so adding the same URLs again after a
+    /// removal gives a new id (a removed id must never come back).
+    fn next_member_id(&mut self, peer_urls: &[String], members: &[MemberRecord]) -> u64 {
+        loop {
+            let salt = self.next_request_id();
+            let mut hash: u64 = 0xcbf2_9ce4_8422_2325 ^ self.state_machine.cluster_id();
+            for byte in peer_urls
+                .iter()
+                .flat_map(|url| url.bytes())
+                .chain(salt.to_le_bytes())
+                .chain(self.config.member_id.to_le_bytes())
+            {
+                hash ^= u64::from(byte);
+                hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+            }
+            if hash != 0 && !members.iter().any(|member| member.id == hash) {
+                return hash;
+            }
+        }
+    }
+
+    /// True once this member has applied its own removal and, if it was the
+    /// leader, has handed leadership over (or waited an election timeout):
+    /// the shell then stops it.
+    pub fn is_removed_and_done(&self) -> bool {
+        match self.removed_at_tick {
+            None => false,
+            Some(removed_at) => {
+                self.raw_node.raft.state != StateRole::Leader
+                    || self.tick_count - removed_at >= self.config.election_ticks as u64
+            }
         }
     }
 
@@ -807,6 +1029,22 @@ impl Node {
     /// for the request timeout.
     fn fail_writes_of_older_terms(&mut self) {
         let term = self.raw_node.raft.term;
+        let stale_changes: Vec<u64> = self
+            .pending_membership
+            .iter()
+            .filter(|(_, change)| change.proposed_term < term)
+            .map(|(&request_id, _)| request_id)
+            .collect();
+        for request_id in stale_changes {
+            let change = self
+                .pending_membership
+                .remove(&request_id)
+                .expect("listed above");
+            self.replies.push(Reply {
+                token: change.token,
+                result: Err(RequestError::LeaderChanged),
+            });
+        }
         let stale: Vec<u64> = self
             .pending_writes
             .iter()
@@ -841,6 +1079,22 @@ impl Node {
                 .expect("listed above");
             self.replies.push(Reply {
                 token: write.token,
+                result: Err(RequestError::Timeout),
+            });
+        }
+        let expired_changes: Vec<u64> = self
+            .pending_membership
+            .iter()
+            .filter(|(_, change)| now - change.proposed_tick >= timeout)
+            .map(|(&request_id, _)| request_id)
+            .collect();
+        for request_id in expired_changes {
+            let change = self
+                .pending_membership
+                .remove(&request_id)
+                .expect("listed above");
+            self.replies.push(Reply {
+                token: change.token,
                 result: Err(RequestError::Timeout),
             });
         }
@@ -920,7 +1174,8 @@ impl Node {
             | log_request::Request::MemberAttributes(_)
             | log_request::Request::LeaseGrant(_)
             | log_request::Request::LeaseRevoke(_)
-            | log_request::Request::LeaseCheckpoint(_) => Ok(()),
+            | log_request::Request::LeaseCheckpoint(_)
+            | log_request::Request::MemberPeerUrls(_) => Ok(()),
         };
         if let Err(error) = validation {
             return self.refuse(token, RequestError::KeySpace(error));
@@ -1190,8 +1445,8 @@ impl Node {
         }
     }
 
-    /// Records the configuration in force after a configuration change, and the
-    /// member record carried in the change's context.
+    /// Records the configuration in force after a configuration change and the
+    /// member record carried in its context, and answers the proposing client.
     fn record_conf_change(
         &mut self,
         index: u64,
@@ -1199,28 +1454,80 @@ impl Node {
         context: &[u8],
     ) {
         self.raw_node.mut_store().set_conf_state(conf_state.clone());
-        if let Ok(member) = MemberRecord::decode(context) {
-            if member.id != 0 {
+        let context = keel_types::keelpb::ConfChangeContext::decode(context).unwrap_or_default();
+        let is_member =
+            |id: u64| conf_state.voters.contains(&id) || conf_state.learners.contains(&id);
+        if let Some(mut member) = context.member.clone() {
+            if is_member(member.id) {
+                // Keep what the member announced about itself (name, client URLs).
+                if let Some(known) = self
+                    .state_machine
+                    .members()
+                    .iter()
+                    .find(|known| known.id == member.id)
+                {
+                    member.name = known.name.clone();
+                    member.client_urls = known.client_urls.clone();
+                }
+                member.is_learner = conf_state.learners.contains(&member.id);
                 self.state_machine.upsert_member(member);
             }
         }
-        let known: Vec<u64> = conf_state
-            .voters
-            .iter()
-            .chain(conf_state.learners.iter())
-            .copied()
-            .collect();
         let removed: Vec<u64> = self
             .state_machine
             .members()
             .iter()
             .map(|member| member.id)
-            .filter(|id| !known.contains(id))
+            .filter(|&id| !is_member(id))
             .collect();
         for id in removed {
             self.state_machine.remove_member(id);
         }
         self.state_machine.set_applied_index(index);
+        if !is_member(self.config.member_id) && self.removed_at_tick.is_none() {
+            self.removed_at_tick = Some(self.tick_count);
+            self.hand_over_leadership();
+        }
+        if context.origin_member_id == self.config.member_id {
+            if let Some(pending) = self.pending_membership.remove(&context.request_id) {
+                let member = context.member.unwrap_or_default();
+                let member = self
+                    .state_machine
+                    .members()
+                    .iter()
+                    .find(|known| known.id == member.id)
+                    .cloned()
+                    .unwrap_or(member);
+                self.replies.push(Reply {
+                    token: pending.token,
+                    result: Ok(Response::Membership {
+                        member,
+                        members: self.state_machine.members().to_vec(),
+                    }),
+                });
+            }
+        }
+    }
+
+    /// A removed leader transfers leadership to the most up-to-date voter, so
+    /// the cluster does not wait an election timeout for a new leader.
+    fn hand_over_leadership(&mut self) {
+        if self.raw_node.raft.state != StateRole::Leader {
+            return;
+        }
+        let own_id = self.config.member_id;
+        let transferee = self
+            .raw_node
+            .raft
+            .prs()
+            .iter()
+            .filter(|(&id, _)| id != own_id)
+            .filter(|(&id, _)| self.raw_node.raft.prs().conf().voters().contains(id))
+            .max_by_key(|(_, progress)| progress.matched)
+            .map(|(&id, _)| id);
+        if let Some(transferee) = transferee {
+            self.raw_node.transfer_leader(transferee);
+        }
     }
 
     fn record_read_states(&mut self, read_states: Vec<raft::ReadState>) {
@@ -1305,7 +1612,9 @@ impl Node {
     /// applied entries, and compacts the in-memory log behind it.
     fn maybe_snapshot(&mut self) -> Option<OwnSnapshot> {
         let applied = self.state_machine.applied_index();
-        if applied < self.last_snapshot_index + self.config.snapshot_entries_interval {
+        let wanted =
+            self.raw_node.store().take_snapshot_wanted() && applied > self.last_snapshot_index;
+        if !wanted && applied < self.last_snapshot_index + self.config.snapshot_entries_interval {
             return None;
         }
         let term = raft::Storage::term(self.raw_node.store(), applied)

@@ -209,6 +209,16 @@ impl StateMachine {
                 }
                 WriteResponse::MemberAttributes
             }
+            log_request::Request::MemberPeerUrls(update) => {
+                if let Some(member) = self
+                    .members
+                    .iter_mut()
+                    .find(|member| member.id == update.id)
+                {
+                    member.peer_urls = update.peer_urls.clone();
+                }
+                WriteResponse::MemberAttributes
+            }
             log_request::Request::LeaseGrant(grant) => {
                 if !self.leases.grant(grant.id, grant.ttl) {
                     return Err(ApplyError::LeaseExists);

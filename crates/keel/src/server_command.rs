@@ -179,8 +179,12 @@ pub async fn run(arguments: ServerArguments) -> anyhow::Result<()> {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted, stopping"),
         _ = terminate.recv() => tracing::info!("terminated, stopping"),
-        _ = server.stopped() => {
-            anyhow::bail!("the member stopped because its storage failed; see the log above");
+        reason = server.stopped() => match reason {
+            keel_server::StopReason::Removed => {
+                tracing::warn!("this member was removed from the cluster; exiting");
+                return Ok(());
+            }
+            _ => anyhow::bail!("the member stopped because its storage failed; see the log above"),
         }
     }
     server.shutdown().await?;

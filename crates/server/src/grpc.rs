@@ -9,7 +9,9 @@ use keel_core::mvcc::KeySpaceError;
 use keel_core::{NodeStatus, RequestError, Response, WriteRequest, WriteResponse};
 use keel_types::etcdserverpb::{
     CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, HashKvRequest,
-    HashKvResponse, Member, MemberListRequest, MemberListResponse, PutRequest, PutResponse,
+    HashKvResponse, Member, MemberAddRequest, MemberAddResponse, MemberListRequest,
+    MemberListResponse, MemberPromoteRequest, MemberPromoteResponse, MemberRemoveRequest,
+    MemberRemoveResponse, MemberUpdateRequest, MemberUpdateResponse, PutRequest, PutResponse,
     RangeRequest, RangeResponse, ResponseHeader, StatusRequest, StatusResponse, TxnRequest,
     TxnResponse,
 };
@@ -33,14 +35,71 @@ pub struct Services {
 struct ServicesInner {
     input: SyncSender<Input>,
     revision: tokio::sync::watch::Receiver<i64>,
+    /// Connections to other members' client endpoints, by URL, for
+    /// forwarding calls only the leader can answer.
+    leader_channels:
+        std::sync::Mutex<std::collections::BTreeMap<String, tonic::transport::Channel>>,
 }
+
+/// Metadata key marking a request forwarded by another member; such a request
+/// is never forwarded again.
+pub const FORWARDED_METADATA_KEY: &str = "keel-forwarded";
+/// How long a forwarded call may take.
+const FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Services {
     /// Services that talk to the member loop through `input` and learn of new
     /// revisions from `revision`.
     pub fn new(input: SyncSender<Input>, revision: tokio::sync::watch::Receiver<i64>) -> Self {
         Services {
-            inner: Arc::new(ServicesInner { input, revision }),
+            inner: Arc::new(ServicesInner {
+                input,
+                revision,
+                leader_channels: Default::default(),
+            }),
+        }
+    }
+
+    /// A channel to the leader's client endpoint, for forwarding.
+    pub async fn leader_channel(
+        &self,
+        leader_id: u64,
+    ) -> Result<tonic::transport::Channel, Status> {
+        let (_, members) = self.status().await?;
+        let url = members
+            .iter()
+            .find(|member| member.id == leader_id)
+            .and_then(|member| member.client_urls.first().cloned())
+            .ok_or_else(|| {
+                Status::unavailable("etcdserver: leader's client URL is not known yet")
+            })?;
+        let mut channels = self.inner.leader_channels.lock().expect("not poisoned");
+        if let Some(channel) = channels.get(&url) {
+            return Ok(channel.clone());
+        }
+        let channel = tonic::transport::Channel::from_shared(url.clone())
+            .map_err(|_| Status::internal(format!("leader client URL {url:?} is not a URL")))?
+            .connect_timeout(FORWARD_TIMEOUT)
+            .timeout(FORWARD_TIMEOUT)
+            .connect_lazy();
+        channels.insert(url, channel.clone());
+        Ok(channel)
+    }
+
+    /// Asks the member loop for a membership change.
+    async fn change_membership(
+        &self,
+        change: keel_core::MembershipChange,
+    ) -> Result<Result<(MemberRecord, Vec<MemberRecord>), RequestError>, Status> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Input::ChangeMembership { change, reply })?;
+        match answer.await {
+            Ok(Ok(Response::Membership { member, members })) => Ok(Ok((member, members))),
+            Ok(Ok(_)) => Err(Status::internal(
+                "a membership change was answered with something else",
+            )),
+            Ok(Err(error)) => Ok(Err(error)),
+            Err(_) => Err(Status::unavailable("etcdserver: server stopped")),
         }
     }
 
@@ -126,6 +185,11 @@ pub fn status_of(error: &RequestError) -> Status {
         RequestError::LeaseExists => Status::failed_precondition(error.to_string()),
         RequestError::LeaseTtlTooLarge => Status::out_of_range(error.to_string()),
         RequestError::NotLeader { .. } => Status::failed_precondition(error.to_string()),
+        RequestError::MemberNotFound => Status::not_found(error.to_string()),
+        RequestError::PeerUrlExists
+        | RequestError::MemberNotLearner
+        | RequestError::LearnerNotReady => Status::failed_precondition(error.to_string()),
+        RequestError::MembershipChangeInProgress => Status::unavailable(error.to_string()),
         RequestError::NoLeader => Status::unavailable(error.to_string()),
         RequestError::Timeout => Status::unavailable(error.to_string()),
         RequestError::LeaderChanged => Status::unavailable(error.to_string()),
@@ -220,6 +284,103 @@ fn member_of(record: &MemberRecord) -> Member {
 
 #[tonic::async_trait]
 impl cluster_server::Cluster for Services {
+    async fn member_add(
+        &self,
+        request: Request<MemberAddRequest>,
+    ) -> Result<tonic::Response<MemberAddResponse>, Status> {
+        let request = request.into_inner();
+        if request.peer_ur_ls.is_empty() {
+            return Err(Status::invalid_argument(
+                "etcdserver: member peer URLs are not provided",
+            ));
+        }
+        let (member, members) = self
+            .change_membership(keel_core::MembershipChange::Add {
+                peer_urls: request.peer_ur_ls,
+                is_learner: request.is_learner,
+            })
+            .await?
+            .map_err(|error| status_of(&error))?;
+        let (status, _) = self.status().await?;
+        Ok(tonic::Response::new(MemberAddResponse {
+            header: Some(header_of(&status)),
+            member: Some(member_of(&member)),
+            members: members.iter().map(member_of).collect(),
+        }))
+    }
+
+    async fn member_remove(
+        &self,
+        request: Request<MemberRemoveRequest>,
+    ) -> Result<tonic::Response<MemberRemoveResponse>, Status> {
+        let (_, members) = self
+            .change_membership(keel_core::MembershipChange::Remove {
+                member_id: request.into_inner().id,
+            })
+            .await?
+            .map_err(|error| status_of(&error))?;
+        let (status, _) = self.status().await?;
+        Ok(tonic::Response::new(MemberRemoveResponse {
+            header: Some(header_of(&status)),
+            members: members.iter().map(member_of).collect(),
+        }))
+    }
+
+    async fn member_update(
+        &self,
+        request: Request<MemberUpdateRequest>,
+    ) -> Result<tonic::Response<MemberUpdateResponse>, Status> {
+        let request = request.into_inner();
+        let change = keel_core::MembershipChange::Update {
+            member_id: request.id,
+            peer_urls: request.peer_ur_ls,
+        };
+        let (reply, answer) = oneshot::channel();
+        self.submit(Input::ChangeMembership { change, reply })?;
+        match answer.await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => return Err(status_of(&error)),
+            Err(_) => return Err(Status::unavailable("etcdserver: server stopped")),
+        }
+        let (status, members) = self.status().await?;
+        Ok(tonic::Response::new(MemberUpdateResponse {
+            header: Some(header_of(&status)),
+            members: members.iter().map(member_of).collect(),
+        }))
+    }
+
+    async fn member_promote(
+        &self,
+        request: Request<MemberPromoteRequest>,
+    ) -> Result<tonic::Response<MemberPromoteResponse>, Status> {
+        let forwarded = request.metadata().contains_key(FORWARDED_METADATA_KEY);
+        let member_id = request.into_inner().id;
+        match self
+            .change_membership(keel_core::MembershipChange::Promote { member_id })
+            .await?
+        {
+            Ok((_, members)) => {
+                let (status, _) = self.status().await?;
+                Ok(tonic::Response::new(MemberPromoteResponse {
+                    header: Some(header_of(&status)),
+                    members: members.iter().map(member_of).collect(),
+                }))
+            }
+            // Only the leader knows how far behind a learner is.
+            Err(RequestError::NotLeader { leader_id }) if !forwarded && leader_id != 0 => {
+                let mut client = crate::api::etcdserverpb::cluster_client::ClusterClient::new(
+                    self.leader_channel(leader_id).await?,
+                );
+                let mut request = Request::new(MemberPromoteRequest { id: member_id });
+                request
+                    .metadata_mut()
+                    .insert(FORWARDED_METADATA_KEY, "1".parse().expect("ascii"));
+                client.member_promote(request).await
+            }
+            Err(error) => Err(status_of(&error)),
+        }
+    }
+
     async fn member_list(
         &self,
         _request: Request<MemberListRequest>,

@@ -3,10 +3,7 @@
 //! expiry times: a member that is not the leader forwards them to the leader's
 //! client endpoint (once: a forwarded request is never forwarded again).
 
-use std::collections::BTreeMap;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use keel_core::{RequestError, Response, WriteRequest, WriteResponse};
 use keel_types::etcdserverpb::{
@@ -16,27 +13,20 @@ use keel_types::etcdserverpb::{
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::Stream;
-use tonic::transport::Channel;
 use tonic::{Request, Status, Streaming};
 
 use crate::api::etcdserverpb::lease_client::LeaseClient;
 use crate::api::etcdserverpb::lease_server;
-use crate::grpc::{status_of, Services};
+use crate::grpc::{status_of, Services, FORWARDED_METADATA_KEY};
 use crate::member::Input;
 
-/// Metadata key marking a request forwarded by another member.
-const FORWARDED_METADATA_KEY: &str = "keel-forwarded";
 /// Keep-alive responses queued for one client stream before we stop reading it.
 const KEEP_ALIVE_QUEUE_MAX: usize = 64;
-/// How long a forwarded call may take.
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The Lease service over one member.
 #[derive(Clone)]
 pub struct LeaseService {
     services: Services,
-    /// Connections to other members' client endpoints, by URL, for forwarding.
-    leader_channels: Arc<Mutex<BTreeMap<String, Channel>>>,
 }
 
 /// Which leader-only question to ask.
@@ -49,10 +39,7 @@ enum LeaderQuery {
 impl LeaseService {
     /// A Lease service over `services`.
     pub fn new(services: Services) -> Self {
-        LeaseService {
-            services,
-            leader_channels: Arc::default(),
-        }
+        LeaseService { services }
     }
 
     async fn write(&self, request: WriteRequest) -> Result<WriteResponse, Status> {
@@ -85,32 +72,8 @@ impl LeaseService {
         }
     }
 
-    async fn leader_channel(&self, leader_id: u64) -> Result<Channel, Status> {
-        let (_, members) = self.services.status().await?;
-        let url = members
-            .iter()
-            .find(|member| member.id == leader_id)
-            .and_then(|member| member.client_urls.first().cloned())
-            .ok_or_else(|| {
-                Status::unavailable("etcdserver: leader's client URL is not known yet")
-            })?;
-        if let Some(channel) = self.leader_channels.lock().expect("not poisoned").get(&url) {
-            return Ok(channel.clone());
-        }
-        let channel = Channel::from_shared(url.clone())
-            .map_err(|_| Status::internal(format!("leader client URL {url:?} is not a URL")))?
-            .connect_timeout(FORWARD_TIMEOUT)
-            .timeout(FORWARD_TIMEOUT)
-            .connect_lazy();
-        self.leader_channels
-            .lock()
-            .expect("not poisoned")
-            .insert(url, channel.clone());
-        Ok(channel)
-    }
-
     async fn forward(&self, query: LeaderQuery, leader_id: u64) -> Result<Response, Status> {
-        let mut client = LeaseClient::new(self.leader_channel(leader_id).await?);
+        let mut client = LeaseClient::new(self.services.leader_channel(leader_id).await?);
         match query {
             LeaderQuery::KeepAlive(id) => {
                 let mut request = Request::new(tokio_stream::once(LeaseKeepAliveRequest { id }));

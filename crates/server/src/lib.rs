@@ -31,7 +31,6 @@ pub mod api {
     }
 }
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::mpsc;
@@ -44,6 +43,7 @@ pub use config::{InitialClusterState, ServerConfig};
 
 use crate::config::{cluster_id, parse_url_address};
 use crate::member::Input;
+pub use crate::member::StopReason;
 
 /// Why a member could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -82,11 +82,11 @@ pub enum ServerError {
 /// A running member.
 pub struct Server {
     input: mpsc::SyncSender<Input>,
-    member_thread: Option<std::thread::JoinHandle<Result<(), DurableError>>>,
+    member_thread: Option<std::thread::JoinHandle<Result<StopReason, DurableError>>>,
     client_addresses: Vec<SocketAddr>,
     serve_tasks: Vec<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
     peer_task: Vec<tokio::task::JoinHandle<()>>,
-    member_stopped: tokio::sync::watch::Receiver<bool>,
+    member_stopped: tokio::sync::watch::Receiver<Option<StopReason>>,
 }
 
 impl Server {
@@ -103,22 +103,17 @@ impl Server {
             .map_err(|error| recovery_error(&member_directory, error.to_string()))?;
         let recovered = match recovered {
             Some(recovered) => recovered,
+            None if config.initial_cluster_state == InitialClusterState::Existing => {
+                join_existing_cluster(&config).await?
+            }
             None => {
-                if config.initial_cluster_state == InitialClusterState::Existing {
-                    return Err(recovery_error(
-                        &member_directory,
-                        "joining an existing cluster (--initial-cluster-state existing) needs \
-                         MemberAdd, which this version does not implement yet"
-                            .into(),
-                    ));
-                }
                 let members = config.initial_members();
                 durable
                     .bootstrap(members.clone(), cluster_id(&members))
                     .map_err(|error| recovery_error(&member_directory, error.to_string()))?
             }
         };
-        let member_id = config.member_id();
+        let member_id = own_member_id(&config, &recovered);
         let mut node_config = NodeConfig::with_member_id(member_id);
         node_config.election_ticks = config.election_ticks();
         node_config.heartbeat_ticks = 1;
@@ -151,23 +146,22 @@ impl Server {
                 ),
             ));
         }
-        let mut peer_addresses = BTreeMap::new();
-        for member in &members {
-            if let Some(url) = member.peer_urls.first() {
-                peer_addresses.insert(member.id, parse_url_address(url)?);
-            }
-        }
-
         let (input, inputs) = mpsc::sync_channel(config.input_queue_max);
         let runtime = tokio::runtime::Handle::current();
-        let peers = transport::start_senders(
-            &runtime,
+        let peers = transport::PeerSenders::new(
+            runtime,
             cluster,
             member_id,
-            &peer_addresses,
             config.peer_queue_messages_max,
             input.clone(),
         );
+        let view = member::MembershipView {
+            allowed: Default::default(),
+            membership: Default::default(),
+        };
+        let allowed = view.allowed.clone();
+        let membership = view.membership.clone();
+        *allowed.write().expect("not poisoned") = members.iter().map(|member| member.id).collect();
         let mut peer_task = Vec::new();
         for &address in &config.listen_peer_addresses {
             let listener = TcpListener::bind(address)
@@ -178,12 +172,14 @@ impl Server {
                 cluster,
                 config.peer_frame_bytes_max,
                 input.clone(),
+                allowed.clone(),
+                membership.clone(),
             )));
         }
 
         let tick_interval = config.heartbeat_interval;
         let loop_input = input.clone();
-        let (stopped_sender, member_stopped) = tokio::sync::watch::channel(false);
+        let (stopped_sender, member_stopped) = tokio::sync::watch::channel(None);
         let (revision_sender, revision_receiver) = tokio::sync::watch::channel(0i64);
         let member_thread = std::thread::Builder::new()
             .name(format!("keel-member-{}", config.name))
@@ -196,11 +192,16 @@ impl Server {
                     peers,
                     tick_interval,
                     revision_sender,
+                    view,
                 );
-                if let Err(error) = &result {
-                    tracing::error!(%error, "member loop stopped: storage failed");
-                }
-                let _ = stopped_sender.send(true);
+                let reason = match &result {
+                    Ok(reason) => *reason,
+                    Err(error) => {
+                        tracing::error!(%error, "member loop stopped: storage failed");
+                        StopReason::StorageFailed
+                    }
+                };
+                let _ = stopped_sender.send(Some(reason));
                 result
             })
             .expect("spawning the member thread");
@@ -293,9 +294,17 @@ impl Server {
         &self.client_addresses
     }
 
-    /// Waits until the member loop stops by itself (a storage failure).
-    pub async fn stopped(&mut self) {
-        let _ = self.member_stopped.wait_for(|stopped| *stopped).await;
+    /// Waits until the member loop stops by itself (removal or a storage
+    /// failure) and says why.
+    pub async fn stopped(&mut self) -> StopReason {
+        match self
+            .member_stopped
+            .wait_for(|stopped| stopped.is_some())
+            .await
+        {
+            Ok(reason) => reason.unwrap_or(StopReason::Shutdown),
+            Err(_) => StopReason::Shutdown,
+        }
     }
 
     /// Stops serving and waits for the member loop to finish its current batch.
@@ -312,7 +321,7 @@ impl Server {
             .await
             .expect("joining the member thread");
         match result {
-            Ok(result) => result.map_err(ServerError::from),
+            Ok(result) => result.map(|_| ()).map_err(ServerError::from),
             Err(_) => Err(recovery_error(
                 Path::new("."),
                 "the member thread panicked".into(),
@@ -346,6 +355,78 @@ async fn publish_attributes(
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
+}
+
+/// This member's id: the member whose peer URLs are ours in the recovered
+/// membership. Founding members could derive it from the flags, but a member
+/// added at run time got its id from MemberAdd, so the data is the authority.
+fn own_member_id(config: &ServerConfig, recovered: &keel_core::Recovered) -> u64 {
+    let members = keel_core::StateMachine::decode(&recovered.snapshot.data)
+        .map(|state_machine| state_machine.members().to_vec())
+        .unwrap_or_default();
+    members
+        .iter()
+        .find(|member| {
+            member
+                .peer_urls
+                .iter()
+                .any(|url| config.initial_advertise_peer_urls.contains(url))
+        })
+        .map_or_else(|| config.member_id(), |member| member.id)
+}
+
+/// Learns the cluster's id and membership from the members listed in
+/// `--initial-cluster`, finds this member in it (it must have been added with
+/// MemberAdd first), and returns the state a new member starts from: nothing
+/// but the membership, with an empty log. The leader then sends a snapshot.
+async fn join_existing_cluster(config: &ServerConfig) -> Result<keel_core::Recovered, ServerError> {
+    let own_urls: Vec<&String> = config.initial_advertise_peer_urls.iter().collect();
+    let mut errors = Vec::new();
+    for (name, urls) in &config.initial_cluster {
+        if name == &config.name {
+            continue;
+        }
+        for url in urls {
+            let address = parse_url_address(url)?;
+            match transport::query_membership(address).await {
+                Ok(answer) => {
+                    let Some(own) = answer
+                        .members
+                        .iter()
+                        .find(|member| member.peer_urls.iter().any(|url| own_urls.contains(&url)))
+                    else {
+                        return Err(ServerError::Config(config::ConfigError(format!(
+                            "the cluster at {url} has no member with peer URLs {:?}; add this \
+                             member first (etcdctl member add {} --peer-urls={})",
+                            config.initial_advertise_peer_urls,
+                            config.name,
+                            config.initial_advertise_peer_urls.join(",")
+                        ))));
+                    };
+                    tracing::info!(
+                        member_id = format!("{:x}", own.id),
+                        cluster_id = format!("{:x}", answer.cluster_id),
+                        "joining an existing cluster"
+                    );
+                    let mut state_machine =
+                        keel_core::StateMachine::new(answer.members.clone(), answer.cluster_id);
+                    state_machine.set_applied_index(0);
+                    let mut snapshot = keel_core::eraftpb::Snapshot::default();
+                    snapshot.data = state_machine.encode().into();
+                    return Ok(keel_core::Recovered {
+                        snapshot,
+                        hard_state: None,
+                        entries: Vec::new(),
+                    });
+                }
+                Err(error) => errors.push(error),
+            }
+        }
+    }
+    Err(ServerError::Config(config::ConfigError(format!(
+        "--initial-cluster-state existing: no member of --initial-cluster answered: {}",
+        errors.join("; ")
+    ))))
 }
 
 /// Room for gRPC framing on top of the largest request, as etcd allows.

@@ -106,6 +106,15 @@ pub enum Input {
         /// Where the answer goes.
         reply: oneshot::Sender<(keel_types::etcdserverpb::ResponseHeader, Vec<i64>)>,
     },
+    /// A membership change (MemberAdd, MemberRemove, MemberPromote, MemberUpdate).
+    ChangeMembership {
+        /// What to change.
+        change: keel_core::MembershipChange,
+        /// Where the answer goes.
+        reply: ReplySender,
+    },
+    /// A peer told us this member was removed from the cluster.
+    RemovedFromCluster,
     /// The transport could not reach a peer.
     Unreachable(u64),
     /// A snapshot to a peer was lost.
@@ -130,19 +139,58 @@ pub fn key_in_range(key: &[u8], start: &[u8], range_end: &[u8]) -> bool {
     key >= start && key < range_end
 }
 
-/// Runs the member loop until shutdown or a storage failure. After every
-/// batch it publishes the key space's revision on `revision`, which is how
-/// watchers learn that there is something new to read.
+/// Why the member loop stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// Asked to stop (SIGTERM, Ctrl-C).
+    Shutdown,
+    /// The member was removed from the cluster.
+    Removed,
+    /// The write-ahead log or snapshot store failed.
+    StorageFailed,
+}
+
+/// What the member loop shares with the peer listeners about membership.
+pub struct MembershipView {
+    /// Members allowed to send us messages.
+    pub allowed: crate::transport::AllowedPeers,
+    /// The cluster id and members, answered to joining members.
+    pub membership: std::sync::Arc<std::sync::RwLock<keel_types::keelpb::StateMachineSnapshot>>,
+}
+
+impl MembershipView {
+    fn update(&self, cluster_id: u64, members: &[MemberRecord]) {
+        *self.allowed.write().expect("not poisoned") =
+            members.iter().map(|member| member.id).collect();
+        *self.membership.write().expect("not poisoned") =
+            keel_types::keelpb::StateMachineSnapshot {
+                cluster_id,
+                members: members.to_vec(),
+                ..Default::default()
+            };
+    }
+}
+
+/// Runs the member loop until shutdown, removal or a storage failure. After
+/// every batch it publishes the key space's revision on `revision`, which is
+/// how watchers learn that there is something new to read, and follows
+/// membership changes in the transport.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     mut node: Node,
     mut durable: Durable,
     inputs: Receiver<Input>,
     input_sender: SyncSender<Input>,
-    peers: PeerSenders,
+    mut peers: PeerSenders,
     tick_interval: Duration,
     revision: tokio::sync::watch::Sender<i64>,
-) -> Result<(), DurableError> {
+    view: MembershipView,
+) -> Result<StopReason, DurableError> {
     revision.send_replace(node.status().revision);
+    let mut known_members = node.members().to_vec();
+    peers.follow_membership(&known_members);
+    view.update(node.status().cluster_id, &known_members);
+    let mut removed = false;
     let mut waiting: BTreeMap<u64, ReplySender> = BTreeMap::new();
     let mut next_token: u64 = 0;
     let mut next_tick = Instant::now() + tick_interval;
@@ -151,15 +199,21 @@ pub fn run(
         let first = match inputs.recv_timeout(timeout) {
             Ok(input) => Some(input),
             Err(RecvTimeoutError::Timeout) => None,
-            Err(RecvTimeoutError::Disconnected) => return Ok(()),
+            Err(RecvTimeoutError::Disconnected) => return Ok(StopReason::Shutdown),
         };
         let mut handled = 0;
         let mut next_input = first;
         while let Some(input) = next_input.take() {
             if let Input::Shutdown = input {
-                return Ok(());
+                return Ok(StopReason::Shutdown);
             }
-            handle_input(&mut node, input, &mut waiting, &mut next_token);
+            handle_input(
+                &mut node,
+                input,
+                &mut waiting,
+                &mut next_token,
+                &mut removed,
+            );
             handled += 1;
             if handled < INPUTS_PER_BATCH_MAX {
                 next_input = inputs.try_recv().ok();
@@ -187,6 +241,15 @@ pub fn run(
             *published = current;
             changed
         });
+        if node.members() != known_members.as_slice() {
+            known_members = node.members().to_vec();
+            peers.follow_membership(&known_members);
+            view.update(node.status().cluster_id, &known_members);
+        }
+        if removed || node.is_removed_and_done() {
+            tracing::warn!("this member has been removed from the cluster; stopping");
+            return Ok(StopReason::Removed);
+        }
     }
 }
 
@@ -195,6 +258,7 @@ fn handle_input(
     input: Input,
     waiting: &mut BTreeMap<u64, ReplySender>,
     next_token: &mut u64,
+    removed: &mut bool,
 ) {
     match input {
         Input::Peer(message) => node.step(Event::Message(message)),
@@ -274,6 +338,15 @@ fn handle_input(
             let ids = node.state_machine().leases().ids().collect();
             let _ = reply.send((node.header(0), ids));
         }
+        Input::ChangeMembership { change, reply } => {
+            *next_token += 1;
+            waiting.insert(*next_token, reply);
+            node.step(Event::ChangeMembership {
+                token: *next_token,
+                change,
+            });
+        }
+        Input::RemovedFromCluster => *removed = true,
         Input::Unreachable(peer) => node.step(Event::Unreachable(peer)),
         Input::SnapshotFailed(peer) => node.step(Event::SnapshotFailed(peer)),
         Input::Shutdown => unreachable!("handled by the loop"),

@@ -173,6 +173,15 @@ impl Cluster {
         std::fs::read_to_string(&self.members[index].log_path).unwrap_or_default()
     }
 
+    /// Client endpoints of the given members, comma-separated, for etcdctl.
+    pub fn endpoints_of(&self, indexes: &[usize]) -> String {
+        indexes
+            .iter()
+            .map(|&index| self.members[index].endpoint())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
     /// All client endpoints, comma-separated, for etcdctl.
     pub fn endpoints(&self) -> String {
         self.members
