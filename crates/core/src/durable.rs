@@ -68,8 +68,22 @@ impl<D: Disk + Clone> DurableState<D> {
         snapshot.set_metadata(metadata);
         snapshot.data = file.data.into();
         let snapshot_index = snapshot.get_metadata().index;
-        // Entries at or below the snapshot are covered by it; the marker for a
-        // snapshot written just before a crash may be missing from the log.
+        let snapshot_term = snapshot.get_metadata().term;
+        let mut durable = durable;
+        // A crash (or an fsync error) between saving a snapshot file and
+        // appending its marker leaves the log behind the snapshot: finish the
+        // interrupted save now, so the log accepts the entries after the
+        // snapshot. Found by the simulator (seed 910).
+        let marker_index = durable
+            .wal
+            .snapshot_marker()
+            .map_or(0, |marker| marker.index);
+        if snapshot_index > marker_index {
+            durable
+                .wal
+                .save_snapshot_marker(snapshot_index, snapshot_term)?;
+        }
+        // Entries at or below the snapshot are covered by it.
         let entries = recovered_log
             .entries
             .iter()
@@ -256,5 +270,71 @@ mod tests {
         assert_eq!(indexes, vec![7, 8, 9, 10]);
         assert_eq!(recovered.entries[0].data.as_ref(), &[7]);
         assert_eq!(recovered.hard_state.unwrap().commit, 10);
+    }
+
+    /// Simulator seed 910: a crash between saving a snapshot file and its
+    /// marker in the log must not leave the log unable to take the entries
+    /// after the snapshot.
+    #[test]
+    fn issue_3_seed_910_snapshot_whose_marker_was_lost_takes_later_entries() {
+        let disk = SimDisk::new();
+        let (mut durable, _) = DurableState::open(disk.clone()).unwrap();
+        durable.bootstrap(vec![member(1)], 7).unwrap();
+        let entries: Vec<Entry> = (2..=5)
+            .map(|index| Entry {
+                index,
+                term: 1,
+                ..Default::default()
+            })
+            .collect();
+        durable
+            .persist(&Persist {
+                snapshot: None,
+                entries,
+                hard_state: None,
+            })
+            .unwrap();
+        drop(durable);
+        // The snapshot file is durable, its marker in the log is not.
+        let metadata = SnapshotMetadata {
+            index: 20,
+            term: 1,
+            ..Default::default()
+        };
+        let snapshots = SnapshotStore::open(disk.clone(), SnapshotOptions::default()).unwrap();
+        snapshots
+            .save(
+                20,
+                1,
+                &metadata.write_to_bytes().unwrap(),
+                &bootstrap_snapshot(vec![member(1)], 7).data,
+            )
+            .unwrap();
+        drop(snapshots);
+        let (mut durable, recovered) = DurableState::open(disk.clone()).unwrap();
+        assert_eq!(recovered.unwrap().snapshot.get_metadata().index, 20);
+        let after: Vec<Entry> = (21..=23)
+            .map(|index| Entry {
+                index,
+                term: 1,
+                ..Default::default()
+            })
+            .collect();
+        durable
+            .persist(&Persist {
+                snapshot: None,
+                entries: after,
+                hard_state: None,
+            })
+            .unwrap();
+        drop(durable);
+        let (_, recovered) = DurableState::open(disk).unwrap();
+        let indexes: Vec<u64> = recovered
+            .unwrap()
+            .entries
+            .iter()
+            .map(|entry| entry.index)
+            .collect();
+        assert_eq!(indexes, vec![21, 22, 23]);
     }
 }
