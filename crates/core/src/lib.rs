@@ -19,9 +19,9 @@ pub mod state_machine;
 
 pub use durable::{DurableError, DurableState};
 pub use node::{
-    bootstrap_snapshot, DeliberateBug, Event, MembershipChange, Node, NodeConfig, NodeStatus,
-    Output, OwnSnapshot, Persist, Recovered, Reply, RequestError, Response, StartError,
-    WriteRequest,
+    bootstrap_snapshot, AutoCompactionPolicy, DeliberateBug, Event, MembershipChange, Node,
+    NodeConfig, NodeStatus, Output, OwnSnapshot, Persist, Recovered, Reply, RequestError, Response,
+    StartError, WriteRequest,
 };
 pub use state_machine::{ApplyError, StateMachine, WriteResponse};
 

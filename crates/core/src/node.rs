@@ -91,7 +91,28 @@ pub struct NodeConfig {
     pub lease_revokes_per_tick_max: usize,
     /// Leases per checkpoint entry.
     pub lease_checkpoints_per_entry_max: usize,
+    /// Automatic compaction, decided by the leader.
+    pub auto_compaction: AutoCompactionPolicy,
+    /// Space quota of the key space in bytes (etcd's `--quota-backend-bytes`):
+    /// past it the NOSPACE alarm is raised and writes that add data are refused.
+    pub quota_bytes: u64,
 }
+
+/// How the leader compacts old revisions by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AutoCompactionPolicy {
+    /// Never.
+    #[default]
+    Off,
+    /// Keep this many ticks of history (etcd's periodic mode).
+    KeepTicks(u64),
+    /// Keep this many revisions (etcd's revision mode).
+    KeepRevisions(u64),
+}
+
+/// Revisions remembered for periodic compaction: one every tenth of the
+/// retention, so compaction lags the retention by at most a tenth.
+const AUTO_COMPACTION_SAMPLES_MAX: usize = 11;
 
 /// Deliberately wrong behaviours the simulator must detect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -142,6 +163,8 @@ impl NodeConfig {
             lease_revoke_retry_ticks: 30,
             lease_revokes_per_tick_max: 100,
             lease_checkpoints_per_entry_max: 1_000,
+            quota_bytes: 2 * 1024 * 1024 * 1024,
+            auto_compaction: AutoCompactionPolicy::Off,
         }
     }
 }
@@ -192,6 +215,14 @@ pub enum Event {
         token: u64,
         /// What to change.
         change: MembershipChange,
+    },
+    /// Transfer leadership to another voter (etcd's MoveLeader); only the
+    /// leader can do it. Answered once the target leads, or with a timeout.
+    MoveLeader {
+        /// The shell's handle for the waiting client.
+        token: u64,
+        /// The member that should lead.
+        target: u64,
     },
     /// The transport could not reach this peer.
     Unreachable(u64),
@@ -254,6 +285,8 @@ pub enum Response {
     LeaseKeepAlive(LeaseKeepAliveResponse),
     /// A time-to-live query's result.
     LeaseTimeToLive(LeaseTimeToLiveResponse),
+    /// Leadership moved to the requested member.
+    LeaderMoved,
     /// A membership change applied: the member it concerned and everyone after it.
     Membership {
         /// The member added, removed, promoted or updated.
@@ -300,6 +333,12 @@ pub enum RequestError {
     /// Another membership change is still being applied.
     #[error("etcdserver: unhealthy cluster")]
     MembershipChangeInProgress,
+    /// The space quota is exhausted (the NOSPACE alarm is raised).
+    #[error("etcdserver: mvcc: database space exceeded")]
+    NoSpace,
+    /// MoveLeader named a member that is not a voter.
+    #[error("etcdserver: bad leader transferee")]
+    BadLeaderTransferee,
     /// The requested lease TTL is above the maximum.
     #[error("etcdserver: too large lease TTL")]
     LeaseTtlTooLarge,
@@ -420,6 +459,8 @@ pub struct NodeStatus {
     pub is_leader: bool,
     /// True when this member is a learner (non-voting).
     pub is_learner: bool,
+    /// Raised alarms (replicated: every member lists the same ones).
+    pub alarms: Vec<keel_types::etcdserverpb::AlarmMember>,
 }
 
 /// The index (and term) of the snapshot a founding member starts from.
@@ -483,6 +524,7 @@ impl From<ApplyError> for RequestError {
         match error {
             ApplyError::KeySpace(error) => RequestError::KeySpace(error),
             ApplyError::LeaseExists => RequestError::LeaseExists,
+            ApplyError::NoSpace => RequestError::NoSpace,
         }
     }
 }
@@ -524,6 +566,10 @@ pub struct Node {
     pending_membership: BTreeMap<u64, PendingWrite>,
     /// The tick at which this member applied its own removal.
     removed_at_tick: Option<u64>,
+    /// A MoveLeader waiting for the target to lead: (token, target, tick asked).
+    pending_move_leader: Option<(u64, u64, u64)>,
+    /// (tick, revision) samples for periodic auto-compaction, oldest first.
+    revision_samples: VecDeque<(u64, i64)>,
 }
 
 impl std::fmt::Debug for Node {
@@ -607,6 +653,8 @@ impl Node {
             last_lease_checkpoint_tick: 0,
             pending_membership: BTreeMap::new(),
             removed_at_tick: None,
+            pending_move_leader: None,
+            revision_samples: VecDeque::new(),
             config,
         };
         node.jitter_election_timeout_if_reset();
@@ -637,6 +685,7 @@ impl Node {
             Event::Write { token, request } => self.propose_write(token, request),
             Event::LinearizableRead { token, request } => self.queue_read(token, request),
             Event::ChangeMembership { token, change } => self.change_membership(token, change),
+            Event::MoveLeader { token, target } => self.move_leader(token, target),
             Event::LeaseKeepAlive { token, id } => self.lease_keep_alive(token, id),
             Event::LeaseTimeToLive { token, id, keys } => self.lease_time_to_live(token, id, keys),
             Event::Unreachable(peer) => self.raw_node.report_unreachable(peer),
@@ -656,12 +705,14 @@ impl Node {
         if self.lessor.is_active() {
             self.revoke_expired_leases();
             self.checkpoint_leases();
+            self.auto_compact();
         }
     }
 
     /// Starts the lease clock when this member becomes leader and stops it
     /// when it stops being one.
     fn follow_leadership(&mut self) {
+        self.follow_move_leader();
         let is_leader = self.raw_node.raft.state == StateRole::Leader;
         if is_leader && !self.lessor.is_active() {
             let ticks_per_second = self.config.ticks_per_second();
@@ -721,6 +772,53 @@ impl Node {
         }
     }
 
+    /// Compacts history older than the retention, on the leader only, through
+    /// the log like any compaction (so every member compacts at one index).
+    fn auto_compact(&mut self) {
+        let key_space = self.state_machine.key_space();
+        let current = key_space.current_revision();
+        let compacted = key_space.compact_revision();
+        let target = match self.config.auto_compaction {
+            AutoCompactionPolicy::Off => return,
+            AutoCompactionPolicy::KeepRevisions(keep) => {
+                // Checked once per election timeout: compaction is cheap but
+                // need not run on every tick.
+                if self.tick_count % self.config.election_ticks.max(1) as u64 != 0 {
+                    return;
+                }
+                current - keep as i64
+            }
+            AutoCompactionPolicy::KeepTicks(keep) => {
+                let interval = (keep / 10).max(1);
+                if self.tick_count % interval != 0 {
+                    return;
+                }
+                self.revision_samples.push_back((self.tick_count, current));
+                while self.revision_samples.len() > AUTO_COMPACTION_SAMPLES_MAX {
+                    self.revision_samples.pop_front();
+                }
+                let horizon = self.tick_count.saturating_sub(keep);
+                match self
+                    .revision_samples
+                    .iter()
+                    .rev()
+                    .find(|(tick, _)| *tick <= horizon)
+                {
+                    Some(&(_, revision)) if self.tick_count >= keep => revision,
+                    _ => return,
+                }
+            }
+        };
+        if target > compacted && target > 1 {
+            self.propose_internal(log_request::Request::Compaction(
+                keel_types::etcdserverpb::CompactionRequest {
+                    revision: target,
+                    physical: false,
+                },
+            ));
+        }
+    }
+
     /// Proposes a write nobody waits for (lease revocations and checkpoints).
     /// If it is lost, the leader proposes it again later.
     fn propose_internal(&mut self, request: WriteRequest) {
@@ -734,6 +832,46 @@ impl Node {
             .propose(Vec::new(), log_request.encode_to_vec())
         {
             tracing::debug!(%error, "internal proposal dropped");
+        }
+    }
+
+    fn move_leader(&mut self, token: u64, target: u64) {
+        if !self.lessor.is_active() {
+            let leader_id = self.raw_node.raft.leader_id;
+            return self.refuse(token, RequestError::NotLeader { leader_id });
+        }
+        if !self.raw_node.raft.prs().conf().voters().contains(target) {
+            return self.refuse(token, RequestError::BadLeaderTransferee);
+        }
+        if target == self.config.member_id {
+            self.replies.push(Reply {
+                token,
+                result: Ok(Response::LeaderMoved),
+            });
+            return;
+        }
+        if let Some((previous, _, _)) = self.pending_move_leader.take() {
+            self.refuse(previous, RequestError::LeaderChanged);
+        }
+        self.raw_node.transfer_leader(target);
+        self.pending_move_leader = Some((token, target, self.tick_count));
+    }
+
+    /// Answers a pending MoveLeader once the target leads, or after raft-rs
+    /// gave up the transfer (it aborts after an election timeout).
+    fn follow_move_leader(&mut self) {
+        let Some((token, target, asked)) = self.pending_move_leader else {
+            return;
+        };
+        if self.raw_node.raft.leader_id == target {
+            self.pending_move_leader = None;
+            self.replies.push(Reply {
+                token,
+                result: Ok(Response::LeaderMoved),
+            });
+        } else if self.tick_count - asked > 2 * self.config.election_ticks as u64 {
+            self.pending_move_leader = None;
+            self.refuse(token, RequestError::Timeout);
         }
     }
 
@@ -1175,10 +1313,31 @@ impl Node {
             | log_request::Request::LeaseGrant(_)
             | log_request::Request::LeaseRevoke(_)
             | log_request::Request::LeaseCheckpoint(_)
-            | log_request::Request::MemberPeerUrls(_) => Ok(()),
+            | log_request::Request::MemberPeerUrls(_)
+            | log_request::Request::Alarm(_) => Ok(()),
         };
         if let Err(error) = validation {
             return self.refuse(token, RequestError::KeySpace(error));
+        }
+        if crate::state_machine::adds_data(&request) {
+            if self.state_machine.has_no_space_alarm() {
+                return self.refuse(token, RequestError::NoSpace);
+            }
+            // As etcd's quota check: a write that would take the key space
+            // past the quota raises NOSPACE (through the log, so every member
+            // learns it) and is refused.
+            let request_bytes = request.encoded_len() as u64;
+            if self.state_machine.approximate_bytes() + request_bytes > self.config.quota_bytes {
+                self.propose_internal(log_request::Request::Alarm(
+                    keel_types::etcdserverpb::AlarmRequest {
+                        action: keel_types::etcdserverpb::alarm_request::AlarmAction::Activate
+                            as i32,
+                        member_id: self.config.member_id,
+                        alarm: keel_types::etcdserverpb::AlarmType::Nospace as i32,
+                    },
+                ));
+                return self.refuse(token, RequestError::NoSpace);
+            }
         }
         if self.raw_node.raft.leader_id == raft::INVALID_ID {
             return self.refuse(token, RequestError::NoLeader);
@@ -1604,6 +1763,7 @@ impl Node {
             WriteResponse::LeaseGrant(grant) => fill(&mut grant.header, self),
             WriteResponse::LeaseRevoke(revoke) => fill(&mut revoke.header, self),
             WriteResponse::LeaseCheckpoint(checkpoint) => fill(&mut checkpoint.header, self),
+            WriteResponse::Alarm(alarm) => fill(&mut alarm.header, self),
         }
         response
     }
@@ -1665,6 +1825,7 @@ impl Node {
                 .conf()
                 .learners()
                 .contains(&self.config.member_id),
+            alarms: self.state_machine.alarms().to_vec(),
         }
     }
 

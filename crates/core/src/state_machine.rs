@@ -8,8 +8,9 @@
 //! and the revision does not move.
 
 use keel_types::etcdserverpb::{
-    CompactionResponse, DeleteRangeResponse, LeaseCheckpointResponse, LeaseGrantResponse,
-    LeaseRevokeResponse, PutResponse, RangeRequest, RangeResponse, TxnResponse,
+    alarm_request::AlarmAction, AlarmMember, AlarmResponse, AlarmType, CompactionResponse,
+    DeleteRangeResponse, LeaseCheckpointResponse, LeaseGrantResponse, LeaseRevokeResponse,
+    PutResponse, RangeRequest, RangeResponse, TxnResponse,
 };
 use keel_types::keelpb::{log_request, MemberRecord, StateMachineSnapshot};
 use prost::Message as _;
@@ -36,6 +37,8 @@ pub enum WriteResponse {
     LeaseRevoke(LeaseRevokeResponse),
     /// Remaining TTLs were recorded.
     LeaseCheckpoint(LeaseCheckpointResponse),
+    /// An alarm was raised or cleared.
+    Alarm(AlarmResponse),
 }
 
 /// Why applying a write failed; the same on every member.
@@ -48,6 +51,10 @@ pub enum ApplyError {
     /// A lease with this id exists already.
     #[error("etcdserver: lease already exists")]
     LeaseExists,
+    /// The NOSPACE alarm is raised: writes that add data are refused until
+    /// an operator frees space and disarms it.
+    #[error("etcdserver: mvcc: database space exceeded")]
+    NoSpace,
 }
 
 /// Why a state machine snapshot could not be restored.
@@ -70,6 +77,8 @@ pub struct StateMachine {
     cluster_id: u64,
     applied_index: u64,
     leases: LeaseTable,
+    /// Raised alarms, sorted by member then type.
+    alarms: Vec<AlarmMember>,
 }
 
 impl StateMachine {
@@ -81,6 +90,7 @@ impl StateMachine {
             cluster_id,
             applied_index: 0,
             leases: LeaseTable::default(),
+            alarms: Vec::new(),
         }
     }
 
@@ -109,6 +119,7 @@ impl StateMachine {
             cluster_id: snapshot.cluster_id,
             applied_index: snapshot.applied_index,
             leases,
+            alarms: snapshot.alarms,
         })
     }
 
@@ -119,6 +130,7 @@ impl StateMachine {
             members: self.members.clone(),
             cluster_id: self.cluster_id,
             leases: self.leases.records(),
+            alarms: self.alarms.clone(),
             ..Default::default()
         };
         self.key_space.write_snapshot(&mut snapshot);
@@ -133,6 +145,18 @@ impl StateMachine {
     /// The lease table.
     pub fn leases(&self) -> &LeaseTable {
         &self.leases
+    }
+
+    /// Raised alarms.
+    pub fn alarms(&self) -> &[AlarmMember] {
+        &self.alarms
+    }
+
+    /// True when some member raised the NOSPACE alarm.
+    pub fn has_no_space_alarm(&self) -> bool {
+        self.alarms
+            .iter()
+            .any(|alarm| alarm.alarm == AlarmType::Nospace as i32)
     }
 
     /// The members as of the last applied entry.
@@ -174,6 +198,11 @@ impl StateMachine {
         request: &log_request::Request,
     ) -> Result<WriteResponse, ApplyError> {
         self.set_applied_index(index);
+        // While NOSPACE is raised, writes that add data fail on every member
+        // alike (etcd's capped applier); deletes and compaction still work.
+        if self.has_no_space_alarm() && adds_data(request) {
+            return Err(ApplyError::NoSpace);
+        }
         let revision_before = self.key_space.current_revision();
         let response = match request {
             log_request::Request::Put(put) => {
@@ -219,6 +248,36 @@ impl StateMachine {
                 }
                 WriteResponse::MemberAttributes
             }
+            log_request::Request::Alarm(alarm) => {
+                let member = AlarmMember {
+                    member_id: alarm.member_id,
+                    alarm: alarm.alarm,
+                };
+                let changed = match alarm.action() {
+                    AlarmAction::Activate if alarm.alarm != AlarmType::None as i32 => {
+                        if !self.alarms.contains(&member) {
+                            self.alarms.push(member);
+                            self.alarms
+                                .sort_by_key(|alarm| (alarm.member_id, alarm.alarm));
+                        }
+                        vec![member]
+                    }
+                    AlarmAction::Deactivate => {
+                        let before = self.alarms.len();
+                        self.alarms.retain(|known| known != &member);
+                        if self.alarms.len() < before {
+                            vec![member]
+                        } else {
+                            Vec::new()
+                        }
+                    }
+                    _ => Vec::new(),
+                };
+                WriteResponse::Alarm(AlarmResponse {
+                    header: None,
+                    alarms: changed,
+                })
+            }
             log_request::Request::LeaseGrant(grant) => {
                 if !self.leases.grant(grant.id, grant.ttl) {
                     return Err(ApplyError::LeaseExists);
@@ -260,6 +319,11 @@ impl StateMachine {
         Ok(response)
     }
 
+    /// Bytes the key space holds: what the space quota is measured against.
+    pub fn approximate_bytes(&self) -> u64 {
+        self.key_space.approximate_bytes()
+    }
+
     /// Adds or replaces a member (by id).
     pub fn upsert_member(&mut self, member: MemberRecord) {
         match self.members.iter_mut().find(|known| known.id == member.id) {
@@ -273,4 +337,25 @@ impl StateMachine {
     pub fn remove_member(&mut self, member_id: u64) {
         self.members.retain(|member| member.id != member_id);
     }
+}
+
+/// True for requests that can grow the key space: refused while NOSPACE is raised.
+pub fn adds_data(request: &log_request::Request) -> bool {
+    match request {
+        log_request::Request::Put(_) | log_request::Request::LeaseGrant(_) => true,
+        log_request::Request::Txn(txn) => txn_has_puts(txn),
+        _ => false,
+    }
+}
+
+fn txn_has_puts(txn: &keel_types::etcdserverpb::TxnRequest) -> bool {
+    use keel_types::etcdserverpb::request_op::Request;
+    txn.success
+        .iter()
+        .chain(txn.failure.iter())
+        .any(|operation| match &operation.request {
+            Some(Request::RequestPut(_)) => true,
+            Some(Request::RequestTxn(nested)) => txn_has_puts(nested),
+            _ => false,
+        })
 }

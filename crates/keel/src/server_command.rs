@@ -55,6 +55,19 @@ pub struct ServerArguments {
     /// flag; keel always checkpoints). Accepts etcd's duration forms: 5s, 500ms, 1m.
     #[arg(long, default_value = "5s")]
     experimental_lease_checkpoint_interval: String,
+    /// Space quota in bytes: past it the NOSPACE alarm is raised and writes
+    /// that add data are refused (0: etcd's default of 2 GiB).
+    #[arg(long, default_value_t = 0)]
+    quota_backend_bytes: u64,
+    /// "periodic" (keep --auto-compaction-retention of history, e.g. 1h) or
+    /// "revision" (keep that many revisions).
+    #[arg(long, default_value = "periodic")]
+    auto_compaction_mode: String,
+    /// How much history to keep: a duration (periodic) or a revision count
+    /// (revision); 0 turns auto-compaction off. keel keeps one hour by default,
+    /// where etcd keeps everything: the key space is in memory.
+    #[arg(long, default_value = "1h")]
+    auto_compaction_retention: String,
     /// Largest client request in bytes.
     #[arg(long, default_value_t = 1_572_864)]
     max_request_bytes: usize,
@@ -93,11 +106,12 @@ fn parse_duration(text: &str) -> anyhow::Result<Duration> {
         .unwrap_or((text, "s"));
     let value: u64 = number
         .parse()
-        .with_context(|| format!("{text:?} is not a duration like 500ms, 5s or 1m"))?;
+        .with_context(|| format!("{text:?} is not a duration like 500ms, 5s, 1m or 1h"))?;
     let duration = match unit {
         "ms" => Duration::from_millis(value),
         "s" => Duration::from_secs(value),
         "m" => Duration::from_secs(value * 60),
+        "h" => Duration::from_secs(value * 3600),
         _ => anyhow::bail!("{text:?} is not a duration like 500ms, 5s or 1m"),
     };
     if duration.is_zero() {
@@ -148,6 +162,26 @@ impl ServerArguments {
         config.election_timeout = Duration::from_millis(self.election_timeout);
         config.snapshot_count = self.snapshot_count;
         config.snapshot_catch_up_entries = self.experimental_snapshot_catchup_entries;
+        if self.quota_backend_bytes > 0 {
+            config.quota_bytes = self.quota_backend_bytes;
+        }
+        config.auto_compaction = match (
+            self.auto_compaction_mode.as_str(),
+            self.auto_compaction_retention.as_str(),
+        ) {
+            (_, "0") => keel_server::config::AutoCompaction::Off,
+            ("periodic", retention) => keel_server::config::AutoCompaction::Periodic(
+                parse_duration(retention).context("--auto-compaction-retention")?,
+            ),
+            ("revision", retention) => {
+                keel_server::config::AutoCompaction::Revision(retention.parse().with_context(
+                    || format!("--auto-compaction-retention {retention:?} is not a revision count"),
+                )?)
+            }
+            (other, _) => anyhow::bail!(
+                "--auto-compaction-mode must be \"periodic\" or \"revision\", not {other:?}"
+            ),
+        };
         config.lease_checkpoint_interval =
             parse_duration(&self.experimental_lease_checkpoint_interval)
                 .context("--experimental-lease-checkpoint-interval")?;

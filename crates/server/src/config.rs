@@ -16,6 +16,17 @@ pub enum InitialClusterState {
     Existing,
 }
 
+/// How old revisions are compacted away automatically.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AutoCompaction {
+    /// Never: history grows until a client compacts.
+    Off,
+    /// Keep this much time of history (etcd's periodic mode).
+    Periodic(Duration),
+    /// Keep this many revisions of history (etcd's revision mode).
+    Revision(u64),
+}
+
 /// A configuration value that cannot be used, with a message naming it.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -54,6 +65,10 @@ pub struct ServerConfig {
     /// How often the leader checkpoints remaining lease TTLs
     /// (`--experimental-lease-checkpoint-interval`).
     pub lease_checkpoint_interval: Duration,
+    /// Space quota in bytes (`--quota-backend-bytes`).
+    pub quota_bytes: u64,
+    /// Automatic compaction of old revisions (`--auto-compaction-mode`, `--auto-compaction-retention`).
+    pub auto_compaction: AutoCompaction,
     /// Largest client request in bytes (`--max-request-bytes`).
     pub request_bytes_max: usize,
     /// Operations per transaction (`--max-txn-ops`).
@@ -86,6 +101,8 @@ impl ServerConfig {
             snapshot_count: 100_000,
             snapshot_catch_up_entries: 5_000,
             lease_checkpoint_interval: Duration::from_secs(5),
+            quota_bytes: 2 * 1024 * 1024 * 1024,
+            auto_compaction: AutoCompaction::Periodic(Duration::from_secs(3600)),
             request_bytes_max: 1536 * 1024,
             txn_operations_max: 128,
             input_queue_max: 65_536,

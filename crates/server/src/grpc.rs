@@ -8,12 +8,14 @@ use std::sync::Arc;
 use keel_core::mvcc::KeySpaceError;
 use keel_core::{NodeStatus, RequestError, Response, WriteRequest, WriteResponse};
 use keel_types::etcdserverpb::{
-    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, HashKvRequest,
-    HashKvResponse, Member, MemberAddRequest, MemberAddResponse, MemberListRequest,
-    MemberListResponse, MemberPromoteRequest, MemberPromoteResponse, MemberRemoveRequest,
-    MemberRemoveResponse, MemberUpdateRequest, MemberUpdateResponse, PutRequest, PutResponse,
-    RangeRequest, RangeResponse, ResponseHeader, StatusRequest, StatusResponse, TxnRequest,
-    TxnResponse,
+    alarm_request::AlarmAction, AlarmRequest, AlarmResponse, AlarmType, CompactionRequest,
+    CompactionResponse, DefragmentRequest, DefragmentResponse, DeleteRangeRequest,
+    DeleteRangeResponse, HashKvRequest, HashKvResponse, HashRequest, HashResponse, Member,
+    MemberAddRequest, MemberAddResponse, MemberListRequest, MemberListResponse,
+    MemberPromoteRequest, MemberPromoteResponse, MemberRemoveRequest, MemberRemoveResponse,
+    MemberUpdateRequest, MemberUpdateResponse, MoveLeaderRequest, MoveLeaderResponse, PutRequest,
+    PutResponse, RangeRequest, RangeResponse, ResponseHeader, StatusRequest, StatusResponse,
+    TxnRequest, TxnResponse,
 };
 use keel_types::keelpb::MemberRecord;
 use tokio::sync::oneshot;
@@ -99,6 +101,16 @@ impl Services {
                 "a membership change was answered with something else",
             )),
             Ok(Err(error)) => Ok(Err(error)),
+            Err(_) => Err(Status::unavailable("etcdserver: server stopped")),
+        }
+    }
+
+    /// The member's HashKV at `revision` (0: the newest).
+    async fn hash_kv_at(&self, revision: i64) -> Result<HashKvResponse, Status> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Input::HashKv { revision, reply })?;
+        match answer.await {
+            Ok(result) => result.map_err(|error| status_of(&RequestError::KeySpace(error))),
             Err(_) => Err(Status::unavailable("etcdserver: server stopped")),
         }
     }
@@ -190,6 +202,8 @@ pub fn status_of(error: &RequestError) -> Status {
         | RequestError::MemberNotLearner
         | RequestError::LearnerNotReady => Status::failed_precondition(error.to_string()),
         RequestError::MembershipChangeInProgress => Status::unavailable(error.to_string()),
+        RequestError::NoSpace => Status::resource_exhausted(error.to_string()),
+        RequestError::BadLeaderTransferee => Status::failed_precondition(error.to_string()),
         RequestError::NoLeader => Status::unavailable(error.to_string()),
         RequestError::Timeout => Status::unavailable(error.to_string()),
         RequestError::LeaderChanged => Status::unavailable(error.to_string()),
@@ -395,21 +409,97 @@ impl cluster_server::Cluster for Services {
 
 #[tonic::async_trait]
 impl maintenance_server::Maintenance for Services {
+    async fn alarm(
+        &self,
+        request: Request<AlarmRequest>,
+    ) -> Result<tonic::Response<AlarmResponse>, Status> {
+        let request = request.into_inner();
+        if request.action() == AlarmAction::Get {
+            // Alarms are replicated state: any member lists them, as etcd does.
+            let (status, _) = Services::status(self).await?;
+            let alarms = status
+                .alarms
+                .iter()
+                .filter(|alarm| request.member_id == 0 || alarm.member_id == request.member_id)
+                .filter(|alarm| {
+                    request.alarm == AlarmType::None as i32 || alarm.alarm == request.alarm
+                })
+                .copied()
+                .collect();
+            return Ok(tonic::Response::new(AlarmResponse {
+                header: Some(header_of(&status)),
+                alarms,
+            }));
+        }
+        match self.write(WriteRequest::Alarm(request)).await? {
+            WriteResponse::Alarm(response) => Ok(tonic::Response::new(response)),
+            _ => Err(Status::internal("an alarm was answered with another write")),
+        }
+    }
+
+    async fn defragment(
+        &self,
+        _request: Request<DefragmentRequest>,
+    ) -> Result<tonic::Response<DefragmentResponse>, Status> {
+        // keel's key space lives in memory and compaction frees what it drops
+        // at once: there is no file to rewrite, so defragmenting has nothing
+        // to do and never blocks reads or writes.
+        let (status, _) = Services::status(self).await?;
+        Ok(tonic::Response::new(DefragmentResponse {
+            header: Some(header_of(&status)),
+        }))
+    }
+
+    async fn hash(
+        &self,
+        _request: Request<HashRequest>,
+    ) -> Result<tonic::Response<HashResponse>, Status> {
+        let response = self.hash_kv_at(0).await?;
+        Ok(tonic::Response::new(HashResponse {
+            header: response.header,
+            hash: response.hash,
+        }))
+    }
+
+    async fn move_leader(
+        &self,
+        request: Request<MoveLeaderRequest>,
+    ) -> Result<tonic::Response<MoveLeaderResponse>, Status> {
+        let forwarded = request.metadata().contains_key(FORWARDED_METADATA_KEY);
+        let target = request.into_inner().target_id;
+        let (reply, answer) = oneshot::channel();
+        self.submit(Input::MoveLeader { target, reply })?;
+        match answer.await {
+            Ok(Ok(_)) => {
+                let (status, _) = Services::status(self).await?;
+                Ok(tonic::Response::new(MoveLeaderResponse {
+                    header: Some(header_of(&status)),
+                }))
+            }
+            // Only the leader can hand leadership over.
+            Ok(Err(RequestError::NotLeader { leader_id })) if !forwarded && leader_id != 0 => {
+                let mut client =
+                    crate::api::etcdserverpb::maintenance_client::MaintenanceClient::new(
+                        self.leader_channel(leader_id).await?,
+                    );
+                let mut request = Request::new(MoveLeaderRequest { target_id: target });
+                request
+                    .metadata_mut()
+                    .insert(FORWARDED_METADATA_KEY, "1".parse().expect("ascii"));
+                client.move_leader(request).await
+            }
+            Ok(Err(error)) => Err(status_of(&error)),
+            Err(_) => Err(Status::unavailable("etcdserver: server stopped")),
+        }
+    }
+
     async fn hash_kv(
         &self,
         request: Request<HashKvRequest>,
     ) -> Result<tonic::Response<HashKvResponse>, Status> {
-        let (reply, answer) = oneshot::channel();
-        self.submit(Input::HashKv {
-            revision: request.into_inner().revision,
-            reply,
-        })?;
-        match answer.await {
-            Ok(result) => result
-                .map(tonic::Response::new)
-                .map_err(|error| status_of(&RequestError::KeySpace(error))),
-            Err(_) => Err(Status::unavailable("etcdserver: server stopped")),
-        }
+        self.hash_kv_at(request.into_inner().revision)
+            .await
+            .map(tonic::Response::new)
     }
 
     async fn status(
@@ -425,7 +515,19 @@ impl maintenance_server::Maintenance for Services {
             raft_index: status.commit_index,
             raft_term: status.term,
             raft_applied_index: status.applied_index,
-            errors: Vec::new(),
+            // etcd lists raised alarms here, as "memberID:<id> alarm:<TYPE> ".
+            errors: status
+                .alarms
+                .iter()
+                .map(|alarm| {
+                    format!(
+                        "memberID:{} alarm:{} ",
+                        alarm.member_id,
+                        AlarmType::try_from(alarm.alarm)
+                            .map_or("UNKNOWN", |alarm_type| alarm_type.as_str_name())
+                    )
+                })
+                .collect(),
             db_size_in_use: status.key_space_bytes as i64,
             is_learner: status.is_learner,
             ..Default::default()

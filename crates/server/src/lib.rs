@@ -125,6 +125,16 @@ impl Server {
         node_config.boot_epoch = rand::random();
         // etcd's request timeout: 7 s, in ticks.
         node_config.tick_milliseconds = config.heartbeat_interval.as_millis().max(1) as u64;
+        node_config.quota_bytes = config.quota_bytes;
+        node_config.auto_compaction = match config.auto_compaction {
+            config::AutoCompaction::Off => keel_core::AutoCompactionPolicy::Off,
+            config::AutoCompaction::Revision(keep) => {
+                keel_core::AutoCompactionPolicy::KeepRevisions(keep)
+            }
+            config::AutoCompaction::Periodic(keep) => keel_core::AutoCompactionPolicy::KeepTicks(
+                (keep.as_millis() / config.heartbeat_interval.as_millis().max(1)).max(1) as u64,
+            ),
+        };
         // The checkpoint interval bounds how long a lease can outlive its TTL
         // across a leader change (plus an election); see core's lease module.
         node_config.lease_checkpoint_interval_ticks = (config.lease_checkpoint_interval.as_millis()

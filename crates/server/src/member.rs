@@ -113,6 +113,13 @@ pub enum Input {
         /// Where the answer goes.
         reply: ReplySender,
     },
+    /// Transfer leadership (etcd's MoveLeader).
+    MoveLeader {
+        /// The member that should lead.
+        target: u64,
+        /// Where the answer goes.
+        reply: ReplySender,
+    },
     /// A peer told us this member was removed from the cluster.
     RemovedFromCluster,
     /// The transport could not reach a peer.
@@ -344,6 +351,14 @@ fn handle_input(
             node.step(Event::ChangeMembership {
                 token: *next_token,
                 change,
+            });
+        }
+        Input::MoveLeader { target, reply } => {
+            *next_token += 1;
+            waiting.insert(*next_token, reply);
+            node.step(Event::MoveLeader {
+                token: *next_token,
+                target,
             });
         }
         Input::RemovedFromCluster => *removed = true,
