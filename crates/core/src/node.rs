@@ -783,14 +783,17 @@ impl Node {
             AutoCompactionPolicy::KeepRevisions(keep) => {
                 // Checked once per election timeout: compaction is cheap but
                 // need not run on every tick.
-                if self.tick_count % self.config.election_ticks.max(1) as u64 != 0 {
+                if !self
+                    .tick_count
+                    .is_multiple_of(self.config.election_ticks.max(1) as u64)
+                {
                     return;
                 }
                 current - keep as i64
             }
             AutoCompactionPolicy::KeepTicks(keep) => {
                 let interval = (keep / 10).max(1);
-                if self.tick_count % interval != 0 {
+                if !self.tick_count.is_multiple_of(interval) {
                     return;
                 }
                 self.revision_samples.push_back((self.tick_count, current));
