@@ -421,8 +421,10 @@ async fn join_existing_cluster(config: &ServerConfig) -> Result<keel_core::Recov
                     let mut state_machine =
                         keel_core::StateMachine::new(answer.members.clone(), answer.cluster_id);
                     state_machine.set_applied_index(0);
-                    let mut snapshot = keel_core::eraftpb::Snapshot::default();
-                    snapshot.data = state_machine.encode().into();
+                    let snapshot = keel_core::eraftpb::Snapshot {
+                        data: state_machine.encode().into(),
+                        ..Default::default()
+                    };
                     return Ok(keel_core::Recovered {
                         snapshot,
                         hard_state: None,
