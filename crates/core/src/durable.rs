@@ -116,6 +116,12 @@ impl<D: Disk + Clone> DurableState<D> {
         })
     }
 
+    /// Makes a restored backup the initial state of a new member (its
+    /// bootstrap snapshot, built by `backup::restore`).
+    pub fn install_restored(&mut self, snapshot: &Snapshot) -> Result<(), DurableError> {
+        self.save_snapshot(snapshot)
+    }
+
     /// Makes a Ready's `persist` durable, with one fsync for entries and hard state.
     pub fn persist(&mut self, persist: &Persist) -> Result<(), DurableError> {
         if let Some(snapshot) = &persist.snapshot {

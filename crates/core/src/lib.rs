@@ -9,6 +9,7 @@
 //! the deterministic simulator (`sim`) and the tokio shell (`server`) drive the
 //! very same `Node`.
 
+pub mod backup;
 pub mod durable;
 pub mod lease;
 pub mod log_store;

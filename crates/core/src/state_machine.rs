@@ -123,6 +123,20 @@ impl StateMachine {
         })
     }
 
+    /// The same data under a new membership and cluster identity, as of
+    /// `applied_index` (restoring a backup into a new cluster).
+    pub fn with_membership(
+        mut self,
+        members: Vec<MemberRecord>,
+        cluster_id: u64,
+        applied_index: u64,
+    ) -> Self {
+        self.members = members;
+        self.cluster_id = cluster_id;
+        self.applied_index = applied_index;
+        self
+    }
+
     /// The state machine as snapshot bytes.
     pub fn encode(&self) -> Vec<u8> {
         let mut snapshot = StateMachineSnapshot {

@@ -8,6 +8,7 @@ mod elect;
 mod kv;
 mod lease_command;
 mod lock;
+mod operations;
 mod server_command;
 mod watch;
 
@@ -36,6 +37,18 @@ enum Command {
     Lock(lock::Arguments),
     /// Campaign for leadership of an election, or observe it.
     Elect(elect::Arguments),
+    /// A table of every member: leader, term, index, applied, size, learner.
+    Status(operations::Arguments),
+    /// List, add, remove, update and promote members.
+    Member(operations::Arguments),
+    /// Save a backup, restore one into a new data directory, or check one.
+    Snapshot(operations::Arguments),
+    /// Defragment members' storage.
+    Defrag(operations::Arguments),
+    /// List or disarm alarms.
+    Alarm(operations::Arguments),
+    /// Hand leadership to another member.
+    MoveLeader(operations::Arguments),
     /// Watch a key or prefix for changes, from now or from a past revision.
     Watch(watch::WatchArguments),
     /// Measure throughput and latency of an etcd-protocol cluster (keel or etcd).
@@ -64,6 +77,12 @@ fn main() -> std::process::ExitCode {
             Command::Lease(arguments) => lease_command::run(arguments).await,
             Command::Lock(arguments) => lock::run(arguments).await,
             Command::Elect(arguments) => elect::run(arguments).await,
+            Command::Status(arguments) => operations::run("status", arguments).await,
+            Command::Member(arguments) => operations::run("member", arguments).await,
+            Command::Snapshot(arguments) => operations::run("snapshot", arguments).await,
+            Command::Defrag(arguments) => operations::run("defrag", arguments).await,
+            Command::Alarm(arguments) => operations::run("alarm", arguments).await,
+            Command::MoveLeader(arguments) => operations::run("move-leader", arguments).await,
         }
     });
     match result {

@@ -14,8 +14,8 @@ use keel_types::etcdserverpb::{
     MemberAddRequest, MemberAddResponse, MemberListRequest, MemberListResponse,
     MemberPromoteRequest, MemberPromoteResponse, MemberRemoveRequest, MemberRemoveResponse,
     MemberUpdateRequest, MemberUpdateResponse, MoveLeaderRequest, MoveLeaderResponse, PutRequest,
-    PutResponse, RangeRequest, RangeResponse, ResponseHeader, StatusRequest, StatusResponse,
-    TxnRequest, TxnResponse,
+    PutResponse, RangeRequest, RangeResponse, ResponseHeader, SnapshotRequest, SnapshotResponse,
+    StatusRequest, StatusResponse, TxnRequest, TxnResponse,
 };
 use keel_types::keelpb::MemberRecord;
 use tokio::sync::oneshot;
@@ -27,6 +27,12 @@ use crate::member::Input;
 /// The etcd API version keel is wire compatible with, reported by Status so
 /// clients that gate features on the server version enable them.
 pub const ETCD_COMPATIBLE_VERSION: &str = "3.5.0";
+
+/// Bytes per message of a Maintenance.Snapshot stream.
+const SNAPSHOT_CHUNK_BYTES: usize = 64 * 1024;
+
+/// A boxed stream of responses, as the generated service traits want.
+type BoxStream<T> = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
 
 /// The state shared by every service: the way into the member loop.
 #[derive(Clone)]
@@ -435,6 +441,32 @@ impl maintenance_server::Maintenance for Services {
             WriteResponse::Alarm(response) => Ok(tonic::Response::new(response)),
             _ => Err(Status::internal("an alarm was answered with another write")),
         }
+    }
+
+    async fn snapshot(
+        &self,
+        _request: Request<SnapshotRequest>,
+    ) -> Result<tonic::Response<BoxStream<SnapshotResponse>>, Status> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Input::Backup { reply })?;
+        let (header, bytes) = answer
+            .await
+            .map_err(|_| Status::unavailable("etcdserver: server stopped"))?;
+        // The image is taken at once, in the member loop, so it is one
+        // consistent point in time; it is then streamed in bounded chunks.
+        let total = bytes.len();
+        let chunk_count = total.div_ceil(SNAPSHOT_CHUNK_BYTES).max(1);
+        let chunks = (0..chunk_count).map(move |index| {
+            let start = index * SNAPSHOT_CHUNK_BYTES;
+            let end = (start + SNAPSHOT_CHUNK_BYTES).min(total);
+            Ok(SnapshotResponse {
+                header: Some(header),
+                remaining_bytes: (total - end) as u64,
+                blob: bytes[start..end].to_vec(),
+                version: ETCD_COMPATIBLE_VERSION.to_string(),
+            })
+        });
+        Ok(tonic::Response::new(Box::pin(tokio_stream::iter(chunks))))
     }
 
     async fn defragment(

@@ -367,6 +367,31 @@ async fn publish_attributes(
     }
 }
 
+/// Builds a new member's data directory from a backup file (`keel snapshot
+/// restore`, like etcdutl's): the backup's data under the membership of
+/// `config`'s `--initial-cluster`, as a new cluster with a new identity.
+/// Refuses to touch a data directory that already holds a member.
+pub fn restore_backup(config: &ServerConfig, backup: &[u8]) -> Result<(), ServerError> {
+    config.validate()?;
+    let member_directory = config.data_dir.join("member");
+    if member_directory.exists() {
+        return Err(recovery_error(
+            &member_directory,
+            "already holds a member; restore into an empty --data-dir".into(),
+        ));
+    }
+    std::fs::create_dir_all(&member_directory).map_err(|source| ServerError::Recovery {
+        path: member_directory.display().to_string(),
+        reason: format!("cannot create the data directory: {source}"),
+    })?;
+    let members = config.initial_members();
+    let snapshot = keel_core::backup::restore(backup, members.clone(), cluster_id(&members))
+        .map_err(|error| recovery_error(&member_directory, format!("backup: {error}")))?;
+    let (mut durable, _) = DurableState::open(FileDisk::new(&member_directory))?;
+    durable.install_restored(&snapshot)?;
+    Ok(())
+}
+
 /// This member's id: the member whose peer URLs are ours in the recovered
 /// membership. Founding members could derive it from the flags, but a member
 /// added at run time got its id from MemberAdd, so the data is the authority.

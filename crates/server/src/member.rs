@@ -120,6 +120,11 @@ pub enum Input {
         /// Where the answer goes.
         reply: ReplySender,
     },
+    /// A backup of the state machine as it is now (Maintenance.Snapshot).
+    Backup {
+        /// Where the answer goes: the header and the backup file's bytes.
+        reply: oneshot::Sender<(keel_types::etcdserverpb::ResponseHeader, Vec<u8>)>,
+    },
     /// A peer told us this member was removed from the cluster.
     RemovedFromCluster,
     /// The transport could not reach a peer.
@@ -360,6 +365,10 @@ fn handle_input(
                 token: *next_token,
                 target,
             });
+        }
+        Input::Backup { reply } => {
+            let bytes = keel_core::backup::encode(&node.state_machine().encode());
+            let _ = reply.send((node.header(0), bytes));
         }
         Input::RemovedFromCluster => *removed = true,
         Input::Unreachable(peer) => node.step(Event::Unreachable(peer)),
