@@ -73,14 +73,27 @@ impl Services {
         &self,
         leader_id: u64,
     ) -> Result<tonic::transport::Channel, Status> {
-        let (_, members) = self.status().await?;
-        let url = members
-            .iter()
-            .find(|member| member.id == leader_id)
-            .and_then(|member| member.client_urls.first().cloned())
-            .ok_or_else(|| {
-                Status::unavailable("etcdserver: leader's client URL is not known yet")
-            })?;
+        // Right after a start the leader may not have published its client
+        // URLs yet (they arrive through the log): wait for them, bounded.
+        let deadline = tokio::time::Instant::now() + FORWARD_TIMEOUT;
+        let url = loop {
+            let (_, members) = self.status().await?;
+            let url = members
+                .iter()
+                .find(|member| member.id == leader_id)
+                .and_then(|member| member.client_urls.first().cloned());
+            match url {
+                Some(url) => break url,
+                None if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                None => {
+                    return Err(Status::unavailable(
+                        "etcdserver: leader's client URL is not known yet",
+                    ))
+                }
+            }
+        };
         let mut channels = self.inner.leader_channels.lock().expect("not poisoned");
         if let Some(channel) = channels.get(&url) {
             return Ok(channel.clone());
