@@ -37,18 +37,9 @@ enum Command {
     Lock(lock::Arguments),
     /// Campaign for leadership of an election, or observe it.
     Elect(elect::Arguments),
-    /// A table of every member: leader, term, index, applied, size, learner.
-    Status(operations::Arguments),
-    /// List, add, remove, update and promote members.
-    Member(operations::Arguments),
-    /// Save a backup, restore one into a new data directory, or check one.
-    Snapshot(operations::Arguments),
-    /// Defragment members' storage.
-    Defrag(operations::Arguments),
-    /// List or disarm alarms.
-    Alarm(operations::Arguments),
-    /// Hand leadership to another member.
-    MoveLeader(operations::Arguments),
+    /// status, member, snapshot, defrag, alarm and move-leader (operations.rs).
+    #[command(flatten)]
+    Operations(operations::Command),
     /// Watch a key or prefix for changes, from now or from a past revision.
     Watch(watch::WatchArguments),
     /// Measure throughput and latency of an etcd-protocol cluster (keel or etcd).
@@ -77,12 +68,7 @@ fn main() -> std::process::ExitCode {
             Command::Lease(arguments) => lease_command::run(arguments).await,
             Command::Lock(arguments) => lock::run(arguments).await,
             Command::Elect(arguments) => elect::run(arguments).await,
-            Command::Status(arguments) => operations::run("status", arguments).await,
-            Command::Member(arguments) => operations::run("member", arguments).await,
-            Command::Snapshot(arguments) => operations::run("snapshot", arguments).await,
-            Command::Defrag(arguments) => operations::run("defrag", arguments).await,
-            Command::Alarm(arguments) => operations::run("alarm", arguments).await,
-            Command::MoveLeader(arguments) => operations::run("move-leader", arguments).await,
+            Command::Operations(command) => operations::run(command).await,
         }
     });
     match result {

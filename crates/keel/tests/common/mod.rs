@@ -450,3 +450,42 @@ pub fn run_etcdctl(
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
 }
+
+impl Cluster {
+    /// A cluster laid out as [`Cluster::start`] lays it out (names m1…,
+    /// ports, data directories) but with no member started, so a test can
+    /// prepare the data directories first, for example by restoring a backup
+    /// into them. Start members with [`Cluster::start_member`].
+    pub fn unstarted(size: usize, port_base: u16) -> Cluster {
+        let directory = tempfile::tempdir().expect("temporary directory");
+        let members: Vec<Member> = (0..size)
+            .map(|index| {
+                let name = format!("m{}", index + 1);
+                Member {
+                    data_dir: directory.path().join(&name),
+                    log_path: directory.path().join(format!("{name}.log")),
+                    name,
+                    client_port: port_base + 2 * index as u16,
+                    peer_port: port_base + 2 * index as u16 + 1,
+                    process: None,
+                }
+            })
+            .collect();
+        let initial_cluster = members
+            .iter()
+            .map(|member| format!("{}=http://127.0.0.1:{}", member.name, member.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        Cluster {
+            members,
+            directory,
+            initial_cluster,
+            extra_arguments: Vec::new(),
+        }
+    }
+
+    /// The `--initial-cluster` every member is started with.
+    pub fn initial_cluster(&self) -> &str {
+        &self.initial_cluster
+    }
+}
