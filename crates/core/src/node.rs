@@ -93,6 +93,10 @@ pub struct NodeConfig {
     pub lease_checkpoints_per_entry_max: usize,
     /// Automatic compaction, decided by the leader.
     pub auto_compaction: AutoCompactionPolicy,
+    /// Fault injection for tests of the corruption check: this member stores
+    /// a wrong value whenever it applies a put of this key, as silent data
+    /// corruption would. `None` outside those tests.
+    pub corrupt_values_of_key: Option<Vec<u8>>,
     /// Space quota of the key space in bytes (etcd's `--quota-backend-bytes`):
     /// past it the NOSPACE alarm is raised and writes that add data are refused.
     pub quota_bytes: u64,
@@ -165,6 +169,7 @@ impl NodeConfig {
             lease_checkpoints_per_entry_max: 1_000,
             quota_bytes: 2 * 1024 * 1024 * 1024,
             auto_compaction: AutoCompactionPolicy::Off,
+            corrupt_values_of_key: None,
         }
     }
 }
@@ -1555,6 +1560,7 @@ impl Node {
             self.state_machine.set_applied_index(entry.index);
             return;
         };
+        let request = self.inject_corruption(request);
         let result = self.state_machine.apply_write(entry.index, &request);
         if result.is_ok() && self.lessor.is_active() {
             self.follow_lease_changes(&request);
@@ -1580,6 +1586,26 @@ impl Node {
                 });
             }
         }
+    }
+
+    /// Applies the configured fault: a wrong value for one key on this member only.
+    fn inject_corruption(&self, request: WriteRequest) -> WriteRequest {
+        match (&self.config.corrupt_values_of_key, request) {
+            (Some(key), log_request::Request::Put(mut put)) if &put.key == key => {
+                put.value = b"corrupted by fault injection".to_vec();
+                log_request::Request::Put(put)
+            }
+            (_, request) => request,
+        }
+    }
+
+    /// True when some member raised the CORRUPT alarm naming this member: it
+    /// then refuses to serve clients, its data is not to be trusted.
+    pub fn is_corrupt(&self) -> bool {
+        self.state_machine.alarms().iter().any(|alarm| {
+            alarm.member_id == self.config.member_id
+                && alarm.alarm == keel_types::etcdserverpb::AlarmType::Corrupt as i32
+        })
     }
 
     /// Keeps the leader's lease clock in step with applied lease changes.

@@ -68,6 +68,14 @@ pub struct ServerArguments {
     /// where etcd keeps everything: the key space is in memory.
     #[arg(long, default_value = "1h")]
     auto_compaction_retention: String,
+    /// Time between the leader's comparisons of every member's key-value hash
+    /// (a mismatch raises the CORRUPT alarm naming the member); 0 turns it off.
+    #[arg(long, default_value = "1m")]
+    experimental_corrupt_check_time: String,
+    /// Fault injection for tests: this member applies a wrong value whenever
+    /// a put of KEY is applied, as silent disk corruption would.
+    #[arg(long, hide = true, value_name = "KEY")]
+    unsafe_fault_corrupt_values_of_key: Option<String>,
     /// Largest client request in bytes.
     #[arg(long, default_value_t = 1_572_864)]
     max_request_bytes: usize,
@@ -162,6 +170,14 @@ impl ServerArguments {
         config.election_timeout = Duration::from_millis(self.election_timeout);
         config.snapshot_count = self.snapshot_count;
         config.snapshot_catch_up_entries = self.experimental_snapshot_catchup_entries;
+        config.corruption_check_interval = match self.experimental_corrupt_check_time.as_str() {
+            "0" => None,
+            text => Some(parse_duration(text).context("--experimental-corrupt-check-time")?),
+        };
+        config.corrupt_values_of_key = self
+            .unsafe_fault_corrupt_values_of_key
+            .clone()
+            .map(String::into_bytes);
         if self.quota_backend_bytes > 0 {
             config.quota_bytes = self.quota_backend_bytes;
         }

@@ -107,3 +107,63 @@ fn hash_and_hashkv_agree_across_members() {
     assert_eq!(hashes.len(), 3, "{output}");
     assert!(hashes.windows(2).all(|pair| pair[0] == pair[1]), "{output}");
 }
+
+#[test]
+fn corruption_check_raises_corrupt_and_the_member_stops_serving() {
+    let mut cluster = Cluster::start_with(3, 24430, &["--experimental-corrupt-check-time", "1s"]);
+    // m3 silently stores a wrong value for one key, as a lying disk would.
+    // Make it the leader too: the check must trust the majority, not the leader.
+    cluster.stop(2);
+    cluster.start_member_with(2, &["--unsafe-fault-corrupt-values-of-key", "victim"]);
+    cluster.wait_for_leader();
+    let m3_id = cluster
+        .status(2)
+        .and_then(|status| status.header)
+        .expect("m3 answers")
+        .member_id;
+    etcdctl(&cluster.endpoints(), &["move-leader", &format!("{m3_id:x}")]);
+    assert_eq!(cluster.wait_for_leader(), 2);
+    let endpoints = cluster.endpoints_of(&[0, 1]);
+    assert_eq!(
+        etcdctl(&endpoints, &["put", "victim", "true value"]),
+        "OK\n"
+    );
+    let corrupt_id = cluster
+        .status(2)
+        .and_then(|status| status.header)
+        .expect("m3 answers before the check runs")
+        .member_id;
+    let expected = format!("memberID:{corrupt_id} alarm:CORRUPT");
+    let deadline = std::time::Instant::now() + common::CONVERGE_TIMEOUT;
+    loop {
+        let alarms = etcdctl(&endpoints, &["alarm", "list"]);
+        if alarms.contains(&expected) {
+            assert_eq!(alarms.lines().count(), 1, "only m3 is named: {alarms}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no CORRUPT alarm for m3; alarms: {alarms:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // m3 refuses clients; the healthy members keep serving.
+    let deadline = std::time::Instant::now() + common::CONVERGE_TIMEOUT;
+    loop {
+        let (code, _, error) = run_etcdctl(
+            &cluster.members[2].endpoint(),
+            &["get", "victim", "--consistency=s"],
+            None,
+        );
+        if code != 0 {
+            assert!(error.contains("corrupt cluster"), "{error}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "m3 kept serving");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(
+        etcdctl(&endpoints, &["get", "victim", "--print-value-only"]),
+        "true value\n"
+    );
+}

@@ -65,6 +65,11 @@ pub struct ServerConfig {
     /// How often the leader checkpoints remaining lease TTLs
     /// (`--experimental-lease-checkpoint-interval`).
     pub lease_checkpoint_interval: Duration,
+    /// Time between the leader's comparisons of every member's HashKV
+    /// (`--experimental-corrupt-check-time`); `None` turns the check off.
+    pub corruption_check_interval: Option<Duration>,
+    /// Fault injection for tests: apply a wrong value for puts of this key.
+    pub corrupt_values_of_key: Option<Vec<u8>>,
     /// Space quota in bytes (`--quota-backend-bytes`).
     pub quota_bytes: u64,
     /// Automatic compaction of old revisions (`--auto-compaction-mode`, `--auto-compaction-retention`).
@@ -102,6 +107,8 @@ impl ServerConfig {
             snapshot_catch_up_entries: 5_000,
             lease_checkpoint_interval: Duration::from_secs(5),
             quota_bytes: 2 * 1024 * 1024 * 1024,
+            corruption_check_interval: Some(Duration::from_secs(60)),
+            corrupt_values_of_key: None,
             auto_compaction: AutoCompaction::Periodic(Duration::from_secs(3600)),
             request_bytes_max: 1536 * 1024,
             txn_operations_max: 128,

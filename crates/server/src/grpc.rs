@@ -47,6 +47,8 @@ struct ServicesInner {
     /// forwarding calls only the leader can answer.
     leader_channels:
         std::sync::Mutex<std::collections::BTreeMap<String, tonic::transport::Channel>>,
+    /// Set by the member loop while a CORRUPT alarm names this member.
+    corrupt: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Metadata key marking a request forwarded by another member; such a request
@@ -58,12 +60,17 @@ const FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 impl Services {
     /// Services that talk to the member loop through `input` and learn of new
     /// revisions from `revision`.
-    pub fn new(input: SyncSender<Input>, revision: tokio::sync::watch::Receiver<i64>) -> Self {
+    pub fn new(
+        input: SyncSender<Input>,
+        revision: tokio::sync::watch::Receiver<i64>,
+        corrupt: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Self {
         Services {
             inner: Arc::new(ServicesInner {
                 input,
                 revision,
                 leader_channels: Default::default(),
+                corrupt,
             }),
         }
     }
@@ -125,7 +132,7 @@ impl Services {
     }
 
     /// The member's HashKV at `revision` (0: the newest).
-    async fn hash_kv_at(&self, revision: i64) -> Result<HashKvResponse, Status> {
+    pub async fn hash_kv_at(&self, revision: i64) -> Result<HashKvResponse, Status> {
         let (reply, answer) = oneshot::channel();
         self.submit(Input::HashKv { revision, reply })?;
         match answer.await {
@@ -155,7 +162,21 @@ impl Services {
         }
     }
 
+    /// A member whose data a CORRUPT alarm names serves no client: whatever
+    /// it would answer may be wrong (etcd's "corrupt cluster").
+    fn refuse_if_corrupt(&self) -> Result<(), Status> {
+        if self
+            .inner
+            .corrupt
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err(Status::data_loss("etcdserver: corrupt cluster"));
+        }
+        Ok(())
+    }
+
     async fn write(&self, request: WriteRequest) -> Result<WriteResponse, Status> {
+        self.refuse_if_corrupt()?;
         let (reply, answer) = oneshot::channel();
         self.submit(Input::Write { request, reply })?;
         match answer.await {
@@ -172,6 +193,7 @@ impl Services {
     }
 
     async fn range(&self, request: RangeRequest) -> Result<RangeResponse, Status> {
+        self.refuse_if_corrupt()?;
         if request.serializable {
             let (reply, answer) = oneshot::channel();
             self.submit(Input::LocalRead { request, reply })?;

@@ -6,6 +6,7 @@
 //! this crate only carries out its decisions and feeds it what happens.
 
 pub mod config;
+pub mod corruption;
 pub mod election;
 pub mod grpc;
 pub mod lease;
@@ -126,6 +127,7 @@ impl Server {
         // etcd's request timeout: 7 s, in ticks.
         node_config.tick_milliseconds = config.heartbeat_interval.as_millis().max(1) as u64;
         node_config.quota_bytes = config.quota_bytes;
+        node_config.corrupt_values_of_key = config.corrupt_values_of_key.clone();
         node_config.auto_compaction = match config.auto_compaction {
             config::AutoCompaction::Off => keel_core::AutoCompactionPolicy::Off,
             config::AutoCompaction::Revision(keep) => {
@@ -168,7 +170,9 @@ impl Server {
         let view = member::MembershipView {
             allowed: Default::default(),
             membership: Default::default(),
+            corrupt: Default::default(),
         };
+        let corrupt = view.corrupt.clone();
         let allowed = view.allowed.clone();
         let membership = view.membership.clone();
         *allowed.write().expect("not poisoned") = members.iter().map(|member| member.id).collect();
@@ -216,8 +220,15 @@ impl Server {
             })
             .expect("spawning the member thread");
 
-        let services = grpc::Services::new(input.clone(), revision_receiver.clone());
+        let services = grpc::Services::new(input.clone(), revision_receiver.clone(), corrupt);
         let mut serve_tasks = Vec::new();
+        if let Some(interval) = config.corruption_check_interval {
+            serve_tasks.push(tokio::spawn(corruption::check_periodically(
+                services.clone(),
+                member_id,
+                interval,
+            )));
+        }
         let mut client_addresses = Vec::new();
         for &address in &config.listen_client_addresses {
             let listener = TcpListener::bind(address)

@@ -168,6 +168,9 @@ pub struct MembershipView {
     pub allowed: crate::transport::AllowedPeers,
     /// The cluster id and members, answered to joining members.
     pub membership: std::sync::Arc<std::sync::RwLock<keel_types::keelpb::StateMachineSnapshot>>,
+    /// Set when a CORRUPT alarm names this member: the client services then
+    /// refuse every request.
+    pub corrupt: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl MembershipView {
@@ -257,6 +260,14 @@ pub fn run(
             known_members = node.members().to_vec();
             peers.follow_membership(&known_members);
             view.update(node.status().cluster_id, &known_members);
+        }
+        let corrupt = node.is_corrupt();
+        if corrupt != view.corrupt.load(std::sync::atomic::Ordering::Relaxed) {
+            if corrupt {
+                tracing::error!("a CORRUPT alarm names this member: refusing to serve clients");
+            }
+            view.corrupt
+                .store(corrupt, std::sync::atomic::Ordering::Relaxed);
         }
         if removed || node.is_removed_and_done() {
             tracing::warn!("this member has been removed from the cluster; stopping");

@@ -93,6 +93,11 @@ impl Cluster {
 
     /// Starts (or restarts) member `index` on its data directory.
     pub fn start_member(&mut self, index: usize) {
+        self.start_member_with(index, &[]);
+    }
+
+    /// Starts (or restarts) member `index` with extra flags for it alone.
+    pub fn start_member_with(&mut self, index: usize, extra_arguments: &[&str]) {
         let member = &self.members[index];
         assert!(
             member.process.is_none(),
@@ -118,6 +123,7 @@ impl Cluster {
             .args(["--initial-cluster", &self.initial_cluster])
             .args(["--log-level", "info"])
             .args(&self.extra_arguments)
+            .args(extra_arguments)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
