@@ -9,8 +9,6 @@
 //! `LogStore`. Memory is bounded by the snapshot interval: every
 //! `snapshot_count` applied entries the log is compacted behind a snapshot.
 
-use std::sync::Arc;
-
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, StorageError};
 
@@ -21,9 +19,9 @@ pub struct LogStore {
     conf_state: ConfState,
     /// Metadata of the newest snapshot; entries start right after its index.
     snapshot_metadata: SnapshotMetadata,
-    /// The state machine image of that snapshot, shared so that handing it to
-    /// raft-rs for a lagging follower does not copy it.
-    snapshot_data: Arc<Vec<u8>>,
+    /// The state machine image of that snapshot; `Bytes` is reference
+    /// counted, so handing it to raft-rs for a lagging follower copies nothing.
+    snapshot_data: bytes::Bytes,
     /// `entries[i]` has index `snapshot_metadata.index + 1 + i` after the
     /// entries compacted behind the snapshot are accounted for by `first_index`.
     entries: Vec<Entry>,
@@ -36,7 +34,7 @@ pub struct LogStore {
 impl LogStore {
     /// A log that starts at the given snapshot (index 1 for a new cluster, whose
     /// "snapshot" is just the initial configuration).
-    pub fn from_snapshot(metadata: SnapshotMetadata, data: Arc<Vec<u8>>) -> LogStore {
+    pub fn from_snapshot(metadata: SnapshotMetadata, data: bytes::Bytes) -> LogStore {
         let conf_state = metadata.get_conf_state().clone();
         let hard_state = HardState {
             term: metadata.term,
@@ -128,7 +126,7 @@ impl LogStore {
         self.hard_state.term = self.hard_state.term.max(metadata.term);
         self.hard_state.commit = metadata.index;
         self.conf_state = metadata.get_conf_state().clone();
-        self.snapshot_data = Arc::new(snapshot.data.to_vec());
+        self.snapshot_data = snapshot.data.clone();
         self.snapshot_metadata = metadata;
         self.entries.clear();
     }
@@ -138,7 +136,7 @@ impl LogStore {
     pub fn install_own_snapshot(
         &mut self,
         metadata: SnapshotMetadata,
-        data: Arc<Vec<u8>>,
+        data: bytes::Bytes,
         compact_index: u64,
     ) {
         assert!(
@@ -174,7 +172,7 @@ impl LogStore {
     pub fn snapshot(&self) -> Snapshot {
         let mut snapshot = Snapshot::default();
         snapshot.set_metadata(self.snapshot_metadata.clone());
-        snapshot.data = self.snapshot_data.as_ref().clone().into();
+        snapshot.data = self.snapshot_data.clone();
         snapshot
     }
 
@@ -298,7 +296,7 @@ mod tests {
             term: 1,
             ..Default::default()
         };
-        log.install_own_snapshot(metadata, Arc::new(vec![1, 2, 3]), 6);
+        log.install_own_snapshot(metadata, bytes::Bytes::from_static(&[1, 2, 3]), 6);
         assert_eq!(LogStore::first_index(&log), 6);
         assert_eq!(LogStore::last_index(&log), 10);
         assert!(matches!(

@@ -21,7 +21,6 @@
 //! run reproducible from its inputs, which is what the simulator relies on.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::Arc;
 
 use keel_types::etcdserverpb::{
     LeaseCheckpoint, LeaseCheckpointRequest, LeaseKeepAliveResponse, LeaseRevokeRequest,
@@ -606,7 +605,7 @@ impl Node {
         let state_machine = StateMachine::decode(&recovered.snapshot.data)?;
         let mut log_store = LogStore::from_snapshot(
             recovered.snapshot.get_metadata().clone(),
-            Arc::new(recovered.snapshot.data.to_vec()),
+            recovered.snapshot.data.clone(),
         );
         log_store.append(&recovered.entries);
         if let Some(mut hard_state) = recovered.hard_state {
@@ -1814,7 +1813,7 @@ impl Node {
             ..Default::default()
         };
         metadata.set_conf_state(self.raw_node.raft.prs().conf().to_conf_state());
-        let data = Arc::new(self.state_machine.encode());
+        let data = bytes::Bytes::from(self.state_machine.encode());
         let compact_index = applied
             .saturating_sub(self.config.snapshot_catch_up_entries)
             .max(self.raw_node.store().first_index());
@@ -1826,7 +1825,7 @@ impl Node {
         self.last_snapshot_index = applied;
         let mut snapshot = Snapshot::default();
         snapshot.set_metadata(metadata);
-        snapshot.data = data.as_ref().clone().into();
+        snapshot.data = data;
         Some(OwnSnapshot {
             snapshot,
             compact_index,
