@@ -309,6 +309,19 @@ mod tests {
                 .len(),
             5
         );
+        // The snapshot's configuration does not include member 2 yet: raft-rs
+        // must wait for a fresh one, and the node is asked to make it.
+        assert!(matches!(
+            raft::Storage::snapshot(&log, 0, 2),
+            Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable
+            ))
+        ));
+        assert!(log.take_snapshot_wanted());
+        assert!(!log.take_snapshot_wanted(), "asked for once");
+        let mut metadata = log.snapshot_metadata().clone();
+        metadata.mut_conf_state().voters = vec![1, 2];
+        log.install_own_snapshot(metadata, bytes::Bytes::from_static(&[1, 2, 3]), 6);
         assert_eq!(
             raft::Storage::snapshot(&log, 0, 2).unwrap().data.as_ref(),
             &[1, 2, 3]
