@@ -121,7 +121,10 @@ fn corruption_check_raises_corrupt_and_the_member_stops_serving() {
         .and_then(|status| status.header)
         .expect("m3 answers")
         .member_id;
-    etcdctl(&cluster.endpoints(), &["move-leader", &format!("{m3_id:x}")]);
+    etcdctl(
+        &cluster.endpoints(),
+        &["move-leader", &format!("{m3_id:x}")],
+    );
     assert_eq!(cluster.wait_for_leader(), 2);
     let endpoints = cluster.endpoints_of(&[0, 1]);
     assert_eq!(

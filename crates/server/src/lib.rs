@@ -221,6 +221,12 @@ impl Server {
             .expect("spawning the member thread");
 
         let services = grpc::Services::new(input.clone(), revision_receiver.clone(), corrupt);
+        // One Watch service, and so one event feed, for every listener, with
+        // fragments sized from this member's request limit as etcd does.
+        let watch_service = watch::WatchService::with_config(
+            services.clone(),
+            watch::WatchConfig::with_request_bytes_max(config.request_bytes_max),
+        );
         let mut serve_tasks = Vec::new();
         if let Some(interval) = config.corruption_check_interval {
             serve_tasks.push(tokio::spawn(corruption::check_periodically(
@@ -251,10 +257,8 @@ impl Server {
                         .max_encoding_message_size(usize::MAX),
                 )
                 .add_service(
-                    api::etcdserverpb::watch_server::WatchServer::new(watch::WatchService::new(
-                        services.clone(),
-                    ))
-                    .max_decoding_message_size(decoding_limit),
+                    api::etcdserverpb::watch_server::WatchServer::new(watch_service.clone())
+                        .max_decoding_message_size(decoding_limit),
                 )
                 .add_service(
                     api::etcdserverpb::lease_server::LeaseServer::new(lease::LeaseService::new(

@@ -325,19 +325,11 @@ fn handle_input(
             range_end,
             reply,
         } => {
-            let result = node
-                .state_machine()
-                .key_space()
-                .events(start_revision, events_max)
-                .map(|mut batch| {
-                    batch.events.retain(|event| {
-                        event
-                            .kv
-                            .as_ref()
-                            .is_some_and(|kv| key_in_range(&kv.key, &key, &range_end))
-                    });
-                    batch
-                });
+            let result = node.state_machine().key_space().events_matching(
+                start_revision,
+                events_max,
+                |changed| key_in_range(changed, &key, &range_end),
+            );
             let _ = reply.send(result);
         }
         Input::LeaseKeepAlive { id, reply } => {

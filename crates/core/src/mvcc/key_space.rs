@@ -277,19 +277,37 @@ impl KeySpace {
         start_revision: i64,
         events_max: usize,
     ) -> Result<EventBatch, KeySpaceError> {
+        self.events_matching(start_revision, events_max, |_| true)
+    }
+
+    /// As [`KeySpace::events`], but only for changes to keys for which `matches` is
+    /// true. Changes to other keys still count towards `events_max` (they are scanned),
+    /// but they are skipped before their event is built: a watcher of one key behind
+    /// many large values of other keys costs no copies of those values.
+    pub fn events_matching(
+        &self,
+        start_revision: i64,
+        events_max: usize,
+        matches: impl Fn(&[u8]) -> bool,
+    ) -> Result<EventBatch, KeySpaceError> {
         if start_revision < self.compact_revision {
             return Err(KeySpaceError::Compacted);
         }
         let mut events = Vec::new();
+        let mut scanned = 0;
         let mut last_main = None;
         for (revision, key) in self.revisions.range(Revision::first_of(start_revision)..) {
-            if events.len() >= events_max && last_main != Some(revision.main) {
+            if scanned >= events_max && last_main != Some(revision.main) {
                 return Ok(EventBatch {
                     events,
                     next_revision: revision.main,
                 });
             }
             last_main = Some(revision.main);
+            scanned += 1;
+            if !matches(key) {
+                continue;
+            }
             let history = &self.keys[key];
             let version = history
                 .at_revision(*revision)

@@ -109,3 +109,37 @@ fn events_below_the_compact_revision_are_gone() {
         ]
     );
 }
+
+#[test]
+fn events_matching_skips_other_keys_but_counts_them_as_scanned() {
+    let mut key_space = KeySpace::new();
+    put(&mut key_space, "a", "1"); // 2
+    put(&mut key_space, "b", "1"); // 3
+    put(&mut key_space, "b", "2"); // 4
+    put(&mut key_space, "a", "2"); // 5
+    let only_a = |key: &[u8]| key == b"a";
+    // Two changes scanned (revisions 2 and 3), one of them kept.
+    let first = key_space.events_matching(2, 2, only_a).unwrap();
+    assert_eq!(
+        first.events,
+        vec![event(EventType::Put, kv("a", "1", 2, 2, 1), None)]
+    );
+    assert_eq!(first.next_revision, 4);
+    let second = key_space
+        .events_matching(first.next_revision, 10, only_a)
+        .unwrap();
+    assert_eq!(
+        second.events,
+        vec![event(
+            EventType::Put,
+            kv("a", "2", 2, 5, 2),
+            Some(kv("a", "1", 2, 2, 1))
+        )]
+    );
+    assert_eq!(second.next_revision, 6);
+    // Matching everything is `events`.
+    assert_eq!(
+        key_space.events_matching(2, 3, |_| true),
+        key_space.events(2, 3)
+    );
+}
