@@ -294,9 +294,9 @@ impl KeySpace {
             return Err(KeySpaceError::Compacted);
         }
         let mut events = Vec::new();
-        let mut scanned = 0;
         let mut last_main = None;
-        for (revision, key) in self.revisions.range(Revision::first_of(start_revision)..) {
+        let changes = self.revisions.range(Revision::first_of(start_revision)..);
+        for (scanned, (revision, key)) in changes.enumerate() {
             if scanned >= events_max && last_main != Some(revision.main) {
                 return Ok(EventBatch {
                     events,
@@ -304,7 +304,6 @@ impl KeySpace {
                 });
             }
             last_main = Some(revision.main);
-            scanned += 1;
             if !matches(key) {
                 continue;
             }
