@@ -1,0 +1,260 @@
+//! What a run is: the options the caller picks ([`SimOptions`]) and everything the seed
+//! picks ([`RunConfig`]): cluster size, workload, timing and which faults are on.
+//!
+//! Faults are chosen per seed in the manner of "swarm testing" (Groce et al., 2012): each
+//! kind is switched on or off by the seed, and its intensity drawn, so that some runs
+//! hammer one fault hard while others mix many gently. A fixed mix of every fault at once
+//! tends to hide the bugs that need a long quiet stretch of one kind.
+
+use keel_core::DeliberateBug;
+
+use crate::random::SimRandom;
+
+/// One simulated millisecond, in the simulator's time unit (nanoseconds, the unit the
+/// check crate's histories use).
+pub const MILLISECOND_NS: u64 = 1_000_000;
+
+/// One simulated second.
+pub const SECOND_NS: u64 = 1_000 * MILLISECOND_NS;
+
+/// The nominal time between two ticks of a member, as etcd's default heartbeat interval.
+pub const TICK_INTERVAL_NS: u64 = 100 * MILLISECOND_NS;
+
+/// A deliberately wrong behaviour of the simulator's own shell, to prove the invariants
+/// catch what a buggy server would do. Always `None` outside those tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ShellBug {
+    /// Correct behaviour.
+    #[default]
+    None,
+    /// Send `messages_after_persist` (votes, append acknowledgements) and advance the node
+    /// at once, but write what was to be persisted only at the next periodic flush, as a
+    /// server that acknowledges before fsync would. A crash loses what was not flushed.
+    AcknowledgeBeforeFsync,
+}
+
+/// What the caller chooses about a run; everything else comes from the seed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SimOptions {
+    /// A deliberate bug in the core, passed to every member's `NodeConfig`.
+    pub core_bug: DeliberateBug,
+    /// A deliberate bug in the simulator's shell.
+    pub shell_bug: ShellBug,
+    /// Run without any fault (for measuring and for debugging the simulator itself).
+    pub faults_off: bool,
+    /// After an fsync error the member's process exits but the machine keeps running, so
+    /// its restart reads back, from the page cache, the bytes whose write-back failed
+    /// (Linux's behaviour, PostgreSQL's "fsyncgate"). Off by default because today's
+    /// storage does not survive it (see the simulator's findings in the crate report);
+    /// by default the member's machine also loses power, which discards those bytes.
+    pub fsync_error_keeps_page_cache: bool,
+    /// Let the network duplicate forwarded proposals (`MsgPropose`) like any other
+    /// message. Off by default: keel's TCP transport never duplicates a message, and the
+    /// core does not deduplicate proposals, so a duplicate is applied twice (see the
+    /// simulator's findings in the crate report).
+    pub duplicate_proposals: bool,
+    /// Report nothing to the leader when a snapshot reaches its follower, as the server's
+    /// transport does today. A follower that then fails to install it (a crash) stays
+    /// stuck until the next election (see the simulator's findings in the crate report).
+    pub snapshot_sent_unreported: bool,
+}
+
+impl SimOptions {
+    /// The extra command-line flags that select these options, for replay commands.
+    pub fn command_line_flags(&self) -> String {
+        let mut flags = String::new();
+        match self.core_bug {
+            DeliberateBug::None => {}
+            DeliberateBug::ReadsWithoutReadIndex => {
+                flags.push_str(" --bug reads-without-read-index")
+            }
+        }
+        match self.shell_bug {
+            ShellBug::None => {}
+            ShellBug::AcknowledgeBeforeFsync => flags.push_str(" --bug acknowledge-before-fsync"),
+        }
+        if self.faults_off {
+            flags.push_str(" --faults-off");
+        }
+        if self.fsync_error_keeps_page_cache {
+            flags.push_str(" --fsync-error-keeps-page-cache");
+        }
+        if self.duplicate_proposals {
+            flags.push_str(" --duplicate-proposals");
+        }
+        if self.snapshot_sent_unreported {
+            flags.push_str(" --snapshot-sent-unreported");
+        }
+        flags
+    }
+}
+
+/// Which faults a run injects and how hard. Probabilities are in parts per million.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FaultConfig {
+    /// Mean time between two fault decisions of the nemesis.
+    pub nemesis_interval_ns: u64,
+    /// Kill one member's process (un-fsynced data stays in the page cache).
+    pub process_kill: bool,
+    /// Power loss of one member: un-fsynced data is lost, the tail may be torn.
+    pub power_loss: bool,
+    /// Power loss of a majority or of the whole cluster at once.
+    pub correlated_power_loss: bool,
+    /// Symmetric partitions: the members split into two sides that cannot talk.
+    pub partition: bool,
+    /// One-way partitions: some directed links drop everything.
+    pub one_way_partition: bool,
+    /// Links that lose, duplicate and delay messages for a while.
+    pub lossy_links: bool,
+    /// The highest loss probability a degraded link gets.
+    pub loss_ppm_max: u32,
+    /// The highest duplication probability a degraded link gets.
+    pub duplicate_ppm_max: u32,
+    /// The highest extra delay (and so reordering window) a degraded link gets.
+    pub delay_jitter_ns_max: u64,
+    /// Fsync errors: the member stops, as the server does.
+    pub fsync_failure: bool,
+    /// Members whose clock runs fast or slow for a while.
+    pub clock_drift: bool,
+    /// Clock jumps: a member's clock stalls, or fires a burst of ticks at once.
+    pub clock_jump: bool,
+    /// Process pauses (a long GC or SIGSTOP): the member does nothing for a while.
+    pub pause: bool,
+}
+
+impl FaultConfig {
+    fn none() -> FaultConfig {
+        FaultConfig {
+            nemesis_interval_ns: 60 * SECOND_NS,
+            process_kill: false,
+            power_loss: false,
+            correlated_power_loss: false,
+            partition: false,
+            one_way_partition: false,
+            lossy_links: false,
+            loss_ppm_max: 0,
+            duplicate_ppm_max: 0,
+            delay_jitter_ns_max: 0,
+            fsync_failure: false,
+            clock_drift: false,
+            clock_jump: false,
+            pause: false,
+        }
+    }
+
+    fn from_seed(random: &mut SimRandom) -> FaultConfig {
+        // Each kind is on with probability 3/4, so that about one run in four lacks it.
+        let on = |random: &mut SimRandom| random.below(4) != 0;
+        FaultConfig {
+            nemesis_interval_ns: random.between(300, 3_000) * MILLISECOND_NS,
+            process_kill: on(random),
+            power_loss: on(random),
+            correlated_power_loss: on(random),
+            partition: on(random),
+            one_way_partition: on(random),
+            lossy_links: on(random),
+            loss_ppm_max: random.between(10_000, 400_000) as u32,
+            duplicate_ppm_max: random.between(0, 200_000) as u32,
+            delay_jitter_ns_max: random.between(1, 200) * MILLISECOND_NS,
+            fsync_failure: on(random),
+            clock_drift: on(random),
+            clock_jump: on(random),
+            pause: on(random),
+        }
+    }
+
+    /// Whether any fault kind is on.
+    pub fn any(&self) -> bool {
+        self.process_kill
+            || self.power_loss
+            || self.correlated_power_loss
+            || self.partition
+            || self.one_way_partition
+            || self.lossy_links
+            || self.fsync_failure
+            || self.clock_drift
+            || self.clock_jump
+            || self.pause
+    }
+}
+
+/// Everything about a run that the seed decides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunConfig {
+    /// The run's seed.
+    pub seed: u64,
+    /// The caller's options.
+    pub options: SimOptions,
+    /// Members in the cluster: 3 or 5.
+    pub member_count: usize,
+    /// Concurrent clients, each with one request outstanding at a time.
+    pub client_count: usize,
+    /// Keys the clients use; few, so that requests conflict.
+    pub key_count: usize,
+    /// How long faults are injected.
+    pub fault_phase_ns: u64,
+    /// The longest a client waits between two requests.
+    pub client_think_ns_max: u64,
+    /// How long a client waits for an answer before recording an unknown outcome.
+    pub client_timeout_ns: u64,
+    /// Per-mille of client requests that are serializable reads, linearizable reads,
+    /// deletes and compare-and-swaps; the rest are puts.
+    pub serializable_read_per_mille: u64,
+    /// See `serializable_read_per_mille`.
+    pub linearizable_read_per_mille: u64,
+    /// See `serializable_read_per_mille`.
+    pub delete_per_mille: u64,
+    /// See `serializable_read_per_mille`.
+    pub compare_and_swap_per_mille: u64,
+    /// Base one-way network delay of a healthy link.
+    pub link_delay_ns: u64,
+    /// Extra random delay of a healthy link (messages of one link may be reordered).
+    pub link_jitter_ns: u64,
+    /// `NodeConfig::snapshot_entries_interval`: small, so snapshots, log compaction
+    /// and snapshot transfer happen in every run.
+    pub snapshot_entries_interval: u64,
+    /// `NodeConfig::snapshot_catch_up_entries`.
+    pub snapshot_catch_up_entries: u64,
+    /// `NodeConfig::request_timeout_ticks`.
+    pub request_timeout_ticks: u64,
+    /// Ticks between two flushes of deferred writes under
+    /// [`ShellBug::AcknowledgeBeforeFsync`].
+    pub deferred_flush_ticks: u64,
+    /// The faults.
+    pub faults: FaultConfig,
+}
+
+impl RunConfig {
+    /// Derives a run's configuration from its seed. The first draws of the seed's
+    /// generator are spent here; the world continues with the same generator.
+    pub fn from_seed(seed: u64, options: SimOptions, random: &mut SimRandom) -> RunConfig {
+        let member_count = if random.below(3) == 0 { 5 } else { 3 };
+        let faults = FaultConfig::from_seed(random);
+        let faults = if options.faults_off {
+            FaultConfig::none()
+        } else {
+            faults
+        };
+        RunConfig {
+            seed,
+            options,
+            member_count,
+            client_count: random.between(2, 6) as usize,
+            key_count: random.between(3, 8) as usize,
+            fault_phase_ns: random.between(15, 30) * SECOND_NS,
+            client_think_ns_max: random.between(5, 150) * MILLISECOND_NS,
+            client_timeout_ns: random.between(3, 6) * SECOND_NS,
+            serializable_read_per_mille: random.between(0, 150),
+            linearizable_read_per_mille: random.between(100, 300),
+            delete_per_mille: random.between(0, 100),
+            compare_and_swap_per_mille: random.between(50, 300),
+            link_delay_ns: random.between(100, 5_000) * 1_000,
+            link_jitter_ns: random.between(0, 5_000) * 1_000,
+            snapshot_entries_interval: random.between(50, 200),
+            snapshot_catch_up_entries: random.between(10, 50),
+            request_timeout_ticks: random.between(20, 40),
+            deferred_flush_ticks: 10,
+            faults,
+        }
+    }
+}
