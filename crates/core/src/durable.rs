@@ -78,6 +78,15 @@ impl<D: Disk + Clone> DurableState<D> {
             .wal
             .snapshot_marker()
             .map_or(0, |marker| marker.index);
+        if marker_index > snapshot_index {
+            // The log dropped its entries up to the marker for a snapshot that is
+            // gone (its rename was never durable): starting from the older snapshot
+            // would silently forget entries this member acknowledged.
+            return Err(DurableError::Inconsistent(format!(
+                "the log dropped its entries up to index {marker_index} for a snapshot, \
+                 but the newest snapshot is at index {snapshot_index}: that snapshot was lost"
+            )));
+        }
         if snapshot_index > marker_index {
             durable
                 .wal

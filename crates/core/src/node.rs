@@ -233,6 +233,11 @@ pub enum Event {
     /// A snapshot sent to this peer was lost; raft-rs must be told or the peer
     /// stays stuck waiting for it.
     SnapshotFailed(u64),
+    /// A snapshot was written in full to this peer's connection. raft-rs sends a
+    /// follower nothing while its snapshot is in flight; this report (etcd's
+    /// `ReportSnapshot(Finish)`) resumes probing it, which is what recovers a
+    /// follower that received the snapshot but stopped before installing it.
+    SnapshotSent(u64),
 }
 
 /// A change of membership, as etcd's Cluster service asks for it.
@@ -696,6 +701,9 @@ impl Node {
             Event::SnapshotFailed(peer) => self
                 .raw_node
                 .report_snapshot(peer, raft::SnapshotStatus::Failure),
+            Event::SnapshotSent(peer) => self
+                .raw_node
+                .report_snapshot(peer, raft::SnapshotStatus::Finish),
         }
         self.jitter_election_timeout_if_reset();
         self.follow_leadership();

@@ -131,6 +131,8 @@ pub enum Input {
     Unreachable(u64),
     /// A snapshot to a peer was lost.
     SnapshotFailed(u64),
+    /// A snapshot was written in full to a peer's connection.
+    SnapshotSent(u64),
     /// Stop the loop.
     Shutdown,
 }
@@ -376,6 +378,7 @@ fn handle_input(
         Input::RemovedFromCluster => *removed = true,
         Input::Unreachable(peer) => node.step(Event::Unreachable(peer)),
         Input::SnapshotFailed(peer) => node.step(Event::SnapshotFailed(peer)),
+        Input::SnapshotSent(peer) => node.step(Event::SnapshotSent(peer)),
         Input::Shutdown => unreachable!("handled by the loop"),
     }
 }

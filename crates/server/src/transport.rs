@@ -259,6 +259,7 @@ async fn run_sender(
                     Err(mpsc::error::TryRecvError::Disconnected) => return,
                 },
             };
+            let is_snapshot = message.get_msg_type() == MessageType::MsgSnapshot;
             let bytes = message
                 .write_to_bytes()
                 .expect("encoding a raft message cannot fail");
@@ -275,6 +276,17 @@ async fn run_sender(
                 report_lost(&message, &input);
                 let _ = input.try_send(Input::Unreachable(peer_id));
                 break;
+            }
+            if is_snapshot {
+                // raft-rs sends this peer nothing until it hears the snapshot's fate;
+                // report it once it is on the wire, as etcd's transport does, so that a
+                // peer that got it but stopped before installing it is probed again.
+                if writer.flush().await.is_err() {
+                    report_lost(&message, &input);
+                    let _ = input.try_send(Input::Unreachable(peer_id));
+                    break;
+                }
+                let _ = input.try_send(Input::SnapshotSent(peer_id));
             }
         }
     }

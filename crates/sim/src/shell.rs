@@ -373,15 +373,9 @@ impl World {
                 running.node.step(Event::Unreachable(peer));
                 running.node.step(Event::SnapshotFailed(peer));
             }
-            // raft-rs leaves a follower in its Snapshot state, sending it nothing, until
-            // the application reports the snapshot's fate (etcd's transport reports
-            // "finish" once the snapshot is written). The core has no event for a
-            // finished snapshot yet, so the simulated transport reports the nearest one,
-            // a failure, which also moves the follower back to probing. It arrives a link
-            // delay after the snapshot, by which time the follower's answer to an applied
-            // snapshot has usually taken the leader out of the Snapshot state, making the
-            // report a no-op. See "snapshot delivered but never reported" in the report.
-            TransportReport::SnapshotSent => running.node.step(Event::SnapshotFailed(peer)),
+            // raft-rs sends a follower nothing while its snapshot is in flight, until
+            // the transport reports the snapshot written (etcd's ReportSnapshot(Finish)).
+            TransportReport::SnapshotSent => running.node.step(Event::SnapshotSent(peer)),
         }
         self.drive(id);
     }

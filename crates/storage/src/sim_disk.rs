@@ -461,6 +461,12 @@ impl DiskFile for SimDiskFile {
             // Like ftruncate, growing fills with zeros.
             inode.content.resize(length_bytes, 0);
             inode.synced_bytes = inode.synced_bytes.min(length_bytes);
+            // Pages past the new end are discarded, with their failed write-back.
+            for lost in &mut inode.lost {
+                lost.end = lost.end.min(length_bytes);
+                lost.start = lost.start.min(lost.end);
+            }
+            inode.lost.retain(|lost| !lost.is_empty());
             Ok(())
         })
     }

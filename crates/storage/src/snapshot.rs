@@ -114,7 +114,6 @@ impl<D: Disk> SnapshotStore<D> {
                 file: format!("parent directory of {}", directory.display()),
                 source,
             })?;
-        let mut removed_any = false;
         for name in store.list_names()? {
             if name.ends_with(TEMPORARY_SUFFIX) {
                 let path = directory.join(&name);
@@ -125,12 +124,12 @@ impl<D: Disk> SnapshotStore<D> {
                 store.disk.remove_file(&path).map_err(|source| {
                     StorageError::io(format!("removing {}", path.display()), source)
                 })?;
-                removed_any = true;
             }
         }
-        if removed_any {
-            store.sync_directory()?;
-        }
+        // Always, not only after removing a leftover: a rename whose directory fsync
+        // failed before a process restart is visible but not durable, and must not be
+        // trusted (loaded, its marker written to the log) until it is.
+        store.sync_directory()?;
         Ok(store)
     }
 

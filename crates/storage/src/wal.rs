@@ -206,6 +206,8 @@ pub struct Wal<D: Disk> {
     file: D::File,
     /// Bytes in the last segment, written to the file (not counting `buffer`).
     segment_bytes: u64,
+    /// Bytes of the last segment known durable: its length at its last successful fsync.
+    segment_synced_bytes: u64,
     /// Bytes of copied snapshot marker and hard state at the start of the last segment: a
     /// segment holding only these is not worth closing.
     segment_header_bytes: u64,
@@ -252,6 +254,13 @@ impl<D: Disk> Wal<D> {
         disk.sync_directory(parent_directory(&directory))
             .map_err(|source| StorageError::FsyncFailed {
                 file: format!("parent directory of {directory_name}"),
+                source,
+            })?;
+        // Segment names created or removed just before a failed directory fsync may be
+        // visible without being durable: make them durable before trusting them.
+        disk.sync_directory(&directory)
+            .map_err(|source| StorageError::FsyncFailed {
+                file: directory_name.clone(),
                 source,
             })?;
         let mut stats = WalStats {
@@ -311,6 +320,7 @@ impl<D: Disk> Wal<D> {
             segments,
             file,
             segment_bytes: last_segment_bytes,
+            segment_synced_bytes: last_segment_bytes,
             segment_header_bytes: 0,
             last_index,
             hard_state: replay.hard_state,
@@ -576,6 +586,7 @@ impl<D: Disk> Wal<D> {
         self.sync_directory()?;
         self.segments.push(segment);
         self.segment_bytes = 0;
+        self.segment_synced_bytes = 0;
         self.stats.segments_created += 1;
         tracing::debug!(file = %file_name, "started write-ahead log segment");
 
@@ -599,12 +610,19 @@ impl<D: Disk> Wal<D> {
             self.segment_bytes += self.buffer.len() as u64;
             self.buffer.clear();
         }
-        self.file
-            .sync()
-            .map_err(|source| StorageError::FsyncFailed {
+        if let Err(source) = self.file.sync() {
+            // Linux marks the pages whose write-back failed clean: they stay readable
+            // but never reach the disk. Cut them off, so that a restart of this process
+            // cannot read back (and acknowledge) a batch that is not durable, and a later
+            // successful fsync cannot leave a hole in the middle of the segment.
+            let _ = self.file.truncate(self.segment_synced_bytes);
+            self.segment_bytes = self.segment_synced_bytes;
+            return Err(StorageError::FsyncFailed {
                 file: self.current_file_name(),
                 source,
-            })?;
+            });
+        }
+        self.segment_synced_bytes = self.segment_bytes;
         self.stats.fsyncs += 1;
         Ok(())
     }
