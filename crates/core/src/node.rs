@@ -503,6 +503,27 @@ pub fn bootstrap_snapshot(members: Vec<MemberRecord>, cluster_id: u64) -> Snapsh
     snapshot
 }
 
+/// Answers every pending request that `should_fail` picks with `error`, in
+/// request-id order, and forgets it.
+fn fail_pending(
+    pending: &mut BTreeMap<u64, PendingWrite>,
+    replies: &mut Vec<Reply>,
+    should_fail: impl Fn(&PendingWrite) -> bool,
+    error: RequestError,
+) {
+    pending.retain(|_, write| {
+        if should_fail(write) {
+            replies.push(Reply {
+                token: write.token,
+                result: Err(error.clone()),
+            });
+            false
+        } else {
+            true
+        }
+    });
+}
+
 /// A batch of linearizable reads waiting for one ReadIndex answer.
 #[derive(Debug)]
 struct ReadBatch {
@@ -1182,75 +1203,37 @@ impl Node {
     /// for the request timeout.
     fn fail_writes_of_older_terms(&mut self) {
         let term = self.raw_node.raft.term;
-        let stale_changes: Vec<u64> = self
-            .pending_membership
-            .iter()
-            .filter(|(_, change)| change.proposed_term < term)
-            .map(|(&request_id, _)| request_id)
-            .collect();
-        for request_id in stale_changes {
-            let change = self
-                .pending_membership
-                .remove(&request_id)
-                .expect("listed above");
-            self.replies.push(Reply {
-                token: change.token,
-                result: Err(RequestError::LeaderChanged),
-            });
-        }
-        let stale: Vec<u64> = self
-            .pending_writes
-            .iter()
-            .filter(|(_, write)| write.proposed_term < term)
-            .map(|(&request_id, _)| request_id)
-            .collect();
-        for request_id in stale {
-            let write = self
-                .pending_writes
-                .remove(&request_id)
-                .expect("listed above");
-            self.replies.push(Reply {
-                token: write.token,
-                result: Err(RequestError::LeaderChanged),
-            });
-        }
+        let is_stale = |pending: &PendingWrite| pending.proposed_term < term;
+        fail_pending(
+            &mut self.pending_membership,
+            &mut self.replies,
+            is_stale,
+            RequestError::LeaderChanged,
+        );
+        fail_pending(
+            &mut self.pending_writes,
+            &mut self.replies,
+            is_stale,
+            RequestError::LeaderChanged,
+        );
     }
 
     fn expire_requests(&mut self) {
         let now = self.tick_count;
         let timeout = self.config.request_timeout_ticks;
-        let expired_writes: Vec<u64> = self
-            .pending_writes
-            .iter()
-            .filter(|(_, write)| now - write.proposed_tick >= timeout)
-            .map(|(&request_id, _)| request_id)
-            .collect();
-        for request_id in expired_writes {
-            let write = self
-                .pending_writes
-                .remove(&request_id)
-                .expect("listed above");
-            self.replies.push(Reply {
-                token: write.token,
-                result: Err(RequestError::Timeout),
-            });
-        }
-        let expired_changes: Vec<u64> = self
-            .pending_membership
-            .iter()
-            .filter(|(_, change)| now - change.proposed_tick >= timeout)
-            .map(|(&request_id, _)| request_id)
-            .collect();
-        for request_id in expired_changes {
-            let change = self
-                .pending_membership
-                .remove(&request_id)
-                .expect("listed above");
-            self.replies.push(Reply {
-                token: change.token,
-                result: Err(RequestError::Timeout),
-            });
-        }
+        let is_expired = |pending: &PendingWrite| now - pending.proposed_tick >= timeout;
+        fail_pending(
+            &mut self.pending_writes,
+            &mut self.replies,
+            is_expired,
+            RequestError::Timeout,
+        );
+        fail_pending(
+            &mut self.pending_membership,
+            &mut self.replies,
+            is_expired,
+            RequestError::Timeout,
+        );
         // ReadIndex requests that got no answer are issued again; reads waiting
         // too long in total fail.
         let retry = self.config.read_index_retry_ticks;
