@@ -14,7 +14,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
-use common::Cluster;
+use common::{normalise_etcdctl_output as normalise, Cluster, ReferenceEtcd};
 use keel_server::api::etcdserverpb::kv_client::KvClient;
 use keel_server::api::etcdserverpb::watch_client::WatchClient;
 use keel_types::etcdserverpb::watch_request::RequestUnion;
@@ -118,97 +118,12 @@ fn etcdctl_command(endpoints: &str, arguments: &[&str]) -> Command {
 
 /// Runs etcdctl to completion: (exit code, stdout, stderr).
 fn etcdctl_run(endpoints: &str, arguments: &[&str]) -> (i32, String, String) {
-    let output = etcdctl_command(endpoints, arguments)
-        .stdin(Stdio::null())
-        .output()
-        .expect("etcdctl is installed (Debian's etcd-client)");
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    common::run_etcdctl(endpoints, arguments, None)
 }
 
 fn etcdctl_ok(endpoints: &str, arguments: &[&str]) {
     let (code, _, error) = etcdctl_run(endpoints, arguments);
     assert_eq!(code, 0, "etcdctl {arguments:?} failed: {error}");
-}
-
-/// A single real etcd member (Debian's), killed on drop.
-struct ReferenceEtcd {
-    process: Child,
-    endpoint: String,
-    _directory: tempfile::TempDir,
-}
-
-impl ReferenceEtcd {
-    fn start(client_port: u16) -> ReferenceEtcd {
-        let directory = tempfile::tempdir().expect("temporary directory");
-        let client_url = format!("http://127.0.0.1:{client_port}");
-        let peer_url = format!("http://127.0.0.1:{}", client_port + 1);
-        let process = Command::new("etcd")
-            .args(["--name", "reference"])
-            .arg("--data-dir")
-            .arg(directory.path().join("data"))
-            .args(["--listen-client-urls", &client_url])
-            .args(["--advertise-client-urls", &client_url])
-            .args(["--listen-peer-urls", &peer_url])
-            .args(["--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &format!("reference={peer_url}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("etcd is installed (Debian's etcd-server)");
-        let etcd = ReferenceEtcd {
-            process,
-            endpoint: format!("127.0.0.1:{client_port}"),
-            _directory: directory,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while etcdctl_run(&etcd.endpoint, &["endpoint", "health"]).0 != 0 {
-            assert!(Instant::now() < deadline, "reference etcd did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        etcd
-    }
-}
-
-impl Drop for ReferenceEtcd {
-    fn drop(&mut self) {
-        let _ = self.process.kill();
-        let _ = self.process.wait();
-    }
-}
-
-/// Replaces the identity fields of etcdctl's JSON (which differ by design)
-/// and drops its timestamped log lines.
-fn normalise(text: &str) -> String {
-    let mut out = String::new();
-    let mut rest = text;
-    'outer: while !rest.is_empty() {
-        for field in ["\"cluster_id\":", "\"member_id\":", "\"raft_term\":"] {
-            if let Some(after) = rest.strip_prefix(field) {
-                out.push_str(field);
-                let digits = after
-                    .find(|character: char| !character.is_ascii_digit())
-                    .unwrap_or(after.len());
-                out.push('N');
-                rest = &after[digits..];
-                continue 'outer;
-            }
-        }
-        let character = rest.chars().next().expect("not empty");
-        out.push(character);
-        rest = &rest[character.len_utf8()..];
-    }
-    out.lines()
-        .filter(|line| !line.starts_with("{\"level\":"))
-        .map(|line| match line.find("Error:") {
-            Some(position) => &line[position..],
-            None => line,
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 /// The same `etcdctl watch` steps against one endpoint list; returns each

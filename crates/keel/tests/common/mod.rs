@@ -495,3 +495,37 @@ impl Cluster {
         &self.initial_cluster
     }
 }
+
+/// Replaces identity fields (which differ by design) in JSON output.
+pub fn normalise_etcdctl_output(text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    // A tiny scanner: after each identity key, replace the number that follows.
+    'outer: while !rest.is_empty() {
+        for field in ["\"cluster_id\":", "\"member_id\":", "\"raft_term\":"] {
+            if rest.starts_with(field) {
+                out.push_str(field);
+                rest = &rest[field.len()..];
+                let digits = rest
+                    .find(|character: char| !character.is_ascii_digit())
+                    .unwrap_or(rest.len());
+                out.push('N');
+                rest = &rest[digits..];
+                continue 'outer;
+            }
+        }
+        let character = rest.chars().next().expect("not empty");
+        out.push(character);
+        rest = &rest[character.len_utf8()..];
+    }
+    // etcdctl's client logs retries as JSON lines with timestamps and
+    // connection ids, and its error lines carry a timestamp: keep only messages.
+    out.lines()
+        .filter(|line| !line.starts_with("{\"level\":"))
+        .map(|line| match line.find("Error:") {
+            Some(position) => &line[position..],
+            None => line,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
