@@ -59,31 +59,8 @@ impl Cluster {
 
     /// As [`Cluster::start`], with extra `keel server` flags for every member.
     pub fn start_with(size: usize, port_base: u16, extra_arguments: &[&str]) -> Cluster {
-        let directory = tempfile::tempdir().expect("temporary directory");
-        let members: Vec<Member> = (0..size)
-            .map(|index| {
-                let name = format!("m{}", index + 1);
-                Member {
-                    data_dir: directory.path().join(&name),
-                    log_path: directory.path().join(format!("{name}.log")),
-                    name,
-                    client_port: port_base + 2 * index as u16,
-                    peer_port: port_base + 2 * index as u16 + 1,
-                    process: None,
-                }
-            })
-            .collect();
-        let initial_cluster = members
-            .iter()
-            .map(|member| format!("{}=http://127.0.0.1:{}", member.name, member.peer_port))
-            .collect::<Vec<_>>()
-            .join(",");
-        let mut cluster = Cluster {
-            members,
-            directory,
-            initial_cluster,
-            extra_arguments: extra_arguments.iter().map(|s| s.to_string()).collect(),
-        };
+        let mut cluster = Cluster::unstarted(size, port_base);
+        cluster.extra_arguments = extra_arguments.iter().map(|s| s.to_string()).collect();
         for index in 0..size {
             cluster.start_member(index);
         }
