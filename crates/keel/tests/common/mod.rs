@@ -324,37 +324,9 @@ pub fn etcdctl(endpoints: &str, arguments: &[&str]) -> String {
 
 /// Runs etcdctl with text on its standard input (for `txn -i`).
 pub fn etcdctl_with_input(endpoints: &str, arguments: &[&str], input: Option<&str>) -> String {
-    use std::io::Write;
-    let mut child = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={endpoints}"))
-        .arg("--command-timeout=10s")
-        .args(arguments)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("etcdctl is installed (scripts/test installs Debian's etcd-client)");
-    {
-        let mut stdin = child.stdin.take().expect("stdin");
-        if let Some(input) = input {
-            stdin
-                .write_all(input.as_bytes())
-                .expect("writing etcdctl input");
-        }
-    }
-    let output = child.wait_with_output().expect("etcdctl runs");
-    assert!(
-        output.status.success(),
-        "etcdctl {arguments:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).expect("utf-8 output")
-}
-
-/// Path helper for tests that inspect data directories.
-pub fn member_directory(data_dir: &Path) -> PathBuf {
-    data_dir.join("member")
+    let (code, stdout, stderr) = run_etcdctl(endpoints, arguments, input);
+    assert_eq!(code, 0, "etcdctl {arguments:?} failed: {stderr}");
+    stdout
 }
 
 /// A single real etcd member, killed on drop.
