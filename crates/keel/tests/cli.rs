@@ -19,7 +19,20 @@ fn keel(arguments: &[&str]) -> std::process::Output {
 
 /// Runs `keel dev` in its own process group until it prints that a leader is
 /// elected; returns the child.
-fn start_dev(data_dir: &std::path::Path, base_port: u16) -> std::process::Child {
+/// A running `keel dev` whose whole process group is killed if the test
+/// fails before stopping it, so a failure leaves no member holding its ports.
+struct DevProcess(Option<std::process::Child>);
+
+impl Drop for DevProcess {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.take() {
+            let group = format!("-{}", child.id());
+            let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+        }
+    }
+}
+
+fn start_dev(data_dir: &std::path::Path, base_port: u16) -> DevProcess {
     let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
         .args(["dev", "--base-port", &base_port.to_string(), "--data-dir"])
         .arg(data_dir)
@@ -39,10 +52,10 @@ fn start_dev(data_dir: &std::path::Path, base_port: u16) -> std::process::Child 
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
         match receiver.recv_timeout(remaining) {
-            Ok(line) if line.starts_with("leader elected") => return child,
+            Ok(line) if line.starts_with("leader elected") => return DevProcess(Some(child)),
             Ok(_) => continue,
             Err(_) => {
-                let _ = child.kill();
+                drop(DevProcess(Some(child)));
                 panic!("keel dev did not report a leader within 40 s");
             }
         }
@@ -51,7 +64,8 @@ fn start_dev(data_dir: &std::path::Path, base_port: u16) -> std::process::Child 
 
 /// Sends SIGINT to the dev process group (as Ctrl-C in a terminal does) and
 /// waits for a clean exit.
-fn interrupt_dev(mut child: std::process::Child) {
+fn interrupt_dev(mut dev: DevProcess) {
+    let mut child = dev.0.take().expect("running");
     let group = format!("-{}", child.id());
     let status = Command::new("kill")
         .args(["-INT", "--", &group])
