@@ -1550,6 +1550,15 @@ impl Node {
             self.state_machine.set_applied_index(entry.index);
             return;
         };
+        if !self
+            .state_machine
+            .first_application(log_request.origin_member_id, log_request.request_id)
+        {
+            // The same proposal appended twice: the first copy was applied (and
+            // answered); applying it again could undo a later write.
+            self.state_machine.set_applied_index(entry.index);
+            return;
+        }
         let request = self.inject_corruption(request);
         let result = self.state_machine.apply_write(entry.index, &request);
         if result.is_ok() && self.lessor.is_active() {

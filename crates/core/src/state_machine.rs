@@ -7,12 +7,14 @@
 //! `ignore_value`) are results, not failures: they are answered to the client
 //! and the revision does not move.
 
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
 use keel_types::etcdserverpb::{
     alarm_request::AlarmAction, AlarmMember, AlarmResponse, AlarmType, CompactionResponse,
     DeleteRangeResponse, LeaseCheckpointResponse, LeaseGrantResponse, LeaseRevokeResponse,
     PutResponse, RangeRequest, RangeResponse, TxnResponse,
 };
-use keel_types::keelpb::{log_request, MemberRecord, StateMachineSnapshot};
+use keel_types::keelpb::{log_request, AppliedRequests, MemberRecord, StateMachineSnapshot};
 use prost::Message as _;
 
 use crate::lease::LeaseTable;
@@ -79,7 +81,24 @@ pub struct StateMachine {
     leases: LeaseTable,
     /// Raised alarms, sorted by member then type.
     alarms: Vec<AlarmMember>,
+    /// Per proposing member, the request ids applied most recently.
+    recent_requests: BTreeMap<u64, RecentRequests>,
 }
+
+/// Applied proposals remembered per member, to apply each at most once: Raft
+/// may append a proposal twice when a forwarded `MsgPropose` is delivered
+/// twice, and the state machine must filter duplicates (§6.3 of Ongaro's
+/// thesis). Found by the simulator with duplicated messages.
+#[derive(Debug, Default, Clone)]
+struct RecentRequests {
+    order: VecDeque<u64>,
+    ids: BTreeSet<u64>,
+}
+
+/// Request ids remembered per member. A duplicate arrives within a few
+/// entries of the original, so a window this size is ample; it bounds memory
+/// and the snapshot.
+const RECENT_REQUESTS_PER_MEMBER_MAX: usize = 4_096;
 
 impl StateMachine {
     /// An empty state machine for a new cluster with these members.
@@ -91,6 +110,7 @@ impl StateMachine {
             applied_index: 0,
             leases: LeaseTable::default(),
             alarms: Vec::new(),
+            recent_requests: BTreeMap::new(),
         }
     }
 
@@ -120,6 +140,15 @@ impl StateMachine {
             applied_index: snapshot.applied_index,
             leases,
             alarms: snapshot.alarms,
+            recent_requests: snapshot
+                .recent_requests
+                .into_iter()
+                .map(|applied| {
+                    let order: VecDeque<u64> = applied.request_ids.into_iter().collect();
+                    let ids = order.iter().copied().collect();
+                    (applied.origin_member_id, RecentRequests { order, ids })
+                })
+                .collect(),
         })
     }
 
@@ -145,6 +174,14 @@ impl StateMachine {
             cluster_id: self.cluster_id,
             leases: self.leases.records(),
             alarms: self.alarms.clone(),
+            recent_requests: self
+                .recent_requests
+                .iter()
+                .map(|(&origin_member_id, recent)| AppliedRequests {
+                    origin_member_id,
+                    request_ids: recent.order.iter().copied().collect(),
+                })
+                .collect(),
             ..Default::default()
         };
         self.key_space.write_snapshot(&mut snapshot);
@@ -203,6 +240,25 @@ impl StateMachine {
     /// Answers a range read from the current state.
     pub fn range(&self, request: &RangeRequest) -> Result<RangeResponse, KeySpaceError> {
         self.key_space.range(request)
+    }
+
+    /// Records that the proposal `(origin, request_id)` is being applied;
+    /// false if it was applied already (a duplicate that must be skipped).
+    /// Request id 0 marks internal proposals, which are idempotent.
+    pub fn first_application(&mut self, origin_member_id: u64, request_id: u64) -> bool {
+        if request_id == 0 {
+            return true;
+        }
+        let recent = self.recent_requests.entry(origin_member_id).or_default();
+        if !recent.ids.insert(request_id) {
+            return false;
+        }
+        recent.order.push_back(request_id);
+        if recent.order.len() > RECENT_REQUESTS_PER_MEMBER_MAX {
+            let oldest = recent.order.pop_front().expect("not empty");
+            recent.ids.remove(&oldest);
+        }
+        true
     }
 
     /// Applies one client write at log index `index`.
