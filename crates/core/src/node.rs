@@ -911,6 +911,16 @@ impl Node {
         }
     }
 
+    /// The record of a request this member proposed and now waits for.
+    fn pending(&self, token: u64, keep_alive: Option<(i64, i64)>) -> PendingWrite {
+        PendingWrite {
+            token,
+            proposed_tick: self.tick_count,
+            proposed_term: self.raw_node.raft.term,
+            keep_alive,
+        }
+    }
+
     fn next_request_id(&mut self) -> u64 {
         self.next_request_sequence = self.next_request_sequence.wrapping_add(1);
         (u64::from(self.config.boot_epoch) << 32) | u64::from(self.next_request_sequence)
@@ -1013,15 +1023,8 @@ impl Node {
         conf_change.context = context.encode_to_vec().into();
         match self.raw_node.propose_conf_change(Vec::new(), conf_change) {
             Ok(()) => {
-                self.pending_membership.insert(
-                    request_id,
-                    PendingWrite {
-                        token,
-                        proposed_tick: self.tick_count,
-                        proposed_term: self.raw_node.raft.term,
-                        keep_alive: None,
-                    },
-                );
+                self.pending_membership
+                    .insert(request_id, self.pending(token, None));
             }
             // raft-rs allows one configuration change in flight at a time.
             Err(_) => self.refuse(token, RequestError::MembershipChangeInProgress),
@@ -1107,9 +1110,7 @@ impl Node {
         if self.pending_request_count() >= self.config.pending_requests_max {
             return self.refuse(token, RequestError::TooManyRequests);
         }
-        self.next_request_sequence = self.next_request_sequence.wrapping_add(1);
-        let request_id =
-            (u64::from(self.config.boot_epoch) << 32) | u64::from(self.next_request_sequence);
+        let request_id = self.next_request_id();
         let log_request = LogRequest {
             request_id,
             origin_member_id: self.config.member_id,
@@ -1127,15 +1128,8 @@ impl Node {
             .propose(Vec::new(), log_request.encode_to_vec())
         {
             Ok(()) => {
-                self.pending_writes.insert(
-                    request_id,
-                    PendingWrite {
-                        token,
-                        proposed_tick: self.tick_count,
-                        proposed_term: self.raw_node.raft.term,
-                        keep_alive: Some((id, ttl_seconds)),
-                    },
-                );
+                self.pending_writes
+                    .insert(request_id, self.pending(token, Some((id, ttl_seconds))));
             }
             Err(_) => self.refuse(token, RequestError::Dropped),
         }
@@ -1340,9 +1334,7 @@ impl Node {
         if self.raw_node.raft.leader_id == raft::INVALID_ID {
             return self.refuse(token, RequestError::NoLeader);
         }
-        self.next_request_sequence = self.next_request_sequence.wrapping_add(1);
-        let request_id =
-            (u64::from(self.config.boot_epoch) << 32) | u64::from(self.next_request_sequence);
+        let request_id = self.next_request_id();
         let log_request = LogRequest {
             request_id,
             origin_member_id: self.config.member_id,
@@ -1356,15 +1348,8 @@ impl Node {
         // member applies it, only this one answers, by matching the request id.
         match self.raw_node.propose(Vec::new(), data) {
             Ok(()) => {
-                self.pending_writes.insert(
-                    request_id,
-                    PendingWrite {
-                        token,
-                        proposed_tick: self.tick_count,
-                        proposed_term: self.raw_node.raft.term,
-                        keep_alive: None,
-                    },
-                );
+                self.pending_writes
+                    .insert(request_id, self.pending(token, None));
             }
             Err(raft::Error::ProposalDropped) => self.refuse(token, RequestError::Dropped),
             Err(error) => panic!("raft-rs failed a proposal in an unexpected way: {error}"),

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use keel_server::config::{parse_initial_cluster, parse_url_address, ServerConfig};
+use keel_server::config::{parse_initial_cluster, parse_url_address, parse_url_list, ServerConfig};
 use keel_server::{InitialClusterState, Server};
 
 /// etcd's member flags.
@@ -90,22 +90,6 @@ pub struct ServerArguments {
     logger: String,
 }
 
-fn split_urls(flag: &str, text: &str) -> anyhow::Result<Vec<String>> {
-    let urls: Vec<String> = text
-        .split(',')
-        .map(str::trim)
-        .filter(|url| !url.is_empty())
-        .map(str::to_string)
-        .collect();
-    if urls.is_empty() {
-        anyhow::bail!("--{flag} must name at least one URL");
-    }
-    for url in &urls {
-        parse_url_address(url).with_context(|| format!("--{flag}"))?;
-    }
-    Ok(urls)
-}
-
 /// Parses a duration the way etcd's flags write them: `500ms`, `5s`, `1m`.
 fn parse_duration(text: &str) -> anyhow::Result<Duration> {
     let (number, unit) = text
@@ -130,8 +114,8 @@ fn parse_duration(text: &str) -> anyhow::Result<Duration> {
 
 impl ServerArguments {
     fn to_config(&self) -> anyhow::Result<ServerConfig> {
-        let listen_client_urls = split_urls("listen-client-urls", &self.listen_client_urls)?;
-        let listen_peer_urls = split_urls("listen-peer-urls", &self.listen_peer_urls)?;
+        let listen_client_urls = parse_url_list("listen-client-urls", &self.listen_client_urls)?;
+        let listen_peer_urls = parse_url_list("listen-peer-urls", &self.listen_peer_urls)?;
         let initial_cluster_state = match self.initial_cluster_state.as_str() {
             "new" => InitialClusterState::New,
             "existing" => InitialClusterState::Existing,
@@ -158,8 +142,8 @@ impl ServerArguments {
             .map(|url| parse_url_address(url))
             .collect::<Result<_, _>>()?;
         config.advertise_client_urls =
-            split_urls("advertise-client-urls", &self.advertise_client_urls)?;
-        config.initial_advertise_peer_urls = split_urls(
+            parse_url_list("advertise-client-urls", &self.advertise_client_urls)?;
+        config.initial_advertise_peer_urls = parse_url_list(
             "initial-advertise-peer-urls",
             &self.initial_advertise_peer_urls,
         )?;

@@ -268,6 +268,24 @@ pub fn parse_url_address(url: &str) -> Result<SocketAddr, ConfigError> {
     })
 }
 
+/// Parses a comma-separated list of URLs given to the flag `--{flag}`, each of
+/// the form `http://IP:PORT`; an empty list is refused.
+pub fn parse_url_list(flag: &str, text: &str) -> Result<Vec<String>, ConfigError> {
+    let urls: Vec<String> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .map(str::to_string)
+        .collect();
+    if urls.is_empty() {
+        return Err(ConfigError(format!("--{flag} must name at least one URL")));
+    }
+    for url in &urls {
+        parse_url_address(url).map_err(|error| ConfigError(format!("--{flag}: {error}")))?;
+    }
+    Ok(urls)
+}
+
 /// Parses etcd's `name1=url1,name2=url2` into (name, urls) pairs, grouping
 /// repeated names.
 pub fn parse_initial_cluster(text: &str) -> Result<Vec<(String, Vec<String>)>, ConfigError> {

@@ -6,7 +6,6 @@
 //! cluster from the peers in `--initial-cluster` and must be started with
 //! `--initial-cluster-state existing`.
 
-use anyhow::Context;
 use keel_server::api::etcdserverpb::cluster_client::ClusterClient;
 use keel_types::etcdserverpb::{
     Member, MemberAddRequest, MemberListRequest, MemberPromoteRequest, MemberRemoveRequest,
@@ -90,22 +89,6 @@ impl From<&Member> for JsonMember {
     }
 }
 
-fn split_urls(text: &str) -> anyhow::Result<Vec<String>> {
-    let urls: Vec<String> = text
-        .split(',')
-        .map(str::trim)
-        .filter(|url| !url.is_empty())
-        .map(str::to_string)
-        .collect();
-    if urls.is_empty() {
-        anyhow::bail!("--peer-urls must name at least one URL");
-    }
-    for url in &urls {
-        keel_server::config::parse_url_address(url).context("--peer-urls")?;
-    }
-    Ok(urls)
-}
-
 fn cluster_id(header: Option<ResponseHeader>) -> u64 {
     header.map_or(0, |header| header.cluster_id)
 }
@@ -124,7 +107,7 @@ pub async fn run(arguments: Arguments) -> anyhow::Result<()> {
             peer_urls,
             learner,
         } => {
-            let peer_urls = split_urls(&peer_urls)?;
+            let peer_urls = keel_server::config::parse_url_list("peer-urls", &peer_urls)?;
             let response = request(client.member_add(MemberAddRequest {
                 peer_ur_ls: peer_urls,
                 is_learner: learner,
@@ -175,7 +158,7 @@ pub async fn run(arguments: Arguments) -> anyhow::Result<()> {
             let id = parse_member_id(&id)?;
             let response = request(client.member_update(MemberUpdateRequest {
                 id,
-                peer_ur_ls: split_urls(&peer_urls)?,
+                peer_ur_ls: keel_server::config::parse_url_list("peer-urls", &peer_urls)?,
             }))
             .await?;
             print_changed(output, ("updated", "in"), id, cluster_id(response.header));

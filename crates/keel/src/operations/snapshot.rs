@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use keel_core::backup::BackupStatus;
 use keel_server::api::etcdserverpb::maintenance_client::MaintenanceClient;
-use keel_server::config::{parse_initial_cluster, parse_url_address, ServerConfig};
+use keel_server::config::{parse_initial_cluster, parse_url_address, parse_url_list, ServerConfig};
 use keel_types::etcdserverpb::SnapshotRequest;
 use tokio::io::AsyncWriteExt;
 
@@ -280,26 +280,10 @@ fn sync_parent_directory(file: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("syncing directory {}", parent.display()))
 }
 
-fn split_urls(flag: &str, text: &str) -> anyhow::Result<Vec<String>> {
-    let urls: Vec<String> = text
-        .split(',')
-        .map(str::trim)
-        .filter(|url| !url.is_empty())
-        .map(str::to_string)
-        .collect();
-    if urls.is_empty() {
-        anyhow::bail!("--{flag} must name at least one URL");
-    }
-    for url in &urls {
-        parse_url_address(url).with_context(|| format!("--{flag}"))?;
-    }
-    Ok(urls)
-}
-
 /// The restored member's configuration, as `keel server` would build it from
 /// the same flags (only the parts that shape the data directory matter).
 fn restore_config(arguments: &RestoreArguments) -> anyhow::Result<ServerConfig> {
-    let peer_urls = split_urls(
+    let peer_urls = parse_url_list(
         "initial-advertise-peer-urls",
         &arguments.initial_advertise_peer_urls,
     )?;
