@@ -205,6 +205,8 @@ pub async fn run(arguments: ServerArguments) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for a person watching; a log file stays greppable.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let config = arguments.to_config()?;
     let mut server = Server::start(config).await?;
