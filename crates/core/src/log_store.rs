@@ -168,6 +168,12 @@ impl LogStore {
         self.entries.drain(..drop_count);
     }
 
+    /// Lets go of the snapshot image just before [`LogStore::install_own_snapshot`]
+    /// replaces it, so that encoding the next image does not need room for two.
+    pub fn release_snapshot_image(&mut self) {
+        self.snapshot_data = bytes::Bytes::new();
+    }
+
     /// The whole snapshot (metadata and data) as raft-rs sends it to a follower.
     pub fn snapshot(&self) -> Snapshot {
         let mut snapshot = Snapshot::default();

@@ -1798,6 +1798,10 @@ impl Node {
             ..Default::default()
         };
         metadata.set_conf_state(self.raw_node.raft.prs().conf().to_conf_state());
+        // The previous image is replaced below; letting go of it first means a member
+        // never holds two images of a large state machine at once (a transfer still
+        // in flight keeps its own reference until it ends).
+        self.raw_node.mut_store().release_snapshot_image();
         let data = bytes::Bytes::from(self.state_machine.encode());
         let compact_index = applied
             .saturating_sub(self.config.snapshot_catch_up_entries)

@@ -1,6 +1,8 @@
 //! Membership changes on real processes: a rolling replacement of every
 //! member under continuous writes (add as learner, catch up, promote, remove
-//! the old one), and a removed member that comes back and is refused.
+//! the old one), a removed member that comes back and is refused, and a
+//! learner that catches up from a snapshot of over 100 MB while the leader's
+//! memory stays flat.
 
 mod common;
 
@@ -13,9 +15,10 @@ use std::time::{Duration, Instant};
 use common::{block_on, connect, Cluster, CONVERGE_TIMEOUT};
 use keel_server::api::etcdserverpb::cluster_client::ClusterClient;
 use keel_server::api::etcdserverpb::kv_client::KvClient;
+use keel_server::api::etcdserverpb::maintenance_client::MaintenanceClient;
 use keel_types::etcdserverpb::{
-    Member, MemberAddRequest, MemberListRequest, MemberPromoteRequest, MemberRemoveRequest,
-    PutRequest, RangeRequest,
+    HashKvRequest, Member, MemberAddRequest, MemberListRequest, MemberPromoteRequest,
+    MemberRemoveRequest, PutRequest, RangeRequest, StatusRequest,
 };
 
 /// A member started by this test with `--initial-cluster-state existing`.
@@ -458,5 +461,190 @@ fn etcdctl_member_commands_print_what_etcd_prints() {
     assert!(
         error.contains("Error: etcdserver: Peer URLs already exists"),
         "{error}"
+    );
+}
+
+/// A field of `/proc/<pid>/status` in bytes (`VmRSS`, `VmHWM`, ...).
+fn process_memory_bytes(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let line = status
+        .lines()
+        .find(|line| line.starts_with(field))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
+    let kilobytes: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|number| number.parse().ok())
+        .expect("a number of kB");
+    kilobytes * 1024
+}
+
+/// The `bytes=` of the first log line containing `message`.
+fn logged_bytes(log: &str, message: &str) -> Option<u64> {
+    let line = log.lines().find(|line| line.contains(message))?;
+    let field = line
+        .split_whitespace()
+        .find(|word| word.starts_with("bytes="))?;
+    field.trim_start_matches("bytes=").parse().ok()
+}
+
+/// Issue 5: a learner added after the log was compacted catches up through a
+/// snapshot of over 100 MB, streamed in chunks while clients keep writing, and
+/// the leader's resident memory does not grow by anything like the image (it
+/// sends from the image it already holds, one chunk at a time).
+#[test]
+fn learner_catches_up_from_a_100_megabyte_snapshot_with_bounded_leader_memory() {
+    const VALUE_BYTES: usize = 100 * 1024;
+    const KEYS: usize = 1_100;
+    let cluster = Cluster::start_with(
+        3,
+        24650,
+        &[
+            "--snapshot-count",
+            "400",
+            "--experimental-snapshot-catchup-entries",
+            "20",
+        ],
+    );
+    let leader = cluster.wait_for_leader();
+    let leader_url = cluster.members[leader].url();
+
+    // 110 MB of distinct values, eight writers at a time.
+    block_on(async {
+        let channel = connect(&leader_url).await.expect("connect");
+        let mut writers = Vec::new();
+        for writer in 0..8 {
+            let mut client = KvClient::new(channel.clone());
+            writers.push(tokio::spawn(async move {
+                for index in (writer..KEYS).step_by(8) {
+                    let value: Vec<u8> = (0..VALUE_BYTES)
+                        .map(|offset| (offset.wrapping_mul(31) ^ index) as u8)
+                        .collect();
+                    client
+                        .put(PutRequest {
+                            key: format!("big/{index:05}").into_bytes(),
+                            value,
+                            ..Default::default()
+                        })
+                        .await
+                        .expect("put");
+                }
+            }));
+        }
+        for writer in writers {
+            writer.await.expect("writer");
+        }
+    });
+    let applied = cluster
+        .status(leader)
+        .expect("leader answers")
+        .raft_applied_index;
+    cluster.wait_for_applied(applied);
+
+    // Steady state: the leader holds the key space and its snapshot image.
+    let leader_pid = cluster.members[leader].pid().expect("running");
+    let baseline_bytes = process_memory_bytes(leader_pid, "VmRSS:");
+    // Writing 5 resets the peak resident size (VmHWM) to the current one.
+    std::fs::write(format!("/proc/{leader_pid}/clear_refs"), "5").expect("reset VmHWM");
+
+    let learner_client_port = 24660;
+    let learner_peer_url = format!("http://127.0.0.1:{}", learner_client_port + 1);
+    until_ok("member add", || {
+        block_on(async {
+            ClusterClient::new(connect(&leader_url).await.expect("connect"))
+                .member_add(MemberAddRequest {
+                    peer_ur_ls: vec![learner_peer_url.clone()],
+                    is_learner: true,
+                })
+                .await
+                .map(|_| ())
+        })
+    });
+    let via_url = format!("http://127.0.0.1:{}", cluster.members[leader].peer_port);
+    let learner = start_joining("learner", learner_client_port, &via_url);
+    let learner_url = format!("http://127.0.0.1:{learner_client_port}");
+
+    // Clients keep writing while the snapshot streams; every write succeeds.
+    let mut slowest_write = Duration::ZERO;
+    let written = block_on(async {
+        let mut client = KvClient::new(connect(&leader_url).await.expect("connect"));
+        for index in 0..100 {
+            let started = Instant::now();
+            client
+                .put(PutRequest {
+                    key: format!("during/{index:03}").into_bytes(),
+                    value: b"small".to_vec(),
+                    ..Default::default()
+                })
+                .await?;
+            slowest_write = slowest_write.max(started.elapsed());
+        }
+        Ok::<_, tonic::Status>(())
+    });
+    if let Err(status) = written {
+        panic!(
+            "a write during the transfer failed: {status}\nleader log:\n{}\nlearner log:\n{}",
+            cluster.log(leader),
+            std::fs::read_to_string(&learner.log_path).unwrap_or_default()
+        );
+    }
+
+    // The learner ends with the same data as the leader.
+    let revision = cluster
+        .status(leader)
+        .and_then(|status| status.header)
+        .expect("leader answers")
+        .revision;
+    let (leader_hash, _) = cluster.hash_kv(leader, revision);
+    let deadline = Instant::now() + CONVERGE_TIMEOUT * 2;
+    let learner_hash = loop {
+        let answer = block_on(async {
+            let channel = connect(&learner_url).await.ok()?;
+            let mut client = MaintenanceClient::new(channel);
+            let status = client.status(StatusRequest {}).await.ok()?.into_inner();
+            if status.raft_applied_index < applied {
+                return None;
+            }
+            client
+                .hash_kv(HashKvRequest { revision })
+                .await
+                .ok()
+                .map(|response| response.into_inner().hash)
+        });
+        if let Some(hash) = answer {
+            break hash;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the learner did not catch up; its log:\n{}",
+            std::fs::read_to_string(&learner.log_path).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(learner_hash, leader_hash, "learner and leader differ");
+
+    let learner_log = std::fs::read_to_string(&learner.log_path).expect("learner log");
+    let snapshot_bytes = logged_bytes(&learner_log, "receiving a snapshot")
+        .expect("the learner caught up through a snapshot");
+    assert!(
+        snapshot_bytes >= 100_000_000,
+        "the snapshot held only {snapshot_bytes} bytes"
+    );
+    let peak_bytes = process_memory_bytes(leader_pid, "VmHWM:");
+    let growth_bytes = peak_bytes.saturating_sub(baseline_bytes);
+    eprintln!(
+        "snapshot {} MB; leader resident {} MB before, peak {} MB during the transfer \
+         (+{} MB); learner peak {} MB; slowest write during the transfer {slowest_write:?}",
+        snapshot_bytes / 1_000_000,
+        baseline_bytes / 1_000_000,
+        peak_bytes / 1_000_000,
+        growth_bytes / 1_000_000,
+        process_memory_bytes(learner.process.id(), "VmHWM:") / 1_000_000,
+    );
+    // A copy of the image (encoding the message whole, or a second image next to the
+    // old one) would add over 100 MB.
+    assert!(
+        growth_bytes < 48 * 1024 * 1024,
+        "the leader grew by {growth_bytes} bytes sending a {snapshot_bytes}-byte snapshot"
     );
 }

@@ -82,8 +82,10 @@ pub struct ServerConfig {
     pub input_queue_max: usize,
     /// Messages queued for one peer before new ones are dropped (Raft retries).
     pub peer_queue_messages_max: usize,
-    /// Largest peer frame accepted, in bytes (a whole snapshot travels in one frame).
+    /// Largest peer frame accepted, in bytes: one raft Message (snapshots travel in chunks).
     pub peer_frame_bytes_max: usize,
+    /// Largest snapshot a peer may send us, in bytes (the storage's own limit).
+    pub peer_snapshot_bytes_max: u64,
 }
 
 impl ServerConfig {
@@ -115,6 +117,7 @@ impl ServerConfig {
             input_queue_max: 65_536,
             peer_queue_messages_max: 4_096,
             peer_frame_bytes_max: 1 << 30,
+            peer_snapshot_bytes_max: 8 * 1024 * 1024 * 1024,
         }
     }
 

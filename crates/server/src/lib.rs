@@ -184,7 +184,10 @@ impl Server {
             peer_task.push(tokio::spawn(transport::serve_peers(
                 listener,
                 cluster,
-                config.peer_frame_bytes_max,
+                transport::PeerReceiveLimits {
+                    frame_bytes_max: config.peer_frame_bytes_max,
+                    snapshot_bytes_max: config.peer_snapshot_bytes_max,
+                },
                 input.clone(),
                 allowed.clone(),
                 membership.clone(),

@@ -2,10 +2,21 @@
 //!
 //! Each member keeps one outgoing connection per peer, fed by a bounded queue,
 //! and accepts incoming connections on its peer address. A frame is
-//! `[u32 length][u32 crc32c][protobuf-encoded raft Message]`. Raft tolerates
+//! `[u32 length][u32 crc32c][u8 kind][payload]`, the checksum covering kind and
+//! payload. Most frames carry one protobuf-encoded raft Message. Raft tolerates
 //! lost messages, so a full queue or a broken connection drops messages instead
 //! of blocking the member loop; a dropped snapshot is reported back, because
 //! raft-rs waits for that report before trying again.
+//!
+//! A snapshot travels as a header frame (the raft Message without its data, and
+//! the data's length) followed by chunks of at most [`SNAPSHOT_CHUNK_BYTES`],
+//! written straight from the image the member already holds (a shared `Bytes`,
+//! never copied or encoded whole). Other messages to the same peer go out between
+//! chunks, so heartbeats keep flowing during a long transfer. The receiver
+//! appends chunks into one buffer sized from the header (at most
+//! `snapshot_bytes_max`) and hands the completed message to the member loop
+//! without another copy. So sending costs the leader one chunk per transfer on
+//! top of the image it keeps anyway, whatever the number of followers.
 //!
 //! Every connection starts with a hello naming the cluster and the sender, so a
 //! member of another cluster that dials the wrong port is refused rather than
@@ -29,7 +40,21 @@ use crate::member::Input;
 use keel_types::keelpb::MemberRecord;
 
 const HELLO_MAGIC: &[u8; 4] = b"KEEL";
-const PROTOCOL_VERSION: u32 = 1;
+/// Version 2 added the frame kind byte and chunked snapshots.
+const PROTOCOL_VERSION: u32 = 2;
+
+/// A frame holding one whole raft Message.
+const FRAME_MESSAGE: u8 = 0;
+/// A frame opening a snapshot: `[u64 data length][raft Message without data]`.
+const FRAME_SNAPSHOT_HEADER: u8 = 1;
+/// A frame holding the next bytes of the snapshot being received.
+const FRAME_SNAPSHOT_CHUNK: u8 = 2;
+/// Snapshot data per chunk frame: large enough that framing costs nothing,
+/// small enough that heartbeats wait at most a millisecond or so behind one.
+pub const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
+/// Queued messages sent between two snapshot chunks at most, so a busy queue
+/// cannot starve a transfer (nor a transfer the queue).
+const MESSAGES_BETWEEN_CHUNKS_MAX: usize = 256;
 
 /// Answers to a hello, sent back as one byte before any frame.
 const HELLO_ACCEPTED: u8 = 0;
@@ -238,58 +263,157 @@ async fn run_sender(
             }
         }
         let mut writer = BufWriter::with_capacity(64 * 1024, stream);
-
         let mut next = Some(first);
-        loop {
+        let mut snapshot: Option<OutgoingSnapshot> = None;
+        let mut messages_since_chunk = 0;
+        let connection_lost = loop {
+            let chunk_due =
+                snapshot.is_some() && messages_since_chunk >= MESSAGES_BETWEEN_CHUNKS_MAX;
             let message = match next.take() {
-                Some(message) => message,
+                Some(message) => Some(message),
+                None if chunk_due => None,
                 None => match receiver.try_recv() {
-                    Ok(message) => message,
+                    Ok(message) => Some(message),
+                    Err(mpsc::error::TryRecvError::Empty) if snapshot.is_some() => None,
                     Err(mpsc::error::TryRecvError::Empty) => {
                         // Flush only when the queue is empty: many messages share
                         // one system call under load.
                         if writer.flush().await.is_err() {
-                            break;
+                            break true;
                         }
                         match receiver.recv().await {
-                            Some(message) => message,
-                            None => return,
+                            Some(message) => Some(message),
+                            None => break false,
                         }
                     }
-                    Err(mpsc::error::TryRecvError::Disconnected) => return,
+                    Err(mpsc::error::TryRecvError::Disconnected) => break false,
                 },
             };
-            let is_snapshot = message.get_msg_type() == MessageType::MsgSnapshot;
-            let bytes = message
+            let Some(message) = message else {
+                // A chunk of the snapshot in flight.
+                let outgoing = snapshot
+                    .as_mut()
+                    .expect("a chunk is due only during a transfer");
+                let end = (outgoing.sent_bytes + SNAPSHOT_CHUNK_BYTES).min(outgoing.data.len());
+                let chunk = outgoing.data.slice(outgoing.sent_bytes..end);
+                if write_frame(&mut writer, FRAME_SNAPSHOT_CHUNK, &[&chunk])
+                    .await
+                    .is_err()
+                {
+                    break true;
+                }
+                outgoing.sent_bytes = end;
+                messages_since_chunk = 0;
+                if outgoing.sent_bytes == outgoing.data.len() {
+                    if writer.flush().await.is_err() {
+                        break true;
+                    }
+                    snapshot = None;
+                    report_snapshot_sent(peer_id, &input);
+                }
+                continue;
+            };
+            messages_since_chunk += 1;
+            if message.get_msg_type() != MessageType::MsgSnapshot {
+                let bytes = message
+                    .write_to_bytes()
+                    .expect("encoding a raft message cannot fail");
+                if write_frame(&mut writer, FRAME_MESSAGE, &[&bytes])
+                    .await
+                    .is_err()
+                {
+                    report_lost(&message, &input);
+                    break true;
+                }
+                continue;
+            }
+            if snapshot.is_some() {
+                // raft-rs sends one snapshot per peer and waits for its report; a
+                // second one means the first is stale: drop the newcomer, Raft retries.
+                report_lost(&message, &input);
+                continue;
+            }
+            let mut header = message;
+            let data = std::mem::take(&mut header.mut_snapshot().data);
+            let header_bytes = header
                 .write_to_bytes()
                 .expect("encoding a raft message cannot fail");
-            let checksum = crc32c::crc32c(&bytes);
-            let written = async {
-                writer
-                    .write_all(&(bytes.len() as u32).to_le_bytes())
-                    .await?;
-                writer.write_all(&checksum.to_le_bytes()).await?;
-                writer.write_all(&bytes).await
+            let data_length = (data.len() as u64).to_le_bytes();
+            if write_frame(
+                &mut writer,
+                FRAME_SNAPSHOT_HEADER,
+                &[&data_length, &header_bytes],
+            )
+            .await
+            .is_err()
+            {
+                report_lost(&header, &input);
+                break true;
             }
-            .await;
-            if written.is_err() {
-                report_lost(&message, &input);
-                let _ = input.try_send(Input::Unreachable(peer_id));
-                break;
-            }
-            if is_snapshot {
-                // raft-rs sends this peer nothing until it hears the snapshot's fate;
-                // report it once it is on the wire, as etcd's transport does, so that a
-                // peer that got it but stopped before installing it is probed again.
+            tracing::info!(
+                peer = format!("{peer_id:x}"),
+                index = header.get_snapshot().get_metadata().index,
+                bytes = data.len(),
+                "sending a snapshot"
+            );
+            if data.is_empty() {
                 if writer.flush().await.is_err() {
-                    report_lost(&message, &input);
-                    let _ = input.try_send(Input::Unreachable(peer_id));
-                    break;
+                    break true;
                 }
-                let _ = input.try_send(Input::SnapshotSent(peer_id));
+                report_snapshot_sent(peer_id, &input);
+            } else {
+                snapshot = Some(OutgoingSnapshot {
+                    data,
+                    sent_bytes: 0,
+                });
             }
+        };
+        if snapshot.is_some() {
+            let _ = input.try_send(Input::SnapshotFailed(peer_id));
         }
+        if !connection_lost {
+            // The queue closed: the peer left the membership.
+            return;
+        }
+        let _ = input.try_send(Input::Unreachable(peer_id));
     }
+}
+
+/// The snapshot a sender is streaming to its peer, chunk by chunk.
+struct OutgoingSnapshot {
+    /// The image, shared with the member's log store rather than copied.
+    data: bytes::Bytes,
+    /// How much of `data` is on the wire.
+    sent_bytes: usize,
+}
+
+/// Writes one frame whose payload is the concatenation of `parts`.
+async fn write_frame<W: tokio::io::AsyncWrite + Unpin>(
+    writer: &mut W,
+    kind: u8,
+    parts: &[&[u8]],
+) -> std::io::Result<()> {
+    let length = 1 + parts.iter().map(|part| part.len()).sum::<usize>();
+    let length = u32::try_from(length).map_err(|_| std::io::Error::other("frame too large"))?;
+    let checksum = parts
+        .iter()
+        .fold(crc32c::crc32c(&[kind]), |checksum, part| {
+            crc32c::crc32c_append(checksum, part)
+        });
+    writer.write_all(&length.to_le_bytes()).await?;
+    writer.write_all(&checksum.to_le_bytes()).await?;
+    writer.write_u8(kind).await?;
+    for part in parts {
+        writer.write_all(part).await?;
+    }
+    Ok(())
+}
+
+/// raft-rs sends this peer nothing more until it hears the snapshot's fate;
+/// report it once all of it is on the wire, as etcd's transport does, so that a
+/// peer that got it but stopped before installing it is probed again.
+fn report_snapshot_sent(peer_id: u64, input: &SyncSender<Input>) {
+    let _ = input.try_send(Input::SnapshotSent(peer_id));
 }
 
 /// Checks a connection's hello and answers it: accepted, refused, or (for a
@@ -356,7 +480,7 @@ fn report_lost(message: &Message, input: &SyncSender<Input>) {
 pub async fn serve_peers(
     listener: TcpListener,
     cluster_id: u64,
-    frame_bytes_max: usize,
+    limits: PeerReceiveLimits,
     input: SyncSender<Input>,
     allowed: AllowedPeers,
     membership: Arc<RwLock<keel_types::keelpb::StateMachineSnapshot>>,
@@ -374,15 +498,8 @@ pub async fn serve_peers(
         let allowed = allowed.clone();
         let membership = membership.clone();
         tokio::spawn(async move {
-            if let Err(reason) = receive_from_peer(
-                stream,
-                cluster_id,
-                frame_bytes_max,
-                input,
-                allowed,
-                membership,
-            )
-            .await
+            if let Err(reason) =
+                receive_from_peer(stream, cluster_id, limits, input, allowed, membership).await
             {
                 tracing::debug!(%remote, %reason, "peer connection closed");
             }
@@ -393,7 +510,7 @@ pub async fn serve_peers(
 async fn receive_from_peer(
     mut stream: TcpStream,
     cluster_id: u64,
-    frame_bytes_max: usize,
+    limits: PeerReceiveLimits,
     input: SyncSender<Input>,
     allowed: AllowedPeers,
     membership: Arc<RwLock<keel_types::keelpb::StateMachineSnapshot>>,
@@ -406,36 +523,138 @@ async fn receive_from_peer(
         .map_err(|error| format!("no hello: {error}"))?;
     let sender = check_hello(&hello, cluster_id, &mut stream, &allowed, &membership).await?;
     let mut reader = tokio::io::BufReader::with_capacity(64 * 1024, stream);
-    let mut header = [0u8; 8];
+    let mut header = [0u8; 9];
     let mut buffer = Vec::new();
+    let mut incoming: Option<IncomingSnapshot> = None;
     loop {
         if reader.read_exact(&mut header).await.is_err() {
             return Ok(());
         }
         let length = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes")) as usize;
         let checksum = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
-        if length > frame_bytes_max {
+        let kind = header[8];
+        if length == 0 || length > limits.frame_bytes_max {
             return Err(format!(
-                "frame of {length} bytes exceeds the limit of {frame_bytes_max}"
+                "frame of {length} bytes is outside 1..={}",
+                limits.frame_bytes_max
             ));
         }
-        buffer.resize(length, 0);
+        let payload_length = length - 1;
+        if kind == FRAME_SNAPSHOT_CHUNK {
+            // Read straight into the snapshot's buffer: no second copy.
+            let Some(snapshot) = incoming.as_mut() else {
+                return Err("snapshot chunk without a snapshot header".into());
+            };
+            let start = snapshot.data.len();
+            if start + payload_length > snapshot.expected_bytes {
+                return Err(format!(
+                    "snapshot chunk overruns the announced {} bytes",
+                    snapshot.expected_bytes
+                ));
+            }
+            snapshot.data.resize(start + payload_length, 0);
+            reader
+                .read_exact(&mut snapshot.data[start..])
+                .await
+                .map_err(|error| format!("truncated snapshot chunk: {error}"))?;
+            if crc32c::crc32c_append(crc32c::crc32c(&[kind]), &snapshot.data[start..]) != checksum {
+                return Err("snapshot chunk checksum mismatch".into());
+            }
+            if snapshot.data.len() == snapshot.expected_bytes {
+                let snapshot = incoming.take().expect("checked above");
+                deliver_snapshot(snapshot.message, snapshot.data.freeze(), &input);
+            }
+            continue;
+        }
+        buffer.resize(payload_length, 0);
         reader
             .read_exact(&mut buffer)
             .await
             .map_err(|error| format!("truncated frame: {error}"))?;
-        if crc32c::crc32c(&buffer) != checksum {
+        if crc32c::crc32c_append(crc32c::crc32c(&[kind]), &buffer) != checksum {
             return Err("frame checksum mismatch".into());
         }
-        let message = Message::parse_from_bytes(&buffer)
-            .map_err(|error| format!("undecodable raft message: {error}"))?;
-        if message.from != sender {
-            return Err(format!(
-                "message claims to be from {:x} on a connection from {sender:x}",
-                message.from
-            ));
+        match kind {
+            FRAME_MESSAGE => {
+                let message = decode_message(&buffer, sender)?;
+                // A full input queue means the member is overloaded: drop, Raft resends.
+                let _ = input.try_send(Input::Peer(Box::new(message)));
+            }
+            FRAME_SNAPSHOT_HEADER => {
+                if incoming.is_some() {
+                    return Err("a snapshot header inside another snapshot".into());
+                }
+                if buffer.len() < 8 {
+                    return Err("snapshot header too short".into());
+                }
+                let expected_bytes = u64::from_le_bytes(buffer[0..8].try_into().expect("8 bytes"));
+                if expected_bytes > limits.snapshot_bytes_max {
+                    return Err(format!(
+                        "snapshot of {expected_bytes} bytes exceeds the limit of {}",
+                        limits.snapshot_bytes_max
+                    ));
+                }
+                let message = decode_message(&buffer[8..], sender)?;
+                if message.get_msg_type() != MessageType::MsgSnapshot {
+                    return Err(format!(
+                        "snapshot header holds a {:?}",
+                        message.get_msg_type()
+                    ));
+                }
+                let expected_bytes = expected_bytes as usize;
+                tracing::info!(
+                    sender = format!("{sender:x}"),
+                    index = message.get_snapshot().get_metadata().index,
+                    bytes = expected_bytes,
+                    "receiving a snapshot"
+                );
+                if expected_bytes == 0 {
+                    deliver_snapshot(message, bytes::Bytes::new(), &input);
+                } else {
+                    incoming = Some(IncomingSnapshot {
+                        message,
+                        data: bytes::BytesMut::with_capacity(expected_bytes),
+                        expected_bytes,
+                    });
+                }
+            }
+            unknown => return Err(format!("unknown frame kind {unknown}")),
         }
-        // A full input queue means the member is overloaded: drop, Raft resends.
-        let _ = input.try_send(Input::Peer(Box::new(message)));
+    }
+}
+
+/// Limits on what one peer connection may make this member hold.
+#[derive(Clone, Copy, Debug)]
+pub struct PeerReceiveLimits {
+    /// Largest frame (one raft Message, or one snapshot chunk), in bytes.
+    pub frame_bytes_max: usize,
+    /// Largest snapshot image announced by a header, in bytes.
+    pub snapshot_bytes_max: u64,
+}
+
+/// A snapshot being received: its message, and the data so far.
+struct IncomingSnapshot {
+    message: Message,
+    data: bytes::BytesMut,
+    expected_bytes: usize,
+}
+
+fn decode_message(bytes: &[u8], sender: u64) -> Result<Message, String> {
+    let message = Message::parse_from_bytes(bytes)
+        .map_err(|error| format!("undecodable raft message: {error}"))?;
+    if message.from != sender {
+        return Err(format!(
+            "message claims to be from {:x} on a connection from {sender:x}",
+            message.from
+        ));
+    }
+    Ok(message)
+}
+
+fn deliver_snapshot(mut message: Message, data: bytes::Bytes, input: &SyncSender<Input>) {
+    message.mut_snapshot().data = data;
+    if input.try_send(Input::Peer(Box::new(message))).is_err() {
+        // The leader hears nothing back and sends it again later.
+        tracing::warn!("member overloaded: a received snapshot was dropped");
     }
 }

@@ -41,16 +41,20 @@ pub trait Disk {
     /// Makes creations, renames and removals of entries in `directory` durable.
     fn sync_directory(&self, directory: &Path) -> io::Result<()>;
 
-    /// Writes `bytes` to `path` so that after a crash `path` holds either its old content or all
-    /// of `bytes`, never a mix: write a temporary file, fsync it, rename it over `path`, fsync
-    /// the directory. The temporary file is `path` with [`TEMPORARY_SUFFIX`] appended, so that
-    /// owners of a directory can remove leftovers from a crash.
-    fn write_file_atomic(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
+    /// Writes the concatenation of `parts` to `path` so that after a crash `path` holds either
+    /// its old content or all of it, never a mix: write a temporary file, fsync it, rename it
+    /// over `path`, fsync the directory. The temporary file is `path` with [`TEMPORARY_SUFFIX`]
+    /// appended, so that owners of a directory can remove leftovers from a crash. The content
+    /// comes in parts so that a large snapshot is written from where it already is in memory,
+    /// never copied behind a header first.
+    fn write_file_atomic(&self, path: &Path, parts: &[&[u8]]) -> io::Result<()> {
         let temporary_path = temporary_path_for(path);
         let mut file = self.open_append(&temporary_path)?;
         // A leftover from an earlier crash may exist; start it over.
         file.truncate(0)?;
-        file.append(bytes)?;
+        for part in parts {
+            file.append(part)?;
+        }
         file.sync()?;
         drop(file);
         self.rename(&temporary_path, path)?;
@@ -206,9 +210,9 @@ mod tests {
         assert_eq!(disk.read_file(path).unwrap(), b"hello!");
         assert_eq!(disk.list_directory(Path::new("a/b")).unwrap(), ["file"]);
 
-        disk.write_file_atomic(Path::new("a/atomic"), b"one")
+        disk.write_file_atomic(Path::new("a/atomic"), &[b"o", b"ne"])
             .unwrap();
-        disk.write_file_atomic(Path::new("a/atomic"), b"two")
+        disk.write_file_atomic(Path::new("a/atomic"), &[b"two"])
             .unwrap();
         assert_eq!(disk.read_file(Path::new("a/atomic")).unwrap(), b"two");
         assert_eq!(

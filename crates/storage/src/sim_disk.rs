@@ -620,7 +620,7 @@ mod tests {
         let disk = SimDisk::new();
         disk.create_directory_all(Path::new("d")).unwrap();
         disk.sync_directory(Path::new("")).unwrap();
-        disk.write_file_atomic(Path::new("d/f"), b"one").unwrap();
+        disk.write_file_atomic(Path::new("d/f"), &[b"one"]).unwrap();
         let mut file = write(&disk, "d/g", b"two", true);
         file.sync().unwrap();
         disk.rename(Path::new("d/g"), Path::new("d/f")).unwrap();

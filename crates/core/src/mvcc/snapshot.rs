@@ -14,9 +14,17 @@ impl KeySpace {
     /// Every retained change, ordered by key then revision, as snapshots store them.
     pub fn snapshot_versions(&self) -> Vec<KeyVersion> {
         let mut versions = Vec::with_capacity(self.revisions.len());
+        self.for_each_snapshot_version(|version| versions.push(version));
+        versions
+    }
+
+    /// Calls `visit` with every retained change, ordered by key then revision, one at a
+    /// time: a snapshot encoder streams them so that encoding never holds a second copy
+    /// of every value.
+    pub fn for_each_snapshot_version(&self, mut visit: impl FnMut(KeyVersion)) {
         for (key, history) in &self.keys {
             for version in &history.versions {
-                versions.push(KeyVersion {
+                visit(KeyVersion {
                     key: key.to_vec(),
                     create_revision: version.create_revision,
                     mod_revision: version.revision.main,
@@ -28,7 +36,6 @@ impl KeySpace {
                 });
             }
         }
-        versions
     }
 
     /// Fills the key space's part of a snapshot: `current_revision`, `compact_revision`
