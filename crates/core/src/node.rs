@@ -20,7 +20,7 @@
 //! the election-timeout jitter comes from a seed in [`NodeConfig`]. That makes a
 //! run reproducible from its inputs, which is what the simulator relies on.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use keel_types::etcdserverpb::{
     LeaseCheckpoint, LeaseCheckpointRequest, LeaseKeepAliveResponse, LeaseRevokeRequest,
@@ -735,6 +735,18 @@ impl Node {
         self.raw_node.tick();
         self.expire_requests();
         self.follow_leadership();
+        // A member whose data the corruption check found different from the
+        // majority's must not go on leading: it refuses clients, and a leader
+        // serving linearizable reads from a state machine it cannot trust would
+        // be worse. Hand over on every tick until some healthy voter leads
+        // (raft-rs abandons a transfer that takes an election timeout).
+        if self.raw_node.raft.state == StateRole::Leader
+            && self.raw_node.raft.lead_transferee.is_none()
+            && self.is_corrupt()
+        {
+            tracing::warn!("this member's data is CORRUPT: handing leadership over");
+            self.hand_over_leadership();
+        }
         if self.lessor.is_active() {
             self.revoke_expired_leases();
             self.checkpoint_leases();
@@ -1681,19 +1693,27 @@ impl Node {
         }
     }
 
-    /// A removed leader transfers leadership to the most up-to-date voter, so
-    /// the cluster does not wait an election timeout for a new leader.
+    /// A removed (or corrupt) leader transfers leadership to the most
+    /// up-to-date voter whose data is not known to be corrupt, so the cluster
+    /// does not wait an election timeout for a new leader.
     fn hand_over_leadership(&mut self) {
         if self.raw_node.raft.state != StateRole::Leader {
             return;
         }
         let own_id = self.config.member_id;
+        let corrupt: BTreeSet<u64> = self
+            .state_machine
+            .alarms()
+            .iter()
+            .filter(|alarm| alarm.alarm == keel_types::etcdserverpb::AlarmType::Corrupt as i32)
+            .map(|alarm| alarm.member_id)
+            .collect();
         let transferee = self
             .raw_node
             .raft
             .prs()
             .iter()
-            .filter(|(&id, _)| id != own_id)
+            .filter(|(&id, _)| id != own_id && !corrupt.contains(&id))
             .filter(|(&id, _)| self.raw_node.raft.prs().conf().voters().contains(id))
             .max_by_key(|(_, progress)| progress.matched)
             .map(|(&id, _)| id);

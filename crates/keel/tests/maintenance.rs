@@ -109,7 +109,7 @@ fn hash_and_hashkv_agree_across_members() {
 }
 
 #[test]
-fn corruption_check_raises_corrupt_and_the_member_stops_serving() {
+fn corruption_check_raises_corrupt_and_the_corrupt_leader_steps_down_and_stops_serving() {
     let mut cluster = Cluster::start_with(3, 24430, &["--experimental-corrupt-check-time", "1s"]);
     // m3 silently stores a wrong value for one key, as a lying disk would.
     // Make it the leader too: the check must trust the majority, not the leader.
@@ -150,6 +150,16 @@ fn corruption_check_raises_corrupt_and_the_member_stops_serving() {
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+    // m3 led; a corrupt member must not go on leading: it hands over.
+    let deadline = std::time::Instant::now() + common::CONVERGE_TIMEOUT;
+    while cluster.wait_for_leader() == 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the corrupt member kept leading"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(etcdctl(&endpoints, &["put", "after", "handover"]), "OK\n");
     // m3 refuses clients; the healthy members keep serving.
     let deadline = std::time::Instant::now() + common::CONVERGE_TIMEOUT;
     loop {
