@@ -123,8 +123,11 @@ pub struct BenchArguments {
     /// Target rate of all clients together, in operations per second. Open
     /// loop: each client sends on a fixed schedule whether or not its previous
     /// operation was answered, and latency is measured from the intended send
-    /// time, so stalls are not hidden (no coordinated omission). Without it,
-    /// each client sends as soon as its previous operation is answered.
+    /// time, so stalls are not hidden (no coordinated omission). A client
+    /// still has one operation in flight: when the clients cannot keep up,
+    /// the backlog shows as growing latency, so add --clients for high rates.
+    /// Without --rate, each client sends as soon as its previous operation is
+    /// answered.
     #[arg(long, global = true)]
     rate: Option<u64>,
     /// Distinct keys written or read (watch --prefix: written).
