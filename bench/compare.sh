@@ -2,26 +2,26 @@
 # Runs the same load against a three-member etcd and a three-member keel on
 # loopback, one after the other, on this machine, and writes a side-by-side
 # table to docs/BENCHMARKS.md. Both use fsync, heartbeat 100 ms and election
-# timeout 1000 ms, with separate data directories.
+# timeout 1000 ms, snapshot count 100000 and separate data directories; both
+# are started the same way (three server processes with the same flags).
 #
-# Usage: bench/compare.sh [REQUESTS_PER_RUN]
+# Besides throughput and latency it records, per system: server CPU seconds
+# per workload (utime + stime of the three members, from /proc), the members'
+# peak resident memory, failover time (kill -9 of the leader under write load
+# until a write through the survivors succeeds), memory at one million keys and
+# recovery time (kill -9 of a member holding them until it answers a read).
+#
+# Usage: bench/compare.sh [REQUESTS_PER_RUN] [KEYS_FOR_MEMORY]
 # Installs Debian's etcd-server when etcd is missing. Builds keel in release.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 requests=${1:-30000}
+memory_keys=${2:-1000000}
 work=$(mktemp -d)
-keel_pid=""
-etcd_pids=()
-# Stops the etcd members this script started (by pid: other etcds on this
-# machine are not ours to stop).
-stop_etcd() {
-  for pid in "${etcd_pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
-  etcd_pids=()
-}
+declare -A member_pid=()
 cleanup() {
-  stop_etcd
-  if [ -n "$keel_pid" ]; then kill -TERM "$keel_pid" 2>/dev/null || true; wait "$keel_pid" 2>/dev/null || true; fi
+  for pid in "${member_pid[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -29,15 +29,44 @@ trap cleanup EXIT
 if ! command -v etcd >/dev/null 2>&1; then
   if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq etcd-server >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq etcd-server etcd-client >/dev/null
 fi
 cargo build --release -p keel >/dev/null
 keel=target/release/keel
+clock_ticks_per_second=$(getconf CLK_TCK)
+export ETCDCTL_API=3
 
-# Waits until a cluster accepts a write, i.e. has a leader (bounded).
+# Client port of member INDEX (1..3) of SYSTEM; its peer port is one above.
+client_port() { if [ "$1" = etcd ]; then echo $((17379 + $2 * 10000)); else echo $((18379 + $2 * 10000)); fi; }
+endpoints_of() {
+  local system=$1 list="" index
+  for index in 1 2 3; do list="$list${list:+,}127.0.0.1:$(client_port "$system" "$index")"; done
+  echo "$list"
+}
+
+# Starts (or restarts, keeping its data) member INDEX of SYSTEM in the background.
+start_member() {
+  local system=$1 index=$2 cluster="" other
+  for other in 1 2 3; do
+    cluster="$cluster${cluster:+,}$system$other=http://127.0.0.1:$(($(client_port "$system" "$other") + 1))"
+  done
+  local port
+  port=$(client_port "$system" "$index")
+  local command=(etcd)
+  [ "$system" = keel ] && command=("$keel" server)
+  "${command[@]}" --name "$system$index" --data-dir "$work/$system$index" \
+    --listen-client-urls "http://127.0.0.1:$port" --advertise-client-urls "http://127.0.0.1:$port" \
+    --listen-peer-urls "http://127.0.0.1:$((port + 1))" --initial-advertise-peer-urls "http://127.0.0.1:$((port + 1))" \
+    --initial-cluster "$cluster" --initial-cluster-token "bench-$system" \
+    --heartbeat-interval 100 --election-timeout 1000 --snapshot-count 100000 \
+    >>"$work/$system$index.log" 2>&1 &
+  member_pid[$system$index]=$!
+}
+
+# Waits until ENDPOINTS accept a write, i.e. have a leader (bounded).
 wait_for_leader() {
   for _ in $(seq 1 300); do
-    if ETCDCTL_API=3 etcdctl --endpoints="$1" --command-timeout=1s put bench-ready 1 >/dev/null 2>&1; then
+    if etcdctl --endpoints="$1" --command-timeout=1s put bench-ready 1 >/dev/null 2>&1; then
       return 0
     fi
     sleep 0.1
@@ -46,89 +75,202 @@ wait_for_leader() {
   return 1
 }
 
-# Runs every workload against one cluster; prints "workload clients json" lines.
-run_workloads() {
-  local endpoints=$1
-  for clients in 1 16 64 256; do
-    local total=$requests
-    [ "$clients" -eq 1 ] && total=$((requests / 10))
-    echo "put $clients $($keel bench --endpoints "$endpoints" --clients "$clients" --total "$total" -o json put)"
+# CPU seconds (user + system) the members of SYSTEM have used so far.
+cpu_seconds() {
+  local system=$1 ticks=0 index stat
+  for index in 1 2 3; do
+    stat=$(cat "/proc/${member_pid[$system$index]}/stat")
+    stat=${stat##*) }
+    # After the command name: field 12 is utime and 13 is stime (0-based here).
+    read -r -a fields <<<"$stat"
+    ticks=$((ticks + fields[11] + fields[12]))
   done
-  for clients in 1 64; do
-    local total=$((requests * 2))
-    [ "$clients" -eq 1 ] && total=$((requests / 10))
-    echo "range-linearizable $clients $($keel bench --endpoints "$endpoints" --clients "$clients" --total "$total" -o json range)"
-    echo "range-serializable $clients $($keel bench --endpoints "$endpoints" --clients "$clients" --total "$total" -o json range --serializable)"
-  done
-  # Compare-and-swap on 1,000 keys: conflicts are counted apart from errors.
-  echo "txn 16 $($keel bench --endpoints "$endpoints" --clients 16 --total "$requests" --key-space-size 1000 -o json txn)"
-  echo "lease 16 $($keel bench --endpoints "$endpoints" --clients 16 --total "$requests" -o json lease --keep-alives 1)"
-  # One writer at 500 puts/s, 100 watchers on 10 streams: the row shows events.
-  echo "watch 1 $($keel bench --endpoints "$endpoints" --total $((requests / 10)) --rate 500 -o json watch --watchers 100 --streams 10)"
+  python3 -c "print($ticks / $clock_ticks_per_second)"
 }
 
-# etcd: three members on loopback.
-cluster="bench-etcd1=http://127.0.0.1:27380,bench-etcd2=http://127.0.0.1:37380,bench-etcd3=http://127.0.0.1:47380"
-for index in 1 2 3; do
-  port=$((17379 + index * 10000))
-  etcd --name "bench-etcd$index" --data-dir "$work/etcd$index" \
-    --listen-client-urls "http://127.0.0.1:$port" --advertise-client-urls "http://127.0.0.1:$port" \
-    --listen-peer-urls "http://127.0.0.1:$((port + 1))" --initial-advertise-peer-urls "http://127.0.0.1:$((port + 1))" \
-    --initial-cluster "$cluster" --heartbeat-interval 100 --election-timeout 1000 \
-    >"$work/etcd$index.log" 2>&1 &
-  etcd_pids+=($!)
-done
-etcd_endpoints=127.0.0.1:27379,127.0.0.1:37379,127.0.0.1:47379
-wait_for_leader "$etcd_endpoints"
-run_workloads "$etcd_endpoints" >"$work/etcd.results"
-stop_etcd
+# Largest resident set (or peak, with VmHWM) among the members of SYSTEM, in MiB.
+memory_mib() {
+  local system=$1 field=$2 largest=0 index kilobytes
+  for index in 1 2 3; do
+    kilobytes=$(awk -v field="$field:" '$1 == field { print $2 }' "/proc/${member_pid[$system$index]}/status")
+    [ "$kilobytes" -gt "$largest" ] && largest=$kilobytes
+  done
+  echo $((largest / 1024))
+}
 
-# keel: three members on loopback (keel dev).
-$keel dev --data-dir "$work/keel" --base-port 28379 >"$work/keel-dev.log" 2>&1 &
-keel_pid=$!
-keel_endpoints=127.0.0.1:28379,127.0.0.1:38379,127.0.0.1:48379
-wait_for_leader "$keel_endpoints"
-run_workloads "$keel_endpoints" >"$work/keel.results"
+# Runs one `keel bench` against SYSTEM and prints "name clients cpu_seconds json".
+bench() {
+  local system=$1 name=$2 clients=$3
+  shift 3
+  local before after json
+  before=$(cpu_seconds "$system")
+  json=$($keel bench --endpoints "$(endpoints_of "$system")" --clients "$clients" -o json "$@")
+  after=$(cpu_seconds "$system")
+  echo "$name $clients $(python3 -c "print(round($after - $before, 2))") $json"
+}
 
-python3 - "$work/etcd.results" "$work/keel.results" "$requests" <<'PYEOF'
+# Every workload against one running cluster.
+run_workloads() {
+  local system=$1 clients total
+  for clients in 1 16 64 256; do
+    total=$requests
+    [ "$clients" -eq 1 ] && total=$((requests / 10))
+    bench "$system" put "$clients" --total "$total" put
+  done
+  for clients in 1 64; do
+    total=$((requests * 2))
+    [ "$clients" -eq 1 ] && total=$((requests / 10))
+    bench "$system" range-linearizable "$clients" --total "$total" range
+    bench "$system" range-serializable "$clients" --total "$total" range --serializable
+  done
+  for clients in 1 64; do
+    total=$requests
+    [ "$clients" -eq 1 ] && total=$((requests / 10))
+    bench "$system" txn-compare-and-swap "$clients" --total "$total" txn
+  done
+  # Four writers, 1000 watchers on 20 streams: the row shows event delivery.
+  bench "$system" watch-fan-out-1000-watchers 4 --total $((requests / 30)) watch --watchers 1000 --streams 20
+  bench "$system" lease-grant-keep-alive 64 --total "$requests" lease
+}
+
+# The member index (1..3) that leads SYSTEM.
+leader_index() {
+  etcdctl --endpoints="$(endpoints_of "$1")" endpoint status -w json | python3 -c '
+import json, sys
+statuses = json.load(sys.stdin)
+for position, status in enumerate(statuses):
+    if status["Status"]["header"]["member_id"] == status["Status"]["leader"]:
+        print(position + 1)
+        break'
+}
+
+# Milliseconds from kill -9 of the leader, under write load, until a write
+# through the two survivors succeeds.
+failover_milliseconds() {
+  local system=$1 leader survivors="" index
+  leader=$(leader_index "$system")
+  for index in 1 2 3; do
+    [ "$index" -ne "$leader" ] && survivors="$survivors${survivors:+,}127.0.0.1:$(client_port "$system" "$index")"
+  done
+  $keel bench --endpoints "$survivors" --clients 16 --total 100000000 put >/dev/null 2>&1 &
+  local load=$!
+  sleep 2
+  local killed_at
+  killed_at=$(date +%s%N)
+  kill -9 "${member_pid[$system$leader]}"
+  until etcdctl --endpoints="$survivors" --command-timeout=300ms put failover-probe x >/dev/null 2>&1; do :; done
+  local recovered_at
+  recovered_at=$(date +%s%N)
+  kill "$load" 2>/dev/null || true
+  wait "$load" 2>/dev/null || true
+  start_member "$system" "$leader"
+  wait_for_leader "$(endpoints_of "$system")"
+  echo $(((recovered_at - killed_at) / 1000000))
+}
+
+# Loads MEMORY_KEYS distinct keys, reports the largest member's resident MiB,
+# then kill -9s a follower and reports the milliseconds until it answers a
+# serializable read after restart.
+memory_and_recovery() {
+  local system=$1
+  $keel bench --endpoints "$(endpoints_of "$system")" --clients 256 --total "$memory_keys" \
+    --key-space-size "$memory_keys" --sequential-keys --value-size 64 put >/dev/null
+  local resident
+  resident=$(memory_mib "$system" VmRSS)
+  local leader follower
+  leader=$(leader_index "$system")
+  follower=$((leader % 3 + 1))
+  kill -9 "${member_pid[$system$follower]}"
+  wait "${member_pid[$system$follower]}" 2>/dev/null || true
+  local started_at
+  started_at=$(date +%s%N)
+  start_member "$system" "$follower"
+  local endpoint="127.0.0.1:$(client_port "$system" "$follower")"
+  until etcdctl --endpoints="$endpoint" --command-timeout=300ms get --consistency=s bench-ready >/dev/null 2>&1; do
+    sleep 0.01
+  done
+  local answered_at
+  answered_at=$(date +%s%N)
+  echo "$resident $(((answered_at - started_at) / 1000000))"
+}
+
+measure_system() {
+  local system=$1 index
+  for index in 1 2 3; do start_member "$system" "$index"; done
+  wait_for_leader "$(endpoints_of "$system")"
+  run_workloads "$system" >"$work/$system.results"
+  echo "peak $(memory_mib "$system" VmHWM)" >"$work/$system.summary"
+  echo "failover $(failover_milliseconds "$system")" >>"$work/$system.summary"
+  echo "million $(memory_and_recovery "$system")" >>"$work/$system.summary"
+  for index in 1 2 3; do kill -9 "${member_pid[$system$index]}" 2>/dev/null || true; done
+  for index in 1 2 3; do wait "${member_pid[$system$index]}" 2>/dev/null || true; done
+}
+
+measure_system etcd
+measure_system keel
+
+python3 - "$work" "$requests" "$memory_keys" <<'PYEOF'
 import json, sys, platform, subprocess, datetime
-etcd = [line.split(" ", 2) for line in open(sys.argv[1]).read().splitlines()]
-keel = [line.split(" ", 2) for line in open(sys.argv[2]).read().splitlines()]
+work, requests, memory_keys = sys.argv[1], sys.argv[2], int(sys.argv[3])
+def results(system):
+    rows = []
+    for line in open(f"{work}/{system}.results").read().splitlines():
+        name, clients, cpu, report = line.split(" ", 3)
+        rows.append((name, clients, float(cpu), json.loads(report)))
+    return rows
+def summary(system):
+    return {line.split()[0]: line.split()[1:] for line in open(f"{work}/{system}.summary")}
+etcd, keel = results("etcd"), results("keel")
+etcd_summary, keel_summary = summary("etcd"), summary("keel")
 etcd_version = subprocess.run(["etcd", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
 keel_commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 cpus = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
 lines = [
     "# keel and etcd side by side",
     "",
-    f"Written by `bench/compare.sh {sys.argv[3]}` on {datetime.date.today()}: {cpus} cores, {platform.platform()};",
+    f"Written by `bench/compare.sh {requests} {memory_keys}` on {datetime.date.today()}: {cpus} cores, {platform.platform()};",
     f"{etcd_version}; keel at commit {keel_commit}. Three members each on loopback, fsync on,",
-    "heartbeat 100 ms, election timeout 1000 ms, one cluster at a time, the same `keel bench` client.",
+    "heartbeat 100 ms, election timeout 1000 ms, snapshot count 100000, one cluster at a time,",
+    "the same `keel bench` client. CPU is the three servers' user + system seconds during the run",
+    "(the client shares the machine's cores and is not counted). A txn operation is a read and a",
+    "compare-and-swap txn; a lease operation is a grant and one keep-alive round trip; the watch",
+    "row counts events delivered to watchers and their delivery latency.",
     "",
-    "| workload | clients | etcd ops/s | keel ops/s | ratio | etcd p50 / p99 ms | keel p50 / p99 ms | errors etcd / keel |",
-    "|---|---|---|---|---|---|---|---|",
+    "| workload | clients | etcd ops/s | keel ops/s | ratio | etcd p50 / p99 ms | keel p50 / p99 ms | server CPU s etcd / keel | errors etcd / keel |",
+    "|---|---|---|---|---|---|---|---|---|",
 ]
-def figures(report):
-    """Rate and latency of a row: a watch row shows delivered events, not puts."""
-    if "watch" in report:
-        watch = report["watch"]
-        return watch["events_per_second"], watch["latency_milliseconds_p50"], watch["latency_milliseconds_p99"]
-    return report["operations_per_second"], report["latency_milliseconds_p50"], report["latency_milliseconds_p99"]
-for (workload, clients, etcd_json), (_, _, keel_json) in zip(etcd, keel):
-    e, k = json.loads(etcd_json), json.loads(keel_json)
-    (e_rate, e_p50, e_p99), (k_rate, k_p50, k_p99) = figures(e), figures(k)
-    if workload == "watch":
-        workload = "watch events (100 watchers)"
+def shown(report):
+    # A watch row is about events delivered, not the puts that caused them.
+    measured = report.get("watch") or report
+    rate = measured.get("events_per_second", measured.get("operations_per_second"))
+    return rate, measured["latency_milliseconds_p50"], measured["latency_milliseconds_p99"]
+for (name, clients, etcd_cpu, e), (_, _, keel_cpu, k) in zip(etcd, keel):
+    (etcd_rate, etcd_p50, etcd_p99), (keel_rate, keel_p50, keel_p99) = shown(e), shown(k)
+    ratio = keel_rate / etcd_rate if etcd_rate else float("inf")
     lines.append(
-        f"| {workload} | {clients} | {e_rate:.0f} | {k_rate:.0f} | {k_rate / e_rate:.2f}x "
-        f"| {e_p50:.2f} / {e_p99:.2f} | {k_p50:.2f} / {k_p99:.2f} "
+        f"| {name} | {clients} | {etcd_rate:.0f} | {keel_rate:.0f} | {ratio:.2f}x "
+        f"| {etcd_p50:.2f} / {etcd_p99:.2f} "
+        f"| {keel_p50:.2f} / {keel_p99:.2f} "
+        f"| {etcd_cpu:.1f} / {keel_cpu:.1f} "
         f"| {e['errors']} / {k['errors']} |"
     )
+def both(title, etcd_value, keel_value, unit):
+    lines.append(f"| {title} | {etcd_value} {unit} | {keel_value} {unit} |")
+lines += ["", "| measure | etcd | keel |", "|---|---|---|"]
+both("peak resident memory of a member during the workloads above", etcd_summary["peak"][0], keel_summary["peak"][0], "MiB")
+both("failover: kill -9 of the leader under 16 writers until a write succeeds", etcd_summary["failover"][0], keel_summary["failover"][0], "ms")
+both(f"resident memory of a member at {memory_keys:,} keys (64-byte values)", etcd_summary["million"][0], keel_summary["million"][0], "MiB")
+both(f"recovery: restart after kill -9 of a member holding {memory_keys:,} keys until it answers a read", etcd_summary["million"][1], keel_summary["million"][1], "ms")
 lines += [
     "",
-    "txn is a compare-and-swap (a read, then a txn on its mod revision); lease is a grant and one",
-    "keep-alive; watch is one writer at 500 puts/s and delivery latency from each put's send time.",
-    "Not yet measured here: failover and recovery time, memory at one million keys (issue 6).",
+    "Failover is measured with etcdctl probes in a tight loop (each a process start, so the",
+    "resolution is a few tens of milliseconds). Recovery polls the restarted member every 10 ms.",
 ]
-open("docs/BENCHMARKS.md", "w").write("\n".join(lines) + "\n")
+with open("docs/BENCHMARKS.md") as existing:
+    text = existing.read()
+# Sections appended by hand (micro-benchmarks) are kept.
+marker = "\n## Micro-benchmarks"
+kept = text[text.index(marker):] if marker in text else ""
+open("docs/BENCHMARKS.md", "w").write("\n".join(lines) + "\n" + kept)
 print("\n".join(lines))
 PYEOF

@@ -133,6 +133,11 @@ pub struct BenchArguments {
     /// Distinct keys written or read (watch --prefix: written).
     #[arg(long, global = true, default_value_t = 10_000)]
     key_space_size: u64,
+    /// Go through the key space in order instead of at random: client c of C
+    /// uses keys c, c + C, c + 2C, ... (wrapping), so `put --total N
+    /// --key-space-size N --sequential-keys` writes every key exactly once.
+    #[arg(long, global = true)]
+    sequential_keys: bool,
     /// Bytes per key: "bench/" and the key's zero-padded index.
     #[arg(long, global = true, default_value_t = 16)]
     key_size: usize,
@@ -225,6 +230,7 @@ struct Plan {
     goal: Goal,
     rate_per_second: Option<u64>,
     key_space_size: u64,
+    sequential_keys: bool,
     key_size: usize,
     value_size: usize,
     request_timeout: Duration,
@@ -340,6 +346,7 @@ impl Plan {
             goal,
             rate_per_second: arguments.rate,
             key_space_size: arguments.key_space_size,
+            sequential_keys: arguments.sequential_keys,
             key_size: arguments.key_size,
             value_size: arguments.value_size,
             request_timeout: arguments.request_timeout,

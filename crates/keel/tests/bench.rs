@@ -126,6 +126,27 @@ fn every_workload_against_a_three_member_cluster() {
         arguments
     };
 
+    // In order, every key of the key space exactly once (at random, 60 puts
+    // over 60 keys would leave about a third of them unwritten).
+    let sequential = bench_json(
+        &cluster,
+        &with(&["--key-space-size", "60", "--sequential-keys", "put"]),
+    );
+    assert_all_done(&sequential, 60);
+    let written = cluster
+        .local_range(
+            cluster.wait_for_leader(),
+            keel_types::etcdserverpb::RangeRequest {
+                key: b"bench/".to_vec(),
+                range_end: b"bench0".to_vec(),
+                count_only: true,
+                ..Default::default()
+            },
+        )
+        .expect("the leader answers")
+        .count;
+    assert_eq!(written, 60, "--sequential-keys wrote every key once");
+
     let put = bench_json(&cluster, &with(&["put"]));
     assert_eq!(put["workload"], "put");
     assert_eq!(count(&put, "clients"), 4);

@@ -307,6 +307,8 @@ struct Schedule {
     seed: u64,
     /// Every operation uses key 0 (watch on one key).
     single_key: bool,
+    /// With --sequential-keys: the client's next key index and its step.
+    sequential: Option<(u64, u64)>,
 }
 
 /// Sends operations until the schedule ends; records every outcome.
@@ -342,6 +344,10 @@ async fn drive(
         sent += 1;
         let key_index = if schedule.single_key {
             0
+        } else if let Some((next, step)) = &mut schedule.sequential {
+            let index = *next % plan.key_space_size;
+            *next += *step;
+            index
         } else {
             next_random(&mut random) % plan.key_space_size
         };
@@ -416,6 +422,9 @@ pub async fn run(
             pacer,
             seed: client_index as u64,
             single_key,
+            sequential: plan
+                .sequential_keys
+                .then_some((client_index as u64, clients)),
         };
         let channel = channels[client_index % channels.len()].clone();
         let client = Client::new(plan, channel, epoch);
