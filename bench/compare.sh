@@ -144,9 +144,11 @@ for position, status in enumerate(statuses):
         break'
 }
 
-# Milliseconds from kill -9 of the leader, under write load, until a write
-# through the two survivors succeeds.
-failover_milliseconds() {
+# Appends "failover MILLISECONDS" to the summary: from kill -9 of the leader,
+# under write load, until a write through the two survivors succeeds. (Not
+# called in a command substitution: it restarts a member, whose pid the
+# cleanup must see.)
+measure_failover() {
   local system=$1 leader survivors="" index
   leader=$(leader_index "$system")
   for index in 1 2 3; do
@@ -165,13 +167,13 @@ failover_milliseconds() {
   wait "$load" 2>/dev/null || true
   start_member "$system" "$leader"
   wait_for_leader "$(endpoints_of "$system")"
-  echo $(((recovered_at - killed_at) / 1000000))
+  echo "failover $(((recovered_at - killed_at) / 1000000))" >>"$work/$system.summary"
 }
 
-# Loads MEMORY_KEYS distinct keys, reports the largest member's resident MiB,
-# then kill -9s a follower and reports the milliseconds until it answers a
-# serializable read after restart.
-memory_and_recovery() {
+# Loads MEMORY_KEYS distinct keys, appends "million RESIDENT_MIB MILLISECONDS"
+# to the summary: the largest member's resident memory, then the time from
+# restarting a follower killed with -9 until it answers a serializable read.
+measure_memory_and_recovery() {
   local system=$1
   $keel bench --endpoints "$(endpoints_of "$system")" --clients 256 --total "$memory_keys" \
     --key-space-size "$memory_keys" --sequential-keys --value-size 64 put >/dev/null
@@ -191,7 +193,7 @@ memory_and_recovery() {
   done
   local answered_at
   answered_at=$(date +%s%N)
-  echo "$resident $(((answered_at - started_at) / 1000000))"
+  echo "million $resident $(((answered_at - started_at) / 1000000))" >>"$work/$system.summary"
 }
 
 measure_system() {
@@ -200,8 +202,8 @@ measure_system() {
   wait_for_leader "$(endpoints_of "$system")"
   run_workloads "$system" >"$work/$system.results"
   echo "peak $(memory_mib "$system" VmHWM)" >"$work/$system.summary"
-  echo "failover $(failover_milliseconds "$system")" >>"$work/$system.summary"
-  echo "million $(memory_and_recovery "$system")" >>"$work/$system.summary"
+  measure_failover "$system"
+  measure_memory_and_recovery "$system"
   for index in 1 2 3; do kill -9 "${member_pid[$system$index]}" 2>/dev/null || true; done
   for index in 1 2 3; do wait "${member_pid[$system$index]}" 2>/dev/null || true; done
 }
