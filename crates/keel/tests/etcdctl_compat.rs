@@ -102,6 +102,37 @@ fn etcdctl_sees_what_it_sees_on_etcd() {
         1,
         "exactly one member reports being the leader: {table}"
     );
+    // Endpoints written with their scheme, and --cluster (which uses the
+    // members' client URLs): etcd 3.4 then sends `:authority: http://...` on
+    // these calls, which a strict HTTP/2 server refuses.
+    let keel_urls = keel
+        .members
+        .iter()
+        .map(|member| member.url())
+        .collect::<Vec<_>>()
+        .join(",");
+    for arguments in [
+        &["endpoint", "status"][..],
+        &["endpoint", "hashkv"],
+        &["endpoint", "status", "--cluster"],
+        &["endpoint", "health", "--cluster"],
+    ] {
+        let (code, output, error) = run(&keel_urls, arguments, None);
+        assert_eq!(code, 0, "etcdctl {arguments:?} with URLs: {error}");
+        // `endpoint health` reports on stderr.
+        let reported = format!("{output}{error}");
+        assert_eq!(
+            reported
+                .lines()
+                .filter(|line| line.contains("127.0.0.1"))
+                .count(),
+            3,
+            "{arguments:?}: {reported}"
+        );
+        let etcd_url = format!("http://{}", etcd.endpoint);
+        let (code, _, error) = run(&etcd_url, arguments, None);
+        assert_eq!(code, 0, "etcd: etcdctl {arguments:?}: {error}");
+    }
     let (code, members, _) = run(&keel_endpoints, &["member", "list"], None);
     assert_eq!(code, 0);
     assert_eq!(members.lines().count(), 3, "{members}");

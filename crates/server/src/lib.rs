@@ -5,6 +5,7 @@
 //! peers over TCP and serves etcd's v3 gRPC API to clients. The core decides;
 //! this crate only carries out its decisions and feeds it what happens.
 
+pub mod authority_repair;
 pub mod config;
 pub mod corruption;
 pub mod election;
@@ -249,8 +250,10 @@ impl Server {
             client_addresses.push(bound);
             // Nagle's algorithm would hold a response's second HTTP/2 frame
             // until the client's delayed ACK (40 ms): measured reads took 44 ms.
-            let incoming =
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            let incoming = tokio_stream::StreamExt::map(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                |accepted| accepted.map(authority_repair::AuthorityRepair::new),
+            );
             let decoding_limit = config.request_bytes_max + GRPC_OVERHEAD_BYTES;
             let router = tonic::transport::Server::builder()
                 .tcp_nodelay(true)
