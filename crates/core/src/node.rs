@@ -29,7 +29,8 @@ use keel_types::etcdserverpb::{
 use keel_types::keelpb::{log_request, LogRequest, MemberRecord};
 use prost::Message as _;
 use raft::eraftpb::{
-    ConfChange, ConfChangeV2, Entry, EntryType, HardState, Message, Snapshot, SnapshotMetadata,
+    ConfChange, ConfChangeV2, Entry, EntryType, HardState, Message, MessageType, Snapshot,
+    SnapshotMetadata,
 };
 use raft::{RawNode, ReadOnlyOption, StateRole};
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -531,6 +532,14 @@ struct ReadBatch {
     issued_tick: u64,
 }
 
+/// A client write numbered and encoded, to be proposed at the next Ready.
+#[derive(Debug)]
+struct WaitingProposal {
+    token: u64,
+    request_id: u64,
+    data: Vec<u8>,
+}
+
 #[derive(Debug)]
 struct PendingRead {
     token: u64,
@@ -574,6 +583,8 @@ pub struct Node {
     next_request_sequence: u32,
     /// Writes this member proposed, by log request id, until applied or timed out.
     pending_writes: BTreeMap<u64, PendingWrite>,
+    /// Client writes not yet proposed: they go to raft-rs together at the next Ready.
+    proposals_waiting: Vec<WaitingProposal>,
     /// Linearizable reads not yet sent out as a ReadIndex request.
     reads_waiting: Vec<PendingRead>,
     /// ReadIndex requests in flight, by context.
@@ -671,6 +682,7 @@ impl Node {
             election_timer_marker: (u64::MAX, StateRole::Follower, u64::MAX),
             next_request_sequence: 0,
             pending_writes: BTreeMap::new(),
+            proposals_waiting: Vec::new(),
             reads_waiting: Vec::new(),
             reads_in_flight: BTreeMap::new(),
             reads_ready: VecDeque::new(),
@@ -1269,6 +1281,7 @@ impl Node {
 
     fn pending_request_count(&self) -> usize {
         self.pending_writes.len()
+            + self.proposals_waiting.len()
             + self.reads_waiting.len()
             + self
                 .reads_in_flight
@@ -1356,14 +1369,49 @@ impl Node {
         if data.len() > self.config.request_bytes_max {
             return self.refuse(token, RequestError::RequestTooLarge);
         }
-        // A follower's raft-rs forwards the proposal to the leader; whichever
-        // member applies it, only this one answers, by matching the request id.
-        match self.raw_node.propose(Vec::new(), data) {
+        self.proposals_waiting.push(WaitingProposal {
+            token,
+            request_id,
+            data,
+        });
+    }
+
+    /// Proposes every write that arrived since the last Ready as one MsgPropose:
+    /// raft-rs appends them together and broadcasts one MsgAppend per follower,
+    /// where proposing them one by one costs one MsgAppend (and one response)
+    /// per write per follower. A follower's raft-rs forwards the batch to the
+    /// leader; whichever member applies a write, only this one answers it, by
+    /// matching the request id.
+    fn propose_waiting_writes(&mut self) {
+        if self.proposals_waiting.is_empty() {
+            return;
+        }
+        let mut proposals = std::mem::take(&mut self.proposals_waiting);
+        let mut message = Message::default();
+        message.set_msg_type(MessageType::MsgPropose);
+        message.from = self.config.member_id;
+        message.set_entries(
+            proposals
+                .iter_mut()
+                .map(|proposal| Entry {
+                    data: std::mem::take(&mut proposal.data).into(),
+                    ..Default::default()
+                })
+                .collect::<Vec<_>>()
+                .into(),
+        );
+        match self.raw_node.step(message) {
             Ok(()) => {
-                self.pending_writes
-                    .insert(request_id, self.pending(token, None));
+                for proposal in proposals {
+                    let pending = self.pending(proposal.token, None);
+                    self.pending_writes.insert(proposal.request_id, pending);
+                }
             }
-            Err(raft::Error::ProposalDropped) => self.refuse(token, RequestError::Dropped),
+            Err(raft::Error::ProposalDropped) => {
+                for proposal in proposals {
+                    self.refuse(proposal.token, RequestError::Dropped);
+                }
+            }
             Err(error) => panic!("raft-rs failed a proposal in an unexpected way: {error}"),
         }
     }
@@ -1425,6 +1473,7 @@ impl Node {
     /// True when [`Node::ready`] has work.
     pub fn has_ready(&self) -> bool {
         !self.replies.is_empty()
+            || !self.proposals_waiting.is_empty()
             || (!self.reads_waiting.is_empty() && self.raw_node.raft.leader_id != raft::INVALID_ID)
             || self.raw_node.has_ready()
     }
@@ -1436,6 +1485,7 @@ impl Node {
             self.in_progress.is_none(),
             "ready called again before advance"
         );
+        self.propose_waiting_writes();
         self.issue_read_index();
         let mut output = Output::default();
         if !self.raw_node.has_ready() {
@@ -1881,5 +1931,65 @@ impl Node {
         if let Err(error) = self.raw_node.campaign() {
             tracing::debug!(%error, "campaign refused");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use keel_types::etcdserverpb::PutRequest;
+
+    use super::*;
+
+    /// A one-member cluster that has elected itself.
+    fn single_member_leader() -> Node {
+        let member = MemberRecord {
+            id: 1,
+            name: "one".into(),
+            peer_urls: vec!["test://one".into()],
+            ..Default::default()
+        };
+        let recovered = Recovered {
+            snapshot: bootstrap_snapshot(vec![member], 7),
+            hard_state: None,
+            entries: Vec::new(),
+        };
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let mut node = Node::new(NodeConfig::with_member_id(1), recovered, &logger).unwrap();
+        node.campaign();
+        drain(&mut node);
+        assert!(node.status().is_leader);
+        node
+    }
+
+    /// Takes Readies as a shell would (a single member persists and sends nothing).
+    fn drain(node: &mut Node) -> Vec<Reply> {
+        let mut replies = Vec::new();
+        while node.has_ready() {
+            replies.extend(node.ready().replies);
+            replies.extend(node.advance().replies);
+        }
+        replies
+    }
+
+    /// A write waits in the node until the next Ready, so `has_ready` must say
+    /// so at once: the shell asks for a Ready only when it does, and a write
+    /// missed here would wait for the next tick (once 100 ms per put).
+    #[test]
+    fn a_waiting_write_makes_the_node_ready_at_once() {
+        let mut node = single_member_leader();
+        assert!(!node.has_ready());
+        node.step(Event::Write {
+            token: 42,
+            request: log_request::Request::Put(PutRequest {
+                key: b"k".to_vec(),
+                value: b"v".to_vec(),
+                ..Default::default()
+            }),
+        });
+        assert!(node.has_ready(), "a proposal is waiting");
+        let replies = drain(&mut node);
+        assert_eq!(replies.len(), 1);
+        assert_eq!(replies[0].token, 42);
+        assert!(matches!(replies[0].result, Ok(Response::Write(_))));
     }
 }
