@@ -139,12 +139,20 @@ impl<D: Disk + Clone> DurableState<D> {
         if persist.entries.is_empty() && persist.hard_state.is_none() {
             return Ok(());
         }
-        let entries: Vec<LogEntry> = persist.entries.iter().map(encode_entry).collect();
         let hard_state = persist.hard_state.as_ref().map(|hard_state| HardState {
             term: hard_state.term,
             vote: hard_state.vote,
             commit: hard_state.commit,
         });
+        if let (false, true, Some(hard_state)) = (
+            persist.must_sync,
+            persist.entries.is_empty() && persist.snapshot.is_none(),
+            hard_state,
+        ) {
+            self.wal.record_hard_state_without_sync(hard_state)?;
+            return Ok(());
+        }
+        let entries: Vec<LogEntry> = persist.entries.iter().map(encode_entry).collect();
         self.wal.append(&entries, hard_state)?;
         Ok(())
     }
@@ -265,6 +273,7 @@ mod tests {
                     commit: 10,
                     ..Default::default()
                 }),
+                must_sync: true,
             })
             .unwrap();
         let mut snapshot = Snapshot::default();
@@ -287,6 +296,59 @@ mod tests {
         assert_eq!(recovered.hard_state.unwrap().commit, 10);
     }
 
+    /// A hard state that only moves the commit index costs no fsync of its
+    /// own: a crash may lose it (recovery falls back to the last synced one),
+    /// and the next synced write makes it durable.
+    #[test]
+    fn a_commit_only_hard_state_waits_for_the_next_sync() {
+        let disk = SimDisk::new();
+        let (mut durable, _) = DurableState::open(disk.clone()).unwrap();
+        durable.bootstrap(vec![member(1)], 7).unwrap();
+        let entry = |index: u64| Entry {
+            index,
+            term: 1,
+            data: vec![index as u8].into(),
+            ..Default::default()
+        };
+        let hard_state = |commit: u64| RaftHardState {
+            term: 1,
+            vote: 1,
+            commit,
+            ..Default::default()
+        };
+        let persist = |entries: Vec<Entry>, commit: Option<u64>, must_sync: bool| Persist {
+            snapshot: None,
+            entries,
+            hard_state: commit.map(hard_state),
+            must_sync,
+        };
+        durable
+            .persist(&persist(vec![entry(2), entry(3)], Some(2), true))
+            .unwrap();
+        let fsyncs = durable.wal_stats().fsyncs;
+        durable
+            .persist(&persist(Vec::new(), Some(3), false))
+            .unwrap();
+        assert_eq!(
+            durable.wal_stats().fsyncs,
+            fsyncs,
+            "no fsync for a commit index"
+        );
+        drop(durable);
+        let (mut durable, recovered) = DurableState::open(disk.clone()).unwrap();
+        assert_eq!(recovered.unwrap().hard_state.unwrap().commit, 2);
+
+        durable
+            .persist(&persist(Vec::new(), Some(3), false))
+            .unwrap();
+        durable
+            .persist(&persist(vec![entry(4)], None, true))
+            .unwrap();
+        drop(durable);
+        let (_, recovered) = DurableState::open(disk).unwrap();
+        assert_eq!(recovered.unwrap().hard_state.unwrap().commit, 3);
+    }
+
     /// Simulator seed 910: a crash between saving a snapshot file and its
     /// marker in the log must not leave the log unable to take the entries
     /// after the snapshot.
@@ -307,6 +369,7 @@ mod tests {
                 snapshot: None,
                 entries,
                 hard_state: None,
+                must_sync: true,
             })
             .unwrap();
         drop(durable);
@@ -340,6 +403,7 @@ mod tests {
                 snapshot: None,
                 entries: after,
                 hard_state: None,
+                must_sync: true,
             })
             .unwrap();
         drop(durable);

@@ -376,6 +376,9 @@ pub struct Persist {
     pub entries: Vec<Entry>,
     /// The new hard state (term, vote, commit), if it changed.
     pub hard_state: Option<HardState>,
+    /// False when only the commit index changed (no entries, term, vote or
+    /// snapshot): then the hard state may be written without an fsync.
+    pub must_sync: bool,
 }
 
 impl Persist {
@@ -1508,6 +1511,7 @@ impl Node {
             self.raw_node.mut_store().set_hard_state(hard_state.clone());
             output.persist.hard_state = Some(hard_state.clone());
         }
+        output.persist.must_sync = ready.must_sync();
         output.messages_after_persist = ready.take_persisted_messages();
         self.in_progress = Some(ready);
         self.serve_ready_reads();

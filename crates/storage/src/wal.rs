@@ -33,6 +33,11 @@ use crate::disk::{parent_directory, Disk, DiskFile};
 use crate::error::StorageError;
 use crate::record::{self, DecodeError, Record, RecordRef, RECORD_BYTES_MIN};
 
+/// Hard-state records kept unwritten by [`Wal::record_hard_state_without_sync`]
+/// before they are written and fsynced anyway (a member that only ever moves its
+/// commit index must not buffer without bound).
+const UNSYNCED_BUFFER_BYTES_MAX: usize = 64 * 1024;
+
 /// One Raft log entry, stored as an opaque payload with its index and term visible.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogEntry {
@@ -370,6 +375,27 @@ impl<D: Disk> Wal<D> {
         let result = self.write_batch(entries, hard_state);
         self.poison_on_error(result)?;
         self.check_invariants();
+        Ok(())
+    }
+
+    /// Records a hard state whose term and vote did not change (only the commit
+    /// index moved) without an fsync of its own: it is written and made durable
+    /// with the next append or marker. A commit index needs no fsync (raft-rs's
+    /// `Ready::must_sync`): after a crash the member relearns it from the
+    /// leader, and recovery clamps it to the snapshot. Waiting for an fsync
+    /// here put a second, sequential fsync on every write's path.
+    pub fn record_hard_state_without_sync(
+        &mut self,
+        hard_state: HardState,
+    ) -> Result<(), StorageError> {
+        self.check_writable()?;
+        let result = self.write_record(RecordRef::HardState(&hard_state));
+        self.poison_on_error(result)?;
+        self.hard_state = Some(hard_state);
+        if self.buffer.len() > UNSYNCED_BUFFER_BYTES_MAX {
+            let result = self.flush_and_sync();
+            self.poison_on_error(result)?;
+        }
         Ok(())
     }
 
