@@ -21,7 +21,13 @@ memory_keys=${2:-1000000}
 work=$(mktemp -d)
 declare -A member_pid=()
 cleanup() {
+  local status=$?
   for pid in "${member_pid[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
+  if [ "$status" -ne 0 ]; then
+    # Keep the members' logs of a failed run where they can be read.
+    mkdir -p target/compare-logs && cp "$work"/*.log target/compare-logs/ 2>/dev/null || true
+    echo "failed; member logs are in target/compare-logs/" >&2
+  fi
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -75,6 +81,18 @@ wait_for_leader() {
   return 1
 }
 
+# Waits until the member at ENDPOINT answers a read itself (bounded).
+wait_for_member() {
+  for _ in $(seq 1 600); do
+    if etcdctl --endpoints="$1" --command-timeout=1s get --consistency=s bench-ready >/dev/null 2>&1; then
+      return 0
+    fi
+    sleep 0.1
+  done
+  echo "$1 does not answer" >&2
+  return 1
+}
+
 # CPU seconds (user + system) the members of SYSTEM have used so far.
 cpu_seconds() {
   local system=$1 ticks=0 index stat
@@ -103,6 +121,7 @@ bench() {
   local system=$1 name=$2 clients=$3
   shift 3
   local before after json
+  echo "$system: $name with $clients clients" >&2
   before=$(cpu_seconds "$system")
   json=$($keel bench --endpoints "$(endpoints_of "$system")" --clients "$clients" -o json "$@")
   after=$(cpu_seconds "$system")
@@ -150,6 +169,7 @@ for position, status in enumerate(statuses):
 # cleanup must see.)
 measure_failover() {
   local system=$1 leader survivors="" index
+  echo "$system: failover" >&2
   leader=$(leader_index "$system")
   for index in 1 2 3; do
     [ "$index" -ne "$leader" ] && survivors="$survivors${survivors:+,}127.0.0.1:$(client_port "$system" "$index")"
@@ -167,6 +187,7 @@ measure_failover() {
   wait "$load" 2>/dev/null || true
   start_member "$system" "$leader"
   wait_for_leader "$(endpoints_of "$system")"
+  wait_for_member "127.0.0.1:$(client_port "$system" "$leader")"
   echo "failover $(((recovered_at - killed_at) / 1000000))" >>"$work/$system.summary"
 }
 
@@ -175,6 +196,7 @@ measure_failover() {
 # restarting a follower killed with -9 until it answers a serializable read.
 measure_memory_and_recovery() {
   local system=$1
+  echo "$system: $memory_keys keys, then recovery" >&2
   $keel bench --endpoints "$(endpoints_of "$system")" --clients 256 --total "$memory_keys" \
     --key-space-size "$memory_keys" --sequential-keys --value-size 64 put >/dev/null
   local resident
