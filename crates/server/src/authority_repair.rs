@@ -8,13 +8,17 @@
 //! the stream with PROTOCOL_ERROR, so those etcdctl commands failed against keel
 //! whenever the endpoint was written with its scheme.
 //!
-//! [`AuthorityRepair`] sits between an accepted client socket and tonic. It
-//! passes every byte through unchanged except the client's header blocks
-//! (HEADERS and CONTINUATION frames), which it decodes with the client's HPACK
-//! state and encodes again as literals that never touch the dynamic table,
-//! with `scheme://` cut from `:authority`. Re-encoding every block (not only the
-//! broken ones) keeps the server's HPACK table empty, so the two sides can never
-//! disagree about it. The server-to-client direction is untouched.
+//! [`AuthorityRepair`] sits between an accepted client socket and tonic and
+//! decodes the connection's first header block. If its `:authority` is well
+//! formed (every client but those etcd 3.4 calls), the block goes on as it came
+//! and the rest of the connection passes through untouched: a client keeps one
+//! authority per connection (grpc-go does), and decoding every request cost 40%
+//! of a member's CPU under a read load. Otherwise every header block of the
+//! connection (HEADERS and CONTINUATION frames) is decoded with the client's
+//! HPACK state and encoded again as literals that never touch the dynamic
+//! table, with `scheme://` cut from `:authority`: re-encoding every block, not
+//! only the broken ones, keeps the server's HPACK table empty, so the two sides
+//! can never disagree about it. The server-to-client direction is untouched.
 //!
 //! Limits: a header frame is buffered whole only up to
 //! [`HEADER_FRAME_BYTES_MAX`] (larger ones are passed on for h2 to refuse), and
@@ -58,6 +62,19 @@ struct PendingHeaderBlock {
     end_stream: bool,
     priority: Option<[u8; PRIORITY_BYTES]>,
     fragments: Vec<u8>,
+    /// The frames as they came, to send on unchanged if the block needs no repair.
+    original_frames: Vec<u8>,
+}
+
+/// What the connection's header blocks need, decided by the first one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// No header block seen yet.
+    Undecided,
+    /// The first authority was well formed: pass everything through.
+    Passthrough,
+    /// The first authority carried a scheme: re-encode every header block.
+    Rewrite,
 }
 
 /// An accepted client connection whose header blocks are re-encoded with a
@@ -72,6 +89,7 @@ pub struct AuthorityRepair<S> {
     /// Bytes of a frame being passed through as it arrives.
     passthrough_remaining: usize,
     pending: Option<PendingHeaderBlock>,
+    mode: Mode,
     decoder: loona_hpack::Decoder<'static>,
     end_of_input: bool,
     /// Where reads from the socket land before joining `buffer`.
@@ -90,6 +108,7 @@ impl<S> AuthorityRepair<S> {
             preface_remaining: CLIENT_PREFACE_BYTES,
             passthrough_remaining: 0,
             pending: None,
+            mode: Mode::Undecided,
             decoder,
             end_of_input: false,
             scratch: vec![0; READ_CHUNK_BYTES].into_boxed_slice(),
@@ -105,6 +124,10 @@ impl<S> AuthorityRepair<S> {
     /// header frames in place.
     fn process(&mut self) -> io::Result<()> {
         loop {
+            if self.mode == Mode::Passthrough {
+                self.ready = self.buffer.len();
+                return Ok(());
+            }
             let available = self.buffer.len() - self.ready;
             if self.preface_remaining > 0 || self.passthrough_remaining > 0 {
                 let remaining = if self.preface_remaining > 0 {
@@ -182,6 +205,7 @@ impl<S> AuthorityRepair<S> {
                 end_stream: flags & FLAG_END_STREAM != 0,
                 priority,
                 fragments: Vec::new(),
+                original_frames: Vec::new(),
             });
         } else {
             match &self.pending {
@@ -197,26 +221,42 @@ impl<S> AuthorityRepair<S> {
             ));
         }
         pending.fragments.extend_from_slice(payload);
+        if self.mode == Mode::Undecided {
+            pending.original_frames.extend_from_slice(frame);
+        }
         if flags & FLAG_END_HEADERS == 0 {
             return Ok(Vec::new());
         }
         let pending = self.pending.take().expect("set above");
-        let block = self.reencode(&pending.fragments)?;
+        let headers = self.decode(&pending.fragments)?;
+        if self.mode == Mode::Undecided {
+            let needs_repair = headers.iter().any(|(name, value)| {
+                name.as_slice() == b":authority" && repaired_authority(value) != value.as_slice()
+            });
+            if !needs_repair {
+                self.mode = Mode::Passthrough;
+                return Ok(pending.original_frames);
+            }
+            self.mode = Mode::Rewrite;
+        }
+        let mut block = Vec::with_capacity(pending.fragments.len() * 2);
+        for (name, value) in &headers {
+            let value = if name.as_slice() == b":authority" {
+                repaired_authority(value)
+            } else {
+                value
+            };
+            encode_literal_without_indexing(name, value, &mut block);
+        }
         Ok(frames_for_block(&pending, &block))
     }
 
-    /// Decodes one complete header block with the client's HPACK state and
-    /// encodes it again as literals without indexing, repairing `:authority`.
-    fn reencode(&mut self, block: &[u8]) -> io::Result<Vec<u8>> {
-        let mut encoded = Vec::with_capacity(block.len() * 2);
+    /// Decodes one complete header block with the client's HPACK state.
+    fn decode(&mut self, block: &[u8]) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut headers = Vec::new();
         self.decoder
             .decode_with_cb(block, |name, value| {
-                let value: &[u8] = if name.as_ref() == b":authority" {
-                    repaired_authority(&value)
-                } else {
-                    &value
-                };
-                encode_literal_without_indexing(&name, value, &mut encoded);
+                headers.push((name.into_owned(), value.into_owned()));
             })
             .map_err(|error| {
                 io::Error::new(
@@ -224,7 +264,7 @@ impl<S> AuthorityRepair<S> {
                     format!("undecodable HPACK header block: {error}"),
                 )
             })?;
-        Ok(encoded)
+        Ok(headers)
     }
 }
 
@@ -311,6 +351,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityRepair<S> {
         output: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.mode == Mode::Passthrough && this.buffer.is_empty() {
+            return Pin::new(&mut this.inner).poll_read(context, output);
+        }
         loop {
             if this.ready > 0 {
                 let count = this.ready.min(output.remaining());
@@ -519,6 +562,20 @@ mod tests {
             );
             assert_eq!(frames[3].1, FLAG_END_HEADERS | FLAG_PRIORITY);
             assert_eq!(frames[3].2, 3);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_first_authority_is_well_formed_passes_unchanged() {
+        let mut encoder = loona_hpack::Encoder::new();
+        let mut input = PREFACE.to_vec();
+        for (stream, path) in [(1, "/etcdserverpb.KV/Put"), (3, "/etcdserverpb.KV/Range")] {
+            let block = encode(&mut encoder, &request_headers("127.0.0.1:2379", path));
+            input.extend(frame(FRAME_TYPE_HEADERS, FLAG_END_HEADERS, stream, &block));
+            input.extend(frame(0x0, FLAG_END_STREAM, stream, b"\0\0\0\0\x02ab"));
+        }
+        for chunk in [1, 5, 4096] {
+            assert_eq!(repaired(input.clone(), chunk).await, input, "chunk {chunk}");
         }
     }
 
