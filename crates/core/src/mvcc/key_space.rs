@@ -255,6 +255,8 @@ impl KeySpace {
             }
             if history.versions.is_empty() {
                 self.keys.remove(&key);
+            } else {
+                history.shrink_after_compaction();
             }
         }
         self.compact_revision = revision;
@@ -643,7 +645,7 @@ impl KeySpace {
                 "history only grows forwards"
             );
         }
-        history.versions.push(version);
+        history.push(version);
     }
 
     /// Adds a version recovered from a snapshot, already checked by the caller.
@@ -654,7 +656,7 @@ impl KeySpace {
         };
         self.approximate_bytes += version_bytes(&key, &version);
         self.revisions.insert(version.revision, Arc::clone(&key));
-        self.keys.entry(key).or_default().versions.push(version);
+        self.keys.entry(key).or_default().push(version);
     }
 }
 
