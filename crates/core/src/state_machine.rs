@@ -395,8 +395,11 @@ impl StateMachine {
             }
         };
         let revision_after = self.key_space.current_revision();
-        if revision_after != revision_before {
-            // Keep the lease → keys index in step with what this write changed.
+        // Keep the lease → keys index in step with what this write changed.
+        // Without leases no key can be attached to one, and building the
+        // write's events (copies of every key and value it touched) would cost
+        // as much as the write itself.
+        if revision_after != revision_before && !self.leases.is_empty() {
             let batch = self
                 .key_space
                 .events(revision_after, usize::MAX)
