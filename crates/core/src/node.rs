@@ -126,6 +126,9 @@ pub enum DeliberateBug {
     /// Answer linearizable reads from local state without a ReadIndex round,
     /// so a deposed leader or a lagging follower can return stale data.
     ReadsWithoutReadIndex,
+    /// Count lease time twice as fast: the leader expires a lease at half its
+    /// TTL after its last keep-alive, so its keys vanish early.
+    LeaseExpiresAtHalfTtl,
 }
 
 impl NodeConfig {
@@ -691,6 +694,16 @@ impl Node {
         Ok(node)
     }
 
+    /// Ticks in one second of lease time, as the leader's lease clock counts them.
+    fn lease_ticks_per_second(&self) -> u64 {
+        let ticks_per_second = self.config.ticks_per_second();
+        if self.config.deliberate_bug == DeliberateBug::LeaseExpiresAtHalfTtl {
+            (ticks_per_second / 2).max(1)
+        } else {
+            ticks_per_second
+        }
+    }
+
     /// This member's id.
     pub fn member_id(&self) -> u64 {
         self.config.member_id
@@ -748,7 +761,7 @@ impl Node {
         self.follow_move_leader();
         let is_leader = self.raw_node.raft.state == StateRole::Leader;
         if is_leader && !self.lessor.is_active() {
-            let ticks_per_second = self.config.ticks_per_second();
+            let ticks_per_second = self.lease_ticks_per_second();
             self.lessor.promote(
                 self.tick_count,
                 self.state_machine.leases(),
@@ -783,7 +796,7 @@ impl Node {
         self.last_lease_checkpoint_tick = self.tick_count;
         let remaining = self.lessor.remaining_seconds(
             self.tick_count,
-            self.config.ticks_per_second(),
+            self.lease_ticks_per_second(),
             usize::MAX,
         );
         let leases = self.state_machine.leases();
@@ -1090,7 +1103,7 @@ impl Node {
             id,
             self.tick_count,
             ttl_seconds,
-            self.config.ticks_per_second(),
+            self.lease_ticks_per_second(),
         );
         if !checkpointed {
             let response = LeaseKeepAliveResponse {
@@ -1157,7 +1170,7 @@ impl Node {
                 LeaseTimeToLiveResponse {
                     header,
                     id,
-                    ttl: (remaining_ticks / self.config.ticks_per_second()) as i64,
+                    ttl: (remaining_ticks / self.lease_ticks_per_second()) as i64,
                     granted_ttl: lease.ttl_seconds,
                     keys: if keys {
                         lease.keys.iter().cloned().collect()
@@ -1594,7 +1607,7 @@ impl Node {
 
     /// Keeps the leader's lease clock in step with applied lease changes.
     fn follow_lease_changes(&mut self, request: &WriteRequest) {
-        let ticks_per_second = self.config.ticks_per_second();
+        let ticks_per_second = self.lease_ticks_per_second();
         match request {
             log_request::Request::LeaseGrant(grant) => {
                 self.lessor
