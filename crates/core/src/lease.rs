@@ -209,6 +209,12 @@ impl Lessor {
         self.revoking.clear();
     }
 
+    /// True when the lease expired on this clock and its revocation was proposed: the
+    /// revocation may commit at any moment, so the lease must not be renewed.
+    pub fn is_revoking(&self, id: i64) -> bool {
+        self.revoking.contains_key(&id)
+    }
+
     /// True on the leader.
     pub fn is_active(&self) -> bool {
         self.active

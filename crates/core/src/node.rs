@@ -541,6 +541,14 @@ struct PendingRead {
     received_tick: u64,
 }
 
+/// A keep-alive waiting for its lease's revocation to apply.
+#[derive(Debug)]
+struct PendingKeepAlive {
+    token: u64,
+    id: i64,
+    received_tick: u64,
+}
+
 #[derive(Debug)]
 struct PendingWrite {
     token: u64,
@@ -595,6 +603,9 @@ pub struct Node {
     next_lease_sequence: u32,
     /// The tick of the leader's last lease checkpoint.
     last_lease_checkpoint_tick: u64,
+    /// Keep-alives of leases whose revocation was already proposed when they
+    /// arrived: answered "not found" once the lease is gone, never renewed.
+    keep_alives_waiting_for_revocation: Vec<PendingKeepAlive>,
     /// Membership changes this member proposed, by request id.
     pending_membership: BTreeMap<u64, PendingWrite>,
     /// The tick at which this member applied its own removal.
@@ -684,6 +695,7 @@ impl Node {
             lessor: Lessor::default(),
             next_lease_sequence: 0,
             last_lease_checkpoint_tick: 0,
+            keep_alives_waiting_for_revocation: Vec::new(),
             pending_membership: BTreeMap::new(),
             removed_at_tick: None,
             pending_move_leader: None,
@@ -771,6 +783,34 @@ impl Node {
             self.last_lease_checkpoint_tick = self.tick_count;
         } else if !is_leader && self.lessor.is_active() {
             self.lessor.demote();
+            // Whether the revocations they wait for will commit is unknown now.
+            for waiting in std::mem::take(&mut self.keep_alives_waiting_for_revocation) {
+                self.refuse(waiting.token, RequestError::LeaderChanged);
+            }
+        }
+    }
+
+    /// Answers the keep-alives waiting for revocations that have applied: their
+    /// leases are gone, which etcd answers with TTL 0.
+    fn answer_keep_alives_of_revoked_leases(&mut self) {
+        if self.keep_alives_waiting_for_revocation.is_empty() {
+            return;
+        }
+        let waiting = std::mem::take(&mut self.keep_alives_waiting_for_revocation);
+        for keep_alive in waiting {
+            if self.state_machine.leases().contains(keep_alive.id) {
+                self.keep_alives_waiting_for_revocation.push(keep_alive);
+                continue;
+            }
+            let response = LeaseKeepAliveResponse {
+                header: Some(self.header(0)),
+                id: keep_alive.id,
+                ttl: 0,
+            };
+            self.replies.push(Reply {
+                token: keep_alive.token,
+                result: Ok(Response::LeaseKeepAlive(response)),
+            });
         }
     }
 
@@ -1097,6 +1137,21 @@ impl Node {
             });
             return;
         };
+        if self.lessor.is_revoking(id) {
+            // The lease expired on this clock and its revocation is in the log:
+            // renewing it now would acknowledge a lease that is about to vanish.
+            // As etcd's lessor does, wait for the revocation and answer "not found".
+            if self.pending_request_count() >= self.config.pending_requests_max {
+                return self.refuse(token, RequestError::TooManyRequests);
+            }
+            self.keep_alives_waiting_for_revocation
+                .push(PendingKeepAlive {
+                    token,
+                    id,
+                    received_tick: self.tick_count,
+                });
+            return;
+        }
         let ttl_seconds = lease.ttl_seconds;
         let checkpointed = lease.remaining_ttl_seconds != 0;
         self.lessor.refresh(
@@ -1241,6 +1296,17 @@ impl Node {
             is_expired,
             RequestError::Timeout,
         );
+        let (expired, waiting): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.keep_alives_waiting_for_revocation)
+                .into_iter()
+                .partition(|keep_alive| now - keep_alive.received_tick >= timeout);
+        self.keep_alives_waiting_for_revocation = waiting;
+        for keep_alive in expired {
+            self.replies.push(Reply {
+                token: keep_alive.token,
+                result: Err(RequestError::Timeout),
+            });
+        }
         // ReadIndex requests that got no answer are issued again; reads waiting
         // too long in total fail.
         let retry = self.config.read_index_retry_ticks;
@@ -1270,6 +1336,7 @@ impl Node {
 
     fn pending_request_count(&self) -> usize {
         self.pending_writes.len()
+            + self.keep_alives_waiting_for_revocation.len()
             + self.reads_waiting.len()
             + self
                 .reads_in_flight
@@ -1534,6 +1601,7 @@ impl Node {
                 }
             }
         }
+        self.answer_keep_alives_of_revoked_leases();
     }
 
     fn apply_normal(&mut self, entry: &Entry) {
