@@ -537,8 +537,26 @@ struct ReadBatch {
 #[derive(Debug)]
 struct PendingRead {
     token: u64,
-    request: RangeRequest,
+    purpose: ReadPurpose,
     received_tick: u64,
+}
+
+/// What a request waits for a read index to do.
+#[derive(Debug)]
+enum ReadPurpose {
+    /// A linearizable range read.
+    Range(RangeRequest),
+    /// A lease keep-alive. The leader renews a lease only after a ReadIndex
+    /// round (etcd's `ensureLeadership` and `waitAppliedIndex`): the round
+    /// proves it is still the leader, so no newer leader's clock has taken
+    /// over, and once the read index is applied its lease table holds every
+    /// revocation and checkpoint committed before, including a previous
+    /// leader's. Without it, a new leader that had not yet applied its
+    /// predecessor's revocation acknowledged a keep-alive for a lease that was
+    /// about to vanish, and a deposed leader could acknowledge one that a newer
+    /// leader would expire first (found by the simulator; see
+    /// `crates/sim/tests/regression_lease_keep_alive_on_stale_state.rs`).
+    KeepAlive(i64),
 }
 
 /// A keep-alive waiting for its lease's revocation to apply.
@@ -1119,7 +1137,25 @@ impl Node {
         }
     }
 
+    /// A keep-alive reaching the leader waits for a ReadIndex round (see
+    /// [`ReadPurpose::KeepAlive`]), then [`Node::renew_lease`] answers it.
     fn lease_keep_alive(&mut self, token: u64, id: i64) {
+        if !self.lessor.is_active() {
+            let leader_id = self.raw_node.raft.leader_id;
+            return self.refuse(token, RequestError::NotLeader { leader_id });
+        }
+        if self.pending_request_count() >= self.config.pending_requests_max {
+            return self.refuse(token, RequestError::TooManyRequests);
+        }
+        self.reads_waiting.push(PendingRead {
+            token,
+            purpose: ReadPurpose::KeepAlive(id),
+            received_tick: self.tick_count,
+        });
+    }
+
+    /// Renews a lease for a keep-alive whose read index has applied.
+    fn renew_lease(&mut self, token: u64, id: i64) {
         if !self.lessor.is_active() {
             let leader_id = self.raw_node.raft.leader_id;
             return self.refuse(token, RequestError::NotLeader { leader_id });
@@ -1466,7 +1502,7 @@ impl Node {
         }
         self.reads_waiting.push(PendingRead {
             token,
-            request,
+            purpose: ReadPurpose::Range(request),
             received_tick: self.tick_count,
         });
     }
@@ -1806,8 +1842,15 @@ impl Node {
                 continue;
             }
             for read in reads {
+                let request = match read.purpose {
+                    ReadPurpose::Range(request) => request,
+                    ReadPurpose::KeepAlive(id) => {
+                        self.renew_lease(read.token, id);
+                        continue;
+                    }
+                };
                 let result = self
-                    .range_local(&read.request)
+                    .range_local(&request)
                     .map(Response::Range)
                     .map_err(RequestError::KeySpace);
                 self.replies.push(Reply {
