@@ -10,18 +10,20 @@
 //!
 //! # Leases
 //!
-//! A workload client holds at most one lease at a time, which it grants with an id of its
-//! own (so that a grant whose answer never came still names the lease), with a short TTL
-//! so that expiry happens within a run. It puts some of its own lease keys (`l<client>.<n>`,
-//! apart from the plain keys so that each client's leases form a small component for the
-//! checker) with the lease, reads lease keys (its own and other clients'), and ends the
-//! lease in one of three ways the seed weighs: it revokes it, it keeps it alive for a while
-//! and then stops, or it abandons it at once. A kept-alive lease gets a keep-alive every
-//! third of its TTL, as etcd's clients send them (or, in some runs, at longer gaps that race
-//! the lease's expiry), ahead of anything else the client would do: that is the keep-alive
-//! stream, one request at a time. A lease that a request finds
+//! A workload client uses one lease at a time, which it grants with an id of its own (so
+//! that a grant whose answer never came still names the lease), with a short TTL so that
+//! expiry happens within a run. It puts some of its own lease keys
+//! (`l<client>.<generation>.<n>`, apart from the plain keys, and changing every
+//! [`LEASE_KEY_GENERATION_NS`] so that the leases sharing keys form small components for
+//! the checker) with the lease, reads lease keys (its own and other clients'), and then
+//! either revokes the lease or moves on to a new one and lets the old one expire, perhaps
+//! after keeping it alive for a while (up to [`KEPT_ALIVE_LEASES_MAX`] leases at once, each
+//! for up to [`KEEP_ALIVES_PER_LEASE_MAX`] keep-alives). A kept-alive lease gets a
+//! keep-alive every third of its TTL, as etcd's clients send them (or, in some runs, at
+//! longer gaps that race the lease's expiry), ahead of anything else the client would do:
+//! those are the keep-alive streams, one request at a time. A lease that a request finds
 //! gone (a put refused with "lease not found", a keep-alive answered with TTL 0) is
-//! dropped and a new one granted later.
+//! forgotten.
 
 use std::collections::BTreeMap;
 
@@ -46,38 +48,50 @@ pub const KEEP_ALIVES_PER_LEASE_MAX: u64 = 12;
 /// The most puts and reads a client does with one lease before it ends it.
 pub const STEPS_PER_LEASE_MAX: u64 = 8;
 
-/// The `n`th lease key of workload client `client_id`.
-pub fn lease_key(client_id: u64, n: usize) -> Bytes {
-    Bytes::from(format!("l{client_id}.{n}"))
+/// The most leases one client keeps alive at once; a lease granted while that many are
+/// kept alive is left to expire instead.
+pub const KEPT_ALIVE_LEASES_MAX: usize = 2;
+
+/// How long the leases a client grants share one set of lease keys.
+///
+/// Keys shared by leases tie them into one component for the checker (a key moves from
+/// lease to lease, and each lease's expiry may take it). Every lease adds an expiry with an
+/// unknown outcome, and when the search backtracks it may try every subset of the expiries
+/// in a component, so a client's keys change every few seconds: leases granted in one
+/// window share keys (a key still moves between them), and components stay at a few
+/// leases.
+pub const LEASE_KEY_GENERATION_NS: u64 = 3 * SECOND_NS;
+
+/// The `n`th lease key of workload client `client_id` for leases granted in key
+/// generation `generation`.
+pub fn lease_key(client_id: u64, generation: u64, n: usize) -> Bytes {
+    Bytes::from(format!("l{client_id}.{generation}.{n}"))
 }
 
-/// How a client means to end a lease.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LeaseEnding {
-    /// Revoke it after its steps.
-    Revoke,
-    /// Keep it alive until its steps are done and this many keep-alives were sent, then
-    /// let it expire.
-    KeepAliveThenExpire {
-        /// Keep-alives still to send.
-        keep_alives_left: u64,
-    },
-    /// Let it expire after its steps.
-    Expire,
-}
-
-/// The lease a workload client holds.
+/// The lease a workload client puts its lease keys with now.
 #[derive(Debug, Clone)]
 pub struct HeldLease {
     /// The lease's id (chosen by the client).
     pub id: i64,
-    /// Its TTL.
-    pub ttl_seconds: i64,
+    /// The key generation of its grant: which lease keys it puts.
+    pub key_generation: u64,
     /// Puts and reads still to do with it.
     pub steps_left: u64,
-    /// How it ends.
-    pub ending: LeaseEnding,
-    /// When the next keep-alive is due (for a kept-alive lease).
+    /// Whether its steps end with a revocation (else it is left to expire, perhaps after
+    /// a run of keep-alives).
+    pub revoke: bool,
+}
+
+/// A lease a client keeps alive, whether or not it still puts keys with it.
+#[derive(Debug, Clone)]
+pub struct KeptAliveLease {
+    /// The lease's id.
+    pub id: i64,
+    /// Its TTL.
+    pub ttl_seconds: i64,
+    /// Keep-alives still to send before the client lets it expire.
+    pub keep_alives_left: u64,
+    /// When the next keep-alive is due.
     pub next_keep_alive_ns: u64,
 }
 
@@ -125,8 +139,10 @@ pub struct Client {
     next_value: u64,
     /// The value last seen per key (`None`: absent), for compare-and-swap.
     last_seen: BTreeMap<Bytes, Option<Bytes>>,
-    /// The lease held now, if any.
+    /// The lease the client puts its lease keys with now, if any.
     pub lease: Option<HeldLease>,
+    /// The leases it keeps alive: the keep-alive streams, served ahead of other work.
+    pub kept_alive: Vec<KeptAliveLease>,
     /// Leases granted so far, which makes lease ids unique.
     leases_granted: u64,
 }
@@ -164,6 +180,7 @@ impl Client {
             next_value: 0,
             last_seen: BTreeMap::new(),
             lease: None,
+            kept_alive: Vec::new(),
             leases_granted: 0,
         }
     }
@@ -232,45 +249,30 @@ impl Client {
         }
     }
 
-    /// A keep-alive of the held lease, if one is due.
+    /// A keep-alive of a kept-alive lease, if one is due; a lease whose last keep-alive
+    /// this is will be left to expire.
     fn due_keep_alive(
         &mut self,
         config: &RunConfig,
         random: &mut SimRandom,
         now_ns: u64,
     ) -> Option<Input> {
-        let lease = self.lease.as_mut()?;
-        let LeaseEnding::KeepAliveThenExpire { keep_alives_left } = &mut lease.ending else {
-            return None;
-        };
-        if *keep_alives_left == 0 || now_ns < lease.next_keep_alive_ns {
-            return None;
-        }
-        *keep_alives_left -= 1;
+        let position = self
+            .kept_alive
+            .iter()
+            .position(|lease| lease.next_keep_alive_ns <= now_ns)?;
+        let lease = &mut self.kept_alive[position];
+        let input = Input::LeaseKeepAlive { lease_id: lease.id };
+        lease.keep_alives_left -= 1;
         lease.next_keep_alive_ns = now_ns + keep_alive_gap_ns(config, random, lease.ttl_seconds);
-        let id = lease.id;
-        self.drop_finished_lease();
-        Some(Input::LeaseKeepAlive { lease_id: id })
-    }
-
-    /// Forgets the held lease once nothing more is to be done with it (a lease to revoke
-    /// is forgotten when the revocation is sent).
-    fn drop_finished_lease(&mut self) {
-        let finished = self.lease.as_ref().is_some_and(|lease| {
-            lease.steps_left == 0
-                && match lease.ending {
-                    LeaseEnding::KeepAliveThenExpire { keep_alives_left } => keep_alives_left == 0,
-                    LeaseEnding::Expire => true,
-                    LeaseEnding::Revoke => false,
-                }
-        });
-        if finished {
-            self.lease = None;
+        if lease.keep_alives_left == 0 {
+            self.kept_alive.remove(position);
         }
+        Some(input)
     }
 
-    /// The next request of the lease workload: a grant when no lease is held, else a put of
-    /// a lease key with it, a read of a lease key, or the revocation that ends it.
+    /// The next request of the lease workload: a grant when no lease is in use, else a put
+    /// of a lease key with it, a read of a lease key, or the revocation that ends it.
     fn next_lease_input(
         &mut self,
         config: &RunConfig,
@@ -278,53 +280,63 @@ impl Client {
         now_ns: u64,
     ) -> Input {
         let Some(lease) = self.lease.as_mut() else {
-            self.leases_granted += 1;
-            // Unique in the run: the client id above the client's own count.
-            let id = ((self.id as i64) << 32) | self.leases_granted as i64;
-            let ttl_seconds =
-                random.between(config.lease_ttl_seconds_min, config.lease_ttl_seconds_max) as i64;
-            let ending = if random.below(1_000) < config.lease_revoke_per_mille {
-                LeaseEnding::Revoke
-            } else if random.below(1_000) < config.lease_keep_alive_per_mille {
-                LeaseEnding::KeepAliveThenExpire {
-                    keep_alives_left: random.between(1, KEEP_ALIVES_PER_LEASE_MAX),
-                }
-            } else {
-                LeaseEnding::Expire
-            };
-            self.lease = Some(HeldLease {
-                id,
-                ttl_seconds,
-                steps_left: random.between(1, STEPS_PER_LEASE_MAX),
-                ending,
-                next_keep_alive_ns: now_ns + keep_alive_gap_ns(config, random, ttl_seconds),
-            });
-            return Input::LeaseGrant {
-                lease_id: id,
-                ttl_seconds,
-            };
+            return self.grant(config, random, now_ns);
         };
         let lease_id = lease.id;
+        let key_generation = lease.key_generation;
         if lease.steps_left == 0 {
-            if lease.ending == LeaseEnding::Revoke {
-                self.lease = None;
-                return Input::LeaseRevoke { lease_id };
-            }
-            // Steps done, keep-alives still going: watch the keys meanwhile.
-            return read_lease_key(config, random);
+            // Only a revocation is left (other leases are dropped after their last step).
+            self.lease = None;
+            return Input::LeaseRevoke { lease_id };
         }
         lease.steps_left -= 1;
-        let input = if random.below(3) != 0 {
+        if lease.steps_left == 0 && !lease.revoke {
+            self.lease = None;
+        }
+        if random.below(3) != 0 {
             Input::PutWithLease {
-                key: lease_key(self.id, random.index(config.lease_keys_per_client)),
+                key: lease_key(
+                    self.id,
+                    key_generation,
+                    random.index(config.lease_keys_per_client),
+                ),
                 value: self.unique_value(),
                 lease_id,
             }
         } else {
-            read_lease_key(config, random)
-        };
-        self.drop_finished_lease();
-        input
+            read_lease_key(config, random, now_ns)
+        }
+    }
+
+    /// Grants a new lease to use, choosing how it ends.
+    fn grant(&mut self, config: &RunConfig, random: &mut SimRandom, now_ns: u64) -> Input {
+        self.leases_granted += 1;
+        // Unique in the run: the client id above the client's own count.
+        let id = ((self.id as i64) << 32) | self.leases_granted as i64;
+        let ttl_seconds =
+            random.between(config.lease_ttl_seconds_min, config.lease_ttl_seconds_max) as i64;
+        let revoke = random.below(1_000) < config.lease_revoke_per_mille;
+        let keep_alive = !revoke
+            && random.below(1_000) < config.lease_keep_alive_per_mille
+            && self.kept_alive.len() < KEPT_ALIVE_LEASES_MAX;
+        if keep_alive {
+            self.kept_alive.push(KeptAliveLease {
+                id,
+                ttl_seconds,
+                keep_alives_left: random.between(1, KEEP_ALIVES_PER_LEASE_MAX),
+                next_keep_alive_ns: now_ns + keep_alive_gap_ns(config, random, ttl_seconds),
+            });
+        }
+        self.lease = Some(HeldLease {
+            id,
+            key_generation: now_ns / LEASE_KEY_GENERATION_NS,
+            steps_left: random.between(1, STEPS_PER_LEASE_MAX),
+            revoke,
+        });
+        Input::LeaseGrant {
+            lease_id: id,
+            ttl_seconds,
+        }
     }
 
     /// The liveness probe's next write.
@@ -345,8 +357,12 @@ impl Client {
                     Output::LeaseKeepAlive { ttl_seconds: 0 }
                 )
         );
-        if lease_gone && self.lease.as_ref().map(|lease| lease.id) == input.lease_id() {
-            self.lease = None;
+        if lease_gone {
+            if self.lease.as_ref().map(|lease| lease.id) == input.lease_id() {
+                self.lease = None;
+            }
+            self.kept_alive
+                .retain(|lease| Some(lease.id) != input.lease_id());
         }
         let seen = match (input, output) {
             (Input::Put { value, .. }, Output::Put { .. })
@@ -374,11 +390,17 @@ fn keep_alive_gap_ns(config: &RunConfig, random: &mut SimRandom, ttl_seconds: i6
     random.between(gap_max_ns / 2, gap_max_ns)
 }
 
-/// A read of any workload client's lease key, so that others see keys vanish too.
-fn read_lease_key(config: &RunConfig, random: &mut SimRandom) -> Input {
+/// A read of a recent lease key of any workload client, so that others see keys vanish
+/// too.
+fn read_lease_key(config: &RunConfig, random: &mut SimRandom, now_ns: u64) -> Input {
     let owner = random.between(1, config.client_count as u64);
+    let generation = (now_ns / LEASE_KEY_GENERATION_NS).saturating_sub(random.below(2));
     Input::Get {
-        key: lease_key(owner, random.index(config.lease_keys_per_client)),
+        key: lease_key(
+            owner,
+            generation,
+            random.index(config.lease_keys_per_client),
+        ),
         serializable: random.below(4) == 0,
     }
 }

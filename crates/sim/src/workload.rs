@@ -13,13 +13,15 @@
 //! extended the lease, which the checker allows anyway (an expiry may come late), and it
 //! cannot have shortened it.
 
+use std::collections::BTreeSet;
+
 use keel_check::Bytes;
 use keel_check::{Input, Operation, Output};
 use keel_core::{Event, RequestError, Response, WriteRequest};
 use keel_types::etcdserverpb::CompactionRequest;
 
 use crate::client::{
-    failure_answer, failure_outcome, lease_key, output_for, read_output, request_for, ClientRole,
+    failure_answer, failure_outcome, output_for, read_output, request_for, ClientRole,
     FailureOutcome, Outstanding, Request, LIVENESS_KEY,
 };
 use crate::config::{MILLISECOND_NS, SECOND_NS};
@@ -109,24 +111,20 @@ impl World {
         );
     }
 
-    /// The next key the final reader reads: the workload's keys, its lease keys, then the
-    /// probe's.
+    /// The next key the final reader reads: the workload's keys, every key put with a
+    /// lease, then the probe's.
     fn next_final_read_key(&self) -> Option<Bytes> {
         let plain = (0..self.config.key_count).map(|number| Bytes::from(format!("k{number}")));
-        let leased = (self.config.lease_per_mille > 0)
-            .then(|| {
-                self.clients
-                    .iter()
-                    .filter(|client| client.role == ClientRole::Workload)
-                    .flat_map(|client| {
-                        (0..self.config.lease_keys_per_client)
-                            .map(|number| lease_key(client.id, number))
-                    })
+        let leased: BTreeSet<&Bytes> = self
+            .history
+            .iter()
+            .filter_map(|operation| match &operation.input {
+                Input::PutWithLease { key, .. } => Some(key),
+                _ => None,
             })
-            .into_iter()
-            .flatten();
+            .collect();
         plain
-            .chain(leased)
+            .chain(leased.into_iter().cloned())
             .chain(std::iter::once(Bytes::from(LIVENESS_KEY)))
             .nth(self.final_reads.len())
     }
