@@ -43,7 +43,13 @@ pub struct Operation<I = Input, O = Output> {
     pub output: O,
 }
 
-/// A key-value request over a single key.
+/// A key-value request: over a single key, or over a lease (etcd's leases: a key put with a
+/// lease is deleted when the lease is revoked or expires, with every other key attached to it,
+/// at one revision).
+///
+/// Lease ids are chosen by the client (etcd lets a grant name its id), so that a grant whose
+/// answer never came still names the lease that later requests use. A lease id is never 0,
+/// which etcd reserves for "no lease".
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Input {
@@ -78,16 +84,72 @@ pub enum Input {
         /// The value written when the comparison holds.
         new_value: Bytes,
     },
+    /// Sets `key` to `value` and attaches it to lease `lease_id`; answered with
+    /// [`Output::Put`], or [`Output::LeaseNotFound`] when the lease does not exist (then
+    /// nothing changes).
+    PutWithLease {
+        /// The key written.
+        key: Bytes,
+        /// The value written.
+        value: Bytes,
+        /// The lease the key is attached to.
+        lease_id: i64,
+    },
+    /// Grants lease `lease_id` for `ttl_seconds`.
+    LeaseGrant {
+        /// The lease, chosen by the client.
+        lease_id: i64,
+        /// The time to live granted, in seconds.
+        ttl_seconds: i64,
+    },
+    /// One keep-alive of a keep-alive stream: the lease lives at least its TTL from this
+    /// request's call (see [`with_lease_expiries`](crate::with_lease_expiries)).
+    LeaseKeepAlive {
+        /// The lease.
+        lease_id: i64,
+    },
+    /// Revokes the lease: it and every key attached to it go, at one revision.
+    LeaseRevoke {
+        /// The lease.
+        lease_id: i64,
+    },
+    /// The lease expires, with the same effect as a revocation. No client sends this: the
+    /// checker inserts one per lease, with an unknown outcome and a call time at the earliest
+    /// instant the lease may expire (see [`with_lease_expiries`](crate::with_lease_expiries)).
+    LeaseExpire {
+        /// The lease.
+        lease_id: i64,
+    },
 }
 
 impl Input {
-    /// The key the request reads or writes.
-    pub fn key(&self) -> &Bytes {
+    /// The key the request reads or writes; `None` for requests about a lease alone.
+    pub fn key(&self) -> Option<&Bytes> {
         match self {
             Input::Put { key, .. }
             | Input::Get { key, .. }
             | Input::Delete { key }
-            | Input::CompareAndSwap { key, .. } => key,
+            | Input::CompareAndSwap { key, .. }
+            | Input::PutWithLease { key, .. } => Some(key),
+            Input::LeaseGrant { .. }
+            | Input::LeaseKeepAlive { .. }
+            | Input::LeaseRevoke { .. }
+            | Input::LeaseExpire { .. } => None,
+        }
+    }
+
+    /// The lease the request names, if any.
+    pub fn lease_id(&self) -> Option<i64> {
+        match self {
+            Input::PutWithLease { lease_id, .. }
+            | Input::LeaseGrant { lease_id, .. }
+            | Input::LeaseKeepAlive { lease_id }
+            | Input::LeaseRevoke { lease_id }
+            | Input::LeaseExpire { lease_id } => Some(*lease_id),
+            Input::Put { .. }
+            | Input::Get { .. }
+            | Input::Delete { .. }
+            | Input::CompareAndSwap { .. } => None,
         }
     }
 
@@ -109,6 +171,11 @@ impl Input {
             Input::Get { .. } => "get",
             Input::Delete { .. } => "delete",
             Input::CompareAndSwap { .. } => "compare_and_swap",
+            Input::PutWithLease { .. } => "put_with_lease",
+            Input::LeaseGrant { .. } => "lease_grant",
+            Input::LeaseKeepAlive { .. } => "lease_keep_alive",
+            Input::LeaseRevoke { .. } => "lease_revoke",
+            Input::LeaseExpire { .. } => "lease_expire",
         }
     }
 }
@@ -119,7 +186,7 @@ impl Input {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Output {
-    /// The answer to [`Input::Put`].
+    /// The answer to [`Input::Put`] and to a successful [`Input::PutWithLease`].
     Put {
         /// The revision the put created.
         revision: u64,
@@ -147,6 +214,26 @@ pub enum Output {
         /// The store revision after the transaction.
         revision: u64,
     },
+    /// The answer to [`Input::LeaseGrant`].
+    LeaseGrant {
+        /// The store revision when the lease was granted (a grant writes no key).
+        revision: u64,
+    },
+    /// The answer to [`Input::LeaseKeepAlive`].
+    LeaseKeepAlive {
+        /// The lease's TTL in seconds; 0 means the lease was not found (revoked, expired or
+        /// never granted), as etcd answers.
+        ttl_seconds: i64,
+    },
+    /// The answer to a successful [`Input::LeaseRevoke`].
+    LeaseRevoke {
+        /// The store revision after the revocation: one above the revision before when it
+        /// deleted keys, unchanged when the lease had none.
+        revision: u64,
+    },
+    /// etcd's "requested lease not found": the lease of an [`Input::PutWithLease`] or
+    /// [`Input::LeaseRevoke`] did not exist, and nothing changed.
+    LeaseNotFound,
     /// No answer arrived: the request may or may not have taken effect.
     Unknown,
 }
@@ -159,6 +246,10 @@ impl Output {
             Output::Get { .. } => "get",
             Output::Delete { .. } => "delete",
             Output::CompareAndSwap { .. } => "compare_and_swap",
+            Output::LeaseGrant { .. } => "lease_grant",
+            Output::LeaseKeepAlive { .. } => "lease_keep_alive",
+            Output::LeaseRevoke { .. } => "lease_revoke",
+            Output::LeaseNotFound => "lease_not_found",
             Output::Unknown => "unknown",
         }
     }
@@ -169,15 +260,18 @@ impl Output {
             Output::Put { revision }
             | Output::Get { revision, .. }
             | Output::Delete { revision, .. }
-            | Output::CompareAndSwap { revision, .. } => Some(*revision),
-            Output::Unknown => None,
+            | Output::CompareAndSwap { revision, .. }
+            | Output::LeaseGrant { revision }
+            | Output::LeaseRevoke { revision } => Some(*revision),
+            Output::LeaseKeepAlive { .. } | Output::LeaseNotFound | Output::Unknown => None,
         }
     }
 }
 
 impl Operation {
     /// The revision this operation created, if it is a write known to have changed the store:
-    /// a put, a delete that deleted a key, or a compare-and-swap that succeeded.
+    /// a put, a delete that deleted a key, or a compare-and-swap that succeeded. A revocation
+    /// is not one: its answer does not say whether it deleted any key.
     pub fn write_revision(&self) -> Option<u64> {
         match self.output {
             Output::Put { revision } => Some(revision),
@@ -235,6 +329,12 @@ pub enum HistoryError {
         /// Position of the operation in the history.
         index: usize,
     },
+    /// A request names lease 0, which etcd reserves for "no lease".
+    #[error("operation #{index} names lease 0, which means no lease")]
+    LeaseIdZero {
+        /// Position of the operation in the history.
+        index: usize,
+    },
     /// A JSON dump is larger than [`HISTORY_JSON_BYTES_MAX`].
     #[error("history JSON is larger than {json_bytes_max} bytes")]
     JsonTooLarge {
@@ -276,7 +376,8 @@ pub fn validate_times<I, O>(
 }
 
 /// Checks a key-value history's shape: [`validate_times`], every output answers its input's
-/// kind, and the output is [`Output::Unknown`] exactly when the return time is unknown.
+/// kind, the output is [`Output::Unknown`] exactly when the return time is unknown, and
+/// lease expiries (which only the checker inserts) have an unknown outcome.
 ///
 /// Shape errors are recording bugs, not consistency violations, so they are reported as
 /// errors instead of being left for the model to reject as "not linearizable".
@@ -290,6 +391,16 @@ pub fn validate(history: &[Operation], operations_max: usize) -> Result<(), Hist
                 | (Input::Get { .. }, Output::Get { .. })
                 | (Input::Delete { .. }, Output::Delete { .. })
                 | (Input::CompareAndSwap { .. }, Output::CompareAndSwap { .. })
+                | (
+                    Input::PutWithLease { .. },
+                    Output::Put { .. } | Output::LeaseNotFound
+                )
+                | (Input::LeaseGrant { .. }, Output::LeaseGrant { .. })
+                | (Input::LeaseKeepAlive { .. }, Output::LeaseKeepAlive { .. })
+                | (
+                    Input::LeaseRevoke { .. },
+                    Output::LeaseRevoke { .. } | Output::LeaseNotFound
+                )
         );
         if !answers {
             return Err(HistoryError::OutputDoesNotAnswerInput {
@@ -297,6 +408,9 @@ pub fn validate(history: &[Operation], operations_max: usize) -> Result<(), Hist
                 input: operation.input.kind(),
                 output: operation.output.kind(),
             });
+        }
+        if operation.input.lease_id() == Some(0) {
+            return Err(HistoryError::LeaseIdZero { index });
         }
         match (operation.return_time, &operation.output) {
             (Some(_), Output::Unknown) => {

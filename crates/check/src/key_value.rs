@@ -32,6 +32,26 @@
 //! [`check_serializable_reads`](crate::check_serializable_reads)) and reads whose answer never
 //! came (they constrain nothing) out of the search.
 //!
+//! # Leases
+//!
+//! Both variants model etcd's leases: a grant creates a lease; a put with a lease attaches
+//! its key (a later put without one, or with another, detaches it); a revocation or an expiry
+//! deletes every key still attached, at **one** new revision (none when no key is attached),
+//! and ends the lease; a put naming a lease that does not exist fails with "requested lease
+//! not found" and changes nothing; a keep-alive finds the lease (TTL above 0) or does not
+//! (TTL 0). When a lease may expire is not the model's business: the history carries one
+//! expiry per lease, with an unknown outcome, called at the earliest instant the lease may
+//! expire (see [`leases`](crate::leases)).
+//!
+//! A revocation touches several keys, so splitting the history by key is no longer sound
+//! once leases are in it: a key vanishing with its lease must be checked against its
+//! siblings. The per-key variant therefore splits the history into **connected components**
+//! of keys and leases: a put with a lease joins its key and its lease, every other request
+//! belongs to its key's or its lease's component. A history without leases is split by key
+//! exactly as before; each lease joins only the keys ever attached to it, so components
+//! stay small when clients keep their leased keys apart. The global variant is one part, as
+//! ever.
+//!
 //! Both variants are deterministic even for unknown outcomes: the effect of a request on a
 //! known state is determined by its input (a compare-and-swap succeeds exactly when the value
 //! matches), and an unknown write's revision is either determined (global) or bounded from
@@ -115,16 +135,15 @@ impl KeyValueModel {
         next
     }
 
-    /// Applies a write that changes `key` to `value` (`None` deletes it), created at
-    /// `revision` when the answer is known.
-    fn write(
+    /// The store revision after a write from `state`, and the mod_revision of the keys it
+    /// writes, given the revision in its answer when the answer is known; `None` when that
+    /// answer is impossible.
+    fn next_revision(
         &self,
         state: &KeyValueState,
-        key: &Bytes,
-        value: Option<&Bytes>,
         revision: Option<u64>,
-    ) -> Option<KeyValueState> {
-        let (store_revision, mod_revision) = match (self.revision_checking, revision) {
+    ) -> Option<(u64, ModRevision)> {
+        Some(match (self.revision_checking, revision) {
             (RevisionChecking::Global { .. }, revision) => {
                 let created = state.revision + 1;
                 if revision.is_some_and(|revision| revision != created) {
@@ -149,7 +168,20 @@ impl KeyValueModel {
                     revision: state.revision,
                 },
             ),
-        };
+        })
+    }
+
+    /// Applies a write that changes `key` to `value` (`None` deletes it), attached to
+    /// `lease_id` (0: none), created at `revision` when the answer is known.
+    fn write(
+        &self,
+        state: &KeyValueState,
+        key: &Bytes,
+        value: Option<&Bytes>,
+        lease_id: i64,
+        revision: Option<u64>,
+    ) -> Option<KeyValueState> {
+        let (store_revision, mod_revision) = self.next_revision(state, revision)?;
         let mut next = state.clone();
         next.revision = store_revision;
         match value {
@@ -158,10 +190,68 @@ impl KeyValueModel {
                 Record {
                     value: Arc::from(value.as_slice()),
                     mod_revision,
+                    lease_id,
                 },
             ),
             None => next.keys.remove(key),
         }
+        Some(next)
+    }
+
+    /// Ends a lease that exists in `state` (a revocation, or an expiry): it goes, and every
+    /// key attached to it is deleted at one new revision; with no key attached the revision
+    /// stays, and an answer's revision is checked as a read's. `revision` is the answer's,
+    /// when it is known.
+    fn end_lease(
+        &self,
+        state: &KeyValueState,
+        lease_id: i64,
+        revision: Option<u64>,
+    ) -> Option<KeyValueState> {
+        let mut next = state.clone();
+        next.leases.remove(lease_id);
+        let attached = state
+            .keys
+            .0
+            .iter()
+            .any(|(_, record)| record.lease_id == lease_id);
+        if !attached {
+            return match revision {
+                Some(revision) if !self.admits_read_revision(state, revision) => None,
+                Some(revision) => {
+                    next.revision = revision;
+                    Some(next)
+                }
+                None => Some(next),
+            };
+        }
+        let (store_revision, _) = self.next_revision(state, revision)?;
+        next.revision = store_revision;
+        next.keys
+            .0
+            .retain(|(_, record)| record.lease_id != lease_id);
+        Some(next)
+    }
+
+    /// A request that creates lease `lease_id` with `ttl_seconds`, answered at `revision`
+    /// when the answer is known; an id that exists is refused by the store (no effect).
+    fn grant(
+        &self,
+        state: &KeyValueState,
+        lease_id: i64,
+        ttl_seconds: i64,
+        revision: Option<u64>,
+    ) -> Option<KeyValueState> {
+        let exists = state.leases.contains(lease_id);
+        let mut next = match revision {
+            // A grant answered with success created the lease; one that exists is refused.
+            Some(_) if exists => return None,
+            Some(revision) if !self.admits_read_revision(state, revision) => return None,
+            Some(revision) => self.after_read(state, revision),
+            None if exists => return Some(state.clone()),
+            None => state.clone(),
+        };
+        next.leases.insert(lease_id, ttl_seconds);
         Some(next)
     }
 
@@ -201,7 +291,8 @@ impl Default for KeyValueModel {
     }
 }
 
-/// The state of the sequential store (or of one key, for the per-key variant).
+/// The state of the sequential store (or of one component of keys and leases, for the
+/// per-key variant).
 ///
 /// The search clones a state for every step and keeps one per cache entry, so states are
 /// small: keys and values are shared, reference-counted byte strings, and the keys sit in a
@@ -212,6 +303,34 @@ pub struct KeyValueState {
     /// far, a lower bound for every later answer (per-key variant).
     revision: u64,
     keys: Keys,
+    leases: Leases,
+}
+
+/// The leases in force, by id, with their TTL in seconds, sorted by id.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+struct Leases(Vec<(i64, i64)>);
+
+impl Leases {
+    fn position(&self, lease_id: i64) -> Result<usize, usize> {
+        self.0.binary_search_by_key(&lease_id, |(id, _)| *id)
+    }
+
+    fn contains(&self, lease_id: i64) -> bool {
+        self.position(lease_id).is_ok()
+    }
+
+    fn insert(&mut self, lease_id: i64, ttl_seconds: i64) {
+        match self.position(lease_id) {
+            Ok(position) => self.0[position].1 = ttl_seconds,
+            Err(position) => self.0.insert(position, (lease_id, ttl_seconds)),
+        }
+    }
+
+    fn remove(&mut self, lease_id: i64) {
+        if let Ok(position) = self.position(lease_id) {
+            self.0.remove(position);
+        }
+    }
 }
 
 /// The present keys, sorted.
@@ -264,6 +383,8 @@ impl Keys {
 struct Record {
     value: Arc<[u8]>,
     mod_revision: ModRevision,
+    /// The lease the key is attached to; 0 for none.
+    lease_id: i64,
 }
 
 /// The revision of a key's last write, as far as the per-key variant knows it.
@@ -289,6 +410,7 @@ impl Model for KeyValueModel {
         KeyValueState {
             revision,
             keys: Keys::default(),
+            leases: Leases::default(),
         }
     }
 
@@ -296,7 +418,7 @@ impl Model for KeyValueModel {
         match (input, output) {
             (_, Output::Unknown) => self.step_unknown(state, input),
             (Input::Put { key, value }, Output::Put { revision }) => {
-                self.write(state, key, Some(value), Some(*revision))
+                self.write(state, key, Some(value), 0, Some(*revision))
             }
             (
                 Input::Get { key, .. },
@@ -309,7 +431,7 @@ impl Model for KeyValueModel {
             (Input::Delete { key }, Output::Delete { deleted, revision }) => {
                 let present = state.keys.contains_key(key);
                 match (present, deleted) {
-                    (true, 1) => self.write(state, key, None, Some(*revision)),
+                    (true, 1) => self.write(state, key, None, 0, Some(*revision)),
                     (false, 0) if self.admits_read_revision(state, *revision) => {
                         Some(self.after_read(state, *revision))
                     }
@@ -329,12 +451,42 @@ impl Model for KeyValueModel {
             ) => {
                 let matches = state.value(key) == expected.as_deref();
                 match (matches, succeeded) {
-                    (true, true) => self.write(state, key, Some(new_value), Some(*revision)),
+                    (true, true) => self.write(state, key, Some(new_value), 0, Some(*revision)),
                     (false, false) if self.admits_read_revision(state, *revision) => {
                         Some(self.after_read(state, *revision))
                     }
                     _ => None,
                 }
+            }
+            (
+                Input::PutWithLease {
+                    key,
+                    value,
+                    lease_id,
+                },
+                Output::Put { revision },
+            ) if state.leases.contains(*lease_id) => {
+                self.write(state, key, Some(value), *lease_id, Some(*revision))
+            }
+            (
+                Input::PutWithLease { lease_id, .. } | Input::LeaseRevoke { lease_id },
+                Output::LeaseNotFound,
+            ) if !state.leases.contains(*lease_id) => Some(state.clone()),
+            (
+                Input::LeaseGrant {
+                    lease_id,
+                    ttl_seconds,
+                },
+                Output::LeaseGrant { revision },
+            ) => self.grant(state, *lease_id, *ttl_seconds, Some(*revision)),
+            // A keep-alive is a read of the lease table: found exactly when it exists.
+            (Input::LeaseKeepAlive { lease_id }, Output::LeaseKeepAlive { ttl_seconds }) => {
+                (state.leases.contains(*lease_id) == (*ttl_seconds > 0)).then(|| state.clone())
+            }
+            (Input::LeaseRevoke { lease_id }, Output::LeaseRevoke { revision })
+                if state.leases.contains(*lease_id) =>
+            {
+                self.end_lease(state, *lease_id, Some(*revision))
             }
             _ => None,
         }
@@ -353,11 +505,7 @@ impl Model for KeyValueModel {
         if self.is_global() {
             return vec![searched.map(|(index, _)| index).collect()];
         }
-        let mut by_key: BTreeMap<&Bytes, Vec<usize>> = BTreeMap::new();
-        for (index, operation) in searched {
-            by_key.entry(operation.input.key()).or_default().push(index);
-        }
-        by_key.into_values().collect()
+        connected_components(searched)
     }
 
     /// Two rewrites of unknown-outcome writes (puts and compare-and-swaps), both sound:
@@ -370,7 +518,13 @@ impl Model for KeyValueModel {
     ///   is replaced by one placeholder that differs from every value of the part. No step
     ///   can tell the difference, and unknown writes of the same key then become identical,
     ///   which the search treats as interchangeable instead of trying every subset of them.
+    ///
+    /// And one for leases, as sound: a grant whose answer never came, of a lease that an
+    /// answered request found (a put with it succeeded, a keep-alive found it, a revocation
+    /// ended it), took effect before the first such request returned, provided it is the
+    /// only grant of that id in the part.
     fn prepare(&self, mut part: Vec<Operation>) -> Vec<Operation> {
+        bound_unknown_grants(&mut part);
         let placeholder = unread_value_placeholder(&part);
         let mut writers: BTreeMap<(&Bytes, &Bytes), usize> = BTreeMap::new();
         let mut compared: BTreeSet<(&Bytes, &Bytes)> = BTreeSet::new();
@@ -443,9 +597,8 @@ impl Model for KeyValueModel {
                 Rewrite::Placeholder => match &mut operation.input {
                     Input::Put { value, .. } => *value = placeholder.clone(),
                     Input::CompareAndSwap { new_value, .. } => *new_value = placeholder.clone(),
-                    Input::Get { .. } | Input::Delete { .. } => {
-                        unreachable!("only writes are rewritten")
-                    }
+                    Input::PutWithLease { value, .. } => *value = placeholder.clone(),
+                    _ => unreachable!("only writes of a value are rewritten"),
                 },
             }
         }
@@ -456,10 +609,11 @@ impl Model for KeyValueModel {
         describe_operation(input, output)
     }
 
-    /// Keys and values are shared between states, so a copy costs its vector of entries.
+    /// Keys and values are shared between states, so a copy costs its vectors of entries.
     fn state_bytes(&self, state: &KeyValueState) -> usize {
         std::mem::size_of::<KeyValueState>()
             + state.keys.0.capacity() * std::mem::size_of::<(Arc<[u8]>, Record)>()
+            + state.leases.0.capacity() * std::mem::size_of::<(i64, i64)>()
     }
 
     fn describe_state(&self, state: &KeyValueState) -> String {
@@ -479,10 +633,15 @@ impl Model for KeyValueModel {
                 Bytes::from(&record.value[..])
             );
             let _ = match record.mod_revision {
-                ModRevision::Known(revision) => write!(description, " (mod_revision {revision})"),
+                ModRevision::Known(revision) => write!(description, " (mod_revision {revision}"),
                 ModRevision::Above { revision } => {
-                    write!(description, " (mod_revision above {revision})")
+                    write!(description, " (mod_revision above {revision}")
                 }
+            };
+            let _ = if record.lease_id != 0 {
+                write!(description, ", lease {:#x})", record.lease_id)
+            } else {
+                write!(description, ")")
             };
         }
         if state.keys.len() > DESCRIBED_KEYS_MAX {
@@ -492,6 +651,9 @@ impl Model for KeyValueModel {
                 state.keys.len() - DESCRIBED_KEYS_MAX
             );
         }
+        for (lease_id, ttl_seconds) in &state.leases.0 {
+            let _ = write!(description, "; lease {lease_id:#x} (ttl {ttl_seconds} s)");
+        }
         description
     }
 }
@@ -500,11 +662,33 @@ impl KeyValueModel {
     /// A request whose answer never came takes the effect its input has on `state`.
     fn step_unknown(&self, state: &KeyValueState, input: &Input) -> Option<KeyValueState> {
         match input {
-            Input::Put { key, value } => self.write(state, key, Some(value), None),
-            Input::Get { .. } => Some(state.clone()),
+            Input::Put { key, value } => self.write(state, key, Some(value), 0, None),
+            Input::Get { .. } | Input::LeaseKeepAlive { .. } => Some(state.clone()),
             Input::Delete { key } => {
                 if state.keys.contains_key(key) {
-                    self.write(state, key, None, None)
+                    self.write(state, key, None, 0, None)
+                } else {
+                    Some(state.clone())
+                }
+            }
+            Input::PutWithLease {
+                key,
+                value,
+                lease_id,
+            } => {
+                if state.leases.contains(*lease_id) {
+                    self.write(state, key, Some(value), *lease_id, None)
+                } else {
+                    Some(state.clone())
+                }
+            }
+            Input::LeaseGrant {
+                lease_id,
+                ttl_seconds,
+            } => self.grant(state, *lease_id, *ttl_seconds, None),
+            Input::LeaseRevoke { lease_id } | Input::LeaseExpire { lease_id } => {
+                if state.leases.contains(*lease_id) {
+                    self.end_lease(state, *lease_id, None)
                 } else {
                     Some(state.clone())
                 }
@@ -515,7 +699,7 @@ impl KeyValueModel {
                 new_value,
             } => {
                 if state.value(key) == expected.as_deref() {
-                    self.write(state, key, Some(new_value), None)
+                    self.write(state, key, Some(new_value), 0, None)
                 } else {
                     Some(state.clone())
                 }
@@ -527,9 +711,104 @@ impl KeyValueModel {
 /// The key and value a request may write.
 fn written_value(input: &Input) -> Option<(&Bytes, &Bytes)> {
     match input {
-        Input::Put { key, value } => Some((key, value)),
+        Input::Put { key, value } | Input::PutWithLease { key, value, .. } => Some((key, value)),
         Input::CompareAndSwap { key, new_value, .. } => Some((key, new_value)),
-        Input::Get { .. } | Input::Delete { .. } => None,
+        _ => None,
+    }
+}
+
+/// A key or a lease: what connects the operations of one component.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Node<'a> {
+    Key(&'a Bytes),
+    Lease(i64),
+}
+
+/// Splits operations into connected components of keys and leases (see the module
+/// documentation), each a list of history positions in history order; components come in
+/// the order of their smallest key (then lease), so that parts are deterministic.
+fn connected_components<'a>(
+    operations: impl Iterator<Item = (usize, &'a Operation)> + Clone,
+) -> Vec<Vec<usize>> {
+    let nodes_of = |operation: &'a Operation| {
+        let key = operation.input.key().map(Node::Key);
+        let lease = operation.input.lease_id().map(Node::Lease);
+        (key, lease)
+    };
+    // Number the nodes in sorted order, so that the smallest node of a component is its root.
+    let mut numbers: BTreeMap<Node<'a>, usize> = BTreeMap::new();
+    for (_, operation) in operations.clone() {
+        let (key, lease) = nodes_of(operation);
+        numbers.extend(key.into_iter().chain(lease).map(|node| (node, 0)));
+    }
+    for (number, slot) in numbers.values_mut().enumerate() {
+        *slot = number;
+    }
+    let mut parents: Vec<usize> = (0..numbers.len()).collect();
+    fn root(parents: &mut [usize], mut node: usize) -> usize {
+        while parents[node] != node {
+            parents[node] = parents[parents[node]];
+            node = parents[node];
+        }
+        node
+    }
+    for (_, operation) in operations.clone() {
+        if let (Some(key), Some(lease)) = nodes_of(operation) {
+            let key_root = root(&mut parents, numbers[&key]);
+            let lease_root = root(&mut parents, numbers[&lease]);
+            let (smaller, larger) = (key_root.min(lease_root), key_root.max(lease_root));
+            parents[larger] = smaller;
+        }
+    }
+    let mut components: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (index, operation) in operations {
+        let (key, lease) = nodes_of(operation);
+        let Some(node) = key.or(lease) else {
+            continue;
+        };
+        let component = root(&mut parents, numbers[&node]);
+        components.entry(component).or_default().push(index);
+    }
+    components.into_values().collect()
+}
+
+/// The lease rewrite of [`KeyValueModel::prepare`]: unknown grants of a lease that an
+/// answered request found get that request's return time as a deadline.
+fn bound_unknown_grants(part: &mut [Operation]) {
+    let mut grants: BTreeMap<i64, usize> = BTreeMap::new();
+    let mut found_by: BTreeMap<i64, u64> = BTreeMap::new();
+    for operation in part.iter() {
+        let found = match (&operation.input, &operation.output) {
+            (Input::LeaseGrant { lease_id, .. }, _) => {
+                *grants.entry(*lease_id).or_default() += 1;
+                None
+            }
+            (Input::PutWithLease { lease_id, .. }, Output::Put { .. })
+            | (Input::LeaseRevoke { lease_id }, Output::LeaseRevoke { .. }) => Some(*lease_id),
+            (Input::LeaseKeepAlive { lease_id }, Output::LeaseKeepAlive { ttl_seconds })
+                if *ttl_seconds > 0 =>
+            {
+                Some(*lease_id)
+            }
+            _ => None,
+        };
+        if let (Some(lease_id), Some(return_time)) = (found, operation.return_time) {
+            let first = found_by.entry(lease_id).or_insert(return_time);
+            *first = (*first).min(return_time);
+        }
+    }
+    for operation in part.iter_mut() {
+        let Input::LeaseGrant { lease_id, .. } = operation.input else {
+            continue;
+        };
+        if operation.return_time.is_some() || grants[&lease_id] != 1 {
+            continue;
+        }
+        if let Some(found) = found_by.get(&lease_id) {
+            // A finder that returned before this call makes the part illegal anyway; the
+            // clamp only keeps the return after the call.
+            operation.return_time = Some((*found).max(operation.call_time));
+        }
     }
 }
 
@@ -538,7 +817,7 @@ fn unread_value_placeholder(part: &[Operation]) -> Bytes {
     let mut values: BTreeSet<&Bytes> = BTreeSet::new();
     for operation in part {
         match &operation.input {
-            Input::Put { value, .. } => {
+            Input::Put { value, .. } | Input::PutWithLease { value, .. } => {
                 values.insert(value);
             }
             Input::CompareAndSwap {
@@ -549,7 +828,7 @@ fn unread_value_placeholder(part: &[Operation]) -> Bytes {
                 values.insert(new_value);
                 values.extend(expected);
             }
-            Input::Get { .. } | Input::Delete { .. } => {}
+            _ => {}
         }
         if let Output::Get {
             value: Some(value), ..
@@ -592,6 +871,20 @@ pub fn describe_operation(input: &Input, output: &Output) -> String {
             Some(expected) => format!("compare_and_swap {key} if {expected} then {new_value}"),
             None => format!("compare_and_swap {key} if absent then {new_value}"),
         },
+        Input::PutWithLease {
+            key,
+            value,
+            lease_id,
+        } => format!("put {key} = {value} with lease {lease_id:#x}"),
+        Input::LeaseGrant {
+            lease_id,
+            ttl_seconds,
+        } => format!("grant lease {lease_id:#x} (ttl {ttl_seconds} s)"),
+        Input::LeaseKeepAlive { lease_id } => format!("keep lease {lease_id:#x} alive"),
+        Input::LeaseRevoke { lease_id } => format!("revoke lease {lease_id:#x}"),
+        Input::LeaseExpire { lease_id } => {
+            format!("lease {lease_id:#x} expires (at the earliest at its call time)")
+        }
     };
     let answer = match output {
         Output::Put { revision } => format!("revision {revision}"),
@@ -613,6 +906,14 @@ pub fn describe_operation(input: &Input, output: &Output) -> String {
             let outcome = if *succeeded { "succeeded" } else { "failed" };
             format!("{outcome}, revision {revision}")
         }
+        Output::LeaseGrant { revision } | Output::LeaseRevoke { revision } => {
+            format!("revision {revision}")
+        }
+        Output::LeaseKeepAlive { ttl_seconds } if *ttl_seconds > 0 => {
+            format!("ttl {ttl_seconds} s")
+        }
+        Output::LeaseKeepAlive { ttl_seconds } => format!("lease not found (ttl {ttl_seconds})"),
+        Output::LeaseNotFound => "requested lease not found".to_string(),
         Output::Unknown => "unknown".to_string(),
     };
     format!("{request} -> {answer}")

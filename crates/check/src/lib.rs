@@ -12,8 +12,15 @@
 //! - [`check_serializable_reads`]: did every serializable read return a value somebody wrote?
 //!
 //! [`check_history`] asks all three. Which key-value model to search with is explained in
-//! [`key_value`]: per key for big histories, global for small ones. The `keel-check` binary
-//! asks them of a history dumped as JSON ([`History::write_json`]).
+//! [`key_value`]: per key (per component of keys and leases) for big histories, global for
+//! small ones. The `keel-check` binary asks them of a history dumped as JSON
+//! ([`History::write_json`]).
+//!
+//! Histories may hold leases (grants, puts with a lease, keep-alives, revocations). No client
+//! sees a lease expire, so before checking such a history, add each lease's expiry with
+//! [`with_lease_expiries`]: an unknown-outcome operation called at the earliest instant the
+//! lease may expire, given how fast the store's clock may run ([`LeaseExpiryBound`]; see
+//! [`leases`]). Without it, every key that vanished with an expired lease is a violation.
 //!
 //! ```
 //! use std::time::Duration;
@@ -45,6 +52,7 @@ mod bitset;
 pub mod bytes;
 pub mod history;
 pub mod key_value;
+pub mod leases;
 pub mod linearizability;
 pub mod model;
 pub mod revisions;
@@ -59,6 +67,7 @@ pub use crate::history::{
     OPERATIONS_MAX_DEFAULT,
 };
 pub use crate::key_value::{KeyValueModel, RevisionChecking};
+pub use crate::leases::{with_lease_expiries, LeaseExpiryBound};
 pub use crate::linearizability::{
     check_model, CheckOptions, CheckResult, ExplainedOperation, Explanation, UnknownReason,
 };

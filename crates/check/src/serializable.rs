@@ -46,9 +46,9 @@ pub fn check_serializable_reads(history: &[Operation]) -> Result<(), Serializabl
     let mut writes: BTreeMap<(&Bytes, &Bytes), Vec<Candidate>> = BTreeMap::new();
     for operation in history {
         let (key, value) = match &operation.input {
-            Input::Put { key, value } => (key, value),
+            Input::Put { key, value } | Input::PutWithLease { key, value, .. } => (key, value),
             Input::CompareAndSwap { key, new_value, .. } => (key, new_value),
-            Input::Get { .. } | Input::Delete { .. } => continue,
+            _ => continue,
         };
         let revision = match operation.output {
             Output::Put { revision } => Some(revision),

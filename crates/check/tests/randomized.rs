@@ -5,7 +5,9 @@
 //! operation number `i` takes effect at time `100 + 10 i`, and its call and return are drawn
 //! around that point, so intervals overlap and the checker has orders to search. Some requests
 //! lose their answer (unknown outcome) and then took effect or not at random; some reads are
-//! serializable and see an older state. The seed is fixed, so a failure reproduces.
+//! serializable and see an older state. Some histories also grant leases, put keys with them,
+//! keep them alive, revoke them and let them expire (the expiry recorded as the unknown-outcome
+//! operation the checker inserts). The seed is fixed, so a failure reproduces.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -21,19 +23,24 @@ const SEED: u64 = 0x6b65_656c;
 const HISTORY_COUNT: usize = 200;
 const KEYS: [&str; 3] = ["a", "b", "c"];
 const TIMEOUT: Duration = Duration::from_secs(10);
+/// A lease id no generated grant uses.
+const NEVER_GRANTED_LEASE_ID: i64 = -1;
 
-/// The sequential store: key → (value, mod_revision), and the store revision.
+/// The sequential store: key → (value, mod_revision), the store revision, the leases in
+/// force (id → TTL) and the lease each key is attached to.
 #[derive(Clone, Default)]
 struct Store {
     keys: BTreeMap<Bytes, (Bytes, u64)>,
     revision: u64,
+    leases: BTreeMap<i64, i64>,
+    attached: BTreeMap<Bytes, i64>,
 }
 
 impl Store {
     fn new() -> Store {
         Store {
-            keys: BTreeMap::new(),
             revision: 1,
+            ..Store::default()
         }
     }
 
@@ -52,18 +59,75 @@ impl Store {
         }
     }
 
+    /// Ends a lease: its keys go at one revision.
+    fn end_lease(&mut self, lease_id: i64) {
+        self.leases.remove(&lease_id);
+        let keys: Vec<Bytes> = self
+            .attached
+            .iter()
+            .filter(|(_, lease)| **lease == lease_id)
+            .map(|(key, _)| key.clone())
+            .collect();
+        if !keys.is_empty() {
+            self.revision += 1;
+        }
+        for key in keys {
+            self.keys.remove(&key);
+            self.attached.remove(&key);
+        }
+    }
+
     fn apply(&mut self, input: &Input) -> Output {
         match input {
             Input::Put { key, value } => {
                 self.revision += 1;
                 self.keys
                     .insert(key.clone(), (value.clone(), self.revision));
+                self.attached.remove(key);
                 Output::Put {
+                    revision: self.revision,
+                }
+            }
+            Input::PutWithLease {
+                key,
+                value,
+                lease_id,
+            } => {
+                if !self.leases.contains_key(lease_id) {
+                    return Output::LeaseNotFound;
+                }
+                self.revision += 1;
+                self.keys
+                    .insert(key.clone(), (value.clone(), self.revision));
+                self.attached.insert(key.clone(), *lease_id);
+                Output::Put {
+                    revision: self.revision,
+                }
+            }
+            Input::LeaseGrant {
+                lease_id,
+                ttl_seconds,
+            } => {
+                self.leases.insert(*lease_id, *ttl_seconds);
+                Output::LeaseGrant {
+                    revision: self.revision,
+                }
+            }
+            Input::LeaseKeepAlive { lease_id } => Output::LeaseKeepAlive {
+                ttl_seconds: self.leases.get(lease_id).copied().unwrap_or(0),
+            },
+            Input::LeaseRevoke { lease_id } | Input::LeaseExpire { lease_id } => {
+                if !self.leases.contains_key(lease_id) {
+                    return Output::LeaseNotFound;
+                }
+                self.end_lease(*lease_id);
+                Output::LeaseRevoke {
                     revision: self.revision,
                 }
             }
             Input::Get { key, .. } => self.read(key),
             Input::Delete { key } => {
+                self.attached.remove(key);
                 let deleted = u64::from(self.keys.remove(key).is_some());
                 self.revision += deleted;
                 Output::Delete {
@@ -79,6 +143,7 @@ impl Store {
                 let current = self.keys.get(key).map(|(value, _)| value);
                 let succeeded = current == expected.as_ref();
                 if succeeded {
+                    self.attached.remove(key);
                     self.revision += 1;
                     self.keys
                         .insert(key.clone(), (new_value.clone(), self.revision));
@@ -93,17 +158,20 @@ impl Store {
 }
 
 /// Generates a history of up to `operation_count_max` operations; values are unique unless a
-/// `value_pool` size is given, in which case they repeat.
+/// `value_pool` size is given, in which case they repeat. With `leases`, about a third of the
+/// requests are about leases.
 fn generate(
     random: &mut StdRng,
     operation_count_max: usize,
     value_pool: Option<u64>,
+    leases: bool,
 ) -> Vec<Operation> {
     let operation_count = random.gen_range(operation_count_max / 4..=operation_count_max);
     let mut store = Store::new();
     // Every state the store went through, for serializable reads to observe.
     let mut past_states = vec![store.clone()];
     let mut history = Vec::with_capacity(operation_count);
+    let mut granted: Vec<i64> = Vec::new();
     for number in 0..operation_count as u64 {
         let point = 100 + 10 * number;
         let call_time = point - random.gen_range(0..=35);
@@ -113,7 +181,31 @@ fn generate(
             Some(pool) => Bytes::from(format!("v{}", random.gen_range(0..pool))),
             None => Bytes::from(format!("v{number}")),
         };
+        // A lease granted so far (its grant may not have taken effect), or one never granted.
+        let lease_id = match random.gen_range(0..=granted.len()) {
+            chosen if chosen < granted.len() => granted[chosen],
+            _ => NEVER_GRANTED_LEASE_ID,
+        };
+        let lease_roll = if leases { random.gen_range(0..15) } else { 0 };
         let input = match random.gen_range(0..10) {
+            _ if lease_roll >= 10 => match lease_roll {
+                10 => {
+                    // etcd's lease id 0 means "no lease".
+                    granted.push(number as i64 + 1);
+                    Input::LeaseGrant {
+                        lease_id: number as i64 + 1,
+                        ttl_seconds: 5,
+                    }
+                }
+                11 | 12 => Input::PutWithLease {
+                    key,
+                    value,
+                    lease_id,
+                },
+                13 => Input::LeaseKeepAlive { lease_id },
+                _ if random.gen_bool(0.5) => Input::LeaseRevoke { lease_id },
+                _ => Input::LeaseExpire { lease_id },
+            },
             0..=2 => Input::Put { key, value },
             3..=5 => Input::Get {
                 key,
@@ -133,11 +225,12 @@ fn generate(
                 }
             }
         };
-        let unknown = random.gen_bool(0.08);
+        // An expiry has no answer: the checker inserts it with an unknown outcome.
+        let unknown = random.gen_bool(0.08) || matches!(input, Input::LeaseExpire { .. });
         let took_effect = !unknown || random.gen_bool(0.5);
         let output = if input.is_serializable_read() {
             let past = &past_states[random.gen_range(0..past_states.len())];
-            past.read(input.key())
+            past.read(input.key().expect("a read names a key"))
         } else if took_effect {
             store.apply(&input)
         } else {
@@ -190,7 +283,8 @@ fn precedes(earlier: &Operation, later: &Operation) -> bool {
 
 fn written_value(operation: &Operation) -> Option<(&Bytes, &Bytes)> {
     match (&operation.input, &operation.output) {
-        (Input::Put { key, value }, Output::Put { .. }) => Some((key, value)),
+        (Input::Put { key, value }, Output::Put { .. })
+        | (Input::PutWithLease { key, value, .. }, Output::Put { .. }) => Some((key, value)),
         (
             Input::CompareAndSwap { key, new_value, .. },
             Output::CompareAndSwap {
@@ -211,7 +305,11 @@ fn corrupt(history: &mut [Operation], random: &mut StdRng) -> Option<Corruption>
         return None;
     }
     let read = reads[random.gen_range(0..reads.len())];
-    let key = history[read].input.key().clone();
+    let key = history[read]
+        .input
+        .key()
+        .expect("a read names a key")
+        .clone();
 
     // A stale read needs an answered write of the key overwritten, before the read was called,
     // by an answered put that returned after the write returned.
@@ -310,11 +408,16 @@ fn histories_of_a_sequential_store_are_linearizable_and_corruptions_are_caught()
     let mut random = StdRng::seed_from_u64(SEED);
     let mut corruptions: BTreeMap<Corruption, usize> = BTreeMap::new();
     let mut unknown_outcomes = 0;
+    let mut lease_operations = 0;
     for number in 0..HISTORY_COUNT {
-        let mut history = generate(&mut random, 32, None);
+        let mut history = generate(&mut random, 32, None, number % 2 == 1);
         unknown_outcomes += history
             .iter()
             .filter(|operation| operation.return_time.is_none())
+            .count();
+        lease_operations += history
+            .iter()
+            .filter(|operation| operation.input.lease_id().is_some())
             .count();
         let (per_key, global) = verdicts(&history);
         let json = keel_check::History {
@@ -350,6 +453,10 @@ fn histories_of_a_sequential_store_are_linearizable_and_corruptions_are_caught()
     }
     // The generator must exercise what the test claims to cover.
     assert!(unknown_outcomes > 50, "{unknown_outcomes} unknown outcomes");
+    assert!(
+        lease_operations > 500,
+        "{lease_operations} lease operations"
+    );
     for corruption in [
         Corruption::MadeUpValue,
         Corruption::StaleRead,
@@ -368,16 +475,23 @@ fn big_history_is_checked_quickly_per_key() {
     let mut history = Vec::new();
     // Concatenate generated histories on distinct keys and disjoint times, like a long run.
     for segment in 0..100u64 {
-        for mut operation in generate(&mut random, 32, None) {
+        for mut operation in generate(&mut random, 32, None, false) {
             let offset = segment * 1_000;
             operation.call_time += offset;
             operation.return_time = operation.return_time.map(|time| time + offset);
-            let key = format!("{}/{segment}", operation.input.key());
+            let key = format!(
+                "{}/{segment}",
+                operation
+                    .input
+                    .key()
+                    .expect("generated requests name a key")
+            );
             match &mut operation.input {
                 Input::Put { key: slot, .. }
                 | Input::Get { key: slot, .. }
                 | Input::Delete { key: slot }
                 | Input::CompareAndSwap { key: slot, .. } => *slot = Bytes::from(key),
+                _ => unreachable!("generated without leases"),
             }
             history.push(operation);
         }
@@ -473,6 +587,16 @@ fn mutate(history: &mut [Operation], random: &mut StdRng) {
                 nudge(revision, random);
             }
         }
+        Output::LeaseGrant { revision } | Output::LeaseRevoke { revision } => {
+            nudge(revision, random)
+        }
+        Output::LeaseKeepAlive { ttl_seconds } => *ttl_seconds = 5 - (*ttl_seconds).min(5),
+        Output::LeaseNotFound => {
+            history[index].output = match history[index].input {
+                Input::LeaseRevoke { .. } => Output::LeaseRevoke { revision: 2 },
+                _ => Output::Put { revision: 2 },
+            }
+        }
         Output::Unknown => {}
     }
 }
@@ -484,7 +608,8 @@ fn search_agrees_with_brute_force_on_small_mutated_histories() {
     let mut illegal_count = 0;
     for number in 0..300 {
         let value_pool = random.gen_bool(0.5).then_some(3);
-        let mut history: Vec<Operation> = generate(&mut random, 7, value_pool)
+        let leases = random.gen_bool(0.5);
+        let mut history: Vec<Operation> = generate(&mut random, 7, value_pool, leases)
             .into_iter()
             .filter(|operation| !operation.input.is_serializable_read())
             .collect();

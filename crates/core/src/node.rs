@@ -127,6 +127,9 @@ pub enum DeliberateBug {
     /// Answer linearizable reads from local state without a ReadIndex round,
     /// so a deposed leader or a lagging follower can return stale data.
     ReadsWithoutReadIndex,
+    /// Count lease time twice as fast: the leader expires a lease at half its
+    /// TTL after its last keep-alive, so its keys vanish early.
+    LeaseExpiresAtHalfTtl,
 }
 
 impl NodeConfig {
@@ -546,7 +549,33 @@ struct WaitingProposal {
 #[derive(Debug)]
 struct PendingRead {
     token: u64,
-    request: RangeRequest,
+    purpose: ReadPurpose,
+    received_tick: u64,
+}
+
+/// What a request waits for a read index to do.
+#[derive(Debug)]
+enum ReadPurpose {
+    /// A linearizable range read.
+    Range(RangeRequest),
+    /// A lease keep-alive. The leader renews a lease only after a ReadIndex
+    /// round (etcd's `ensureLeadership` and `waitAppliedIndex`): the round
+    /// proves it is still the leader, so no newer leader's clock has taken
+    /// over, and once the read index is applied its lease table holds every
+    /// revocation and checkpoint committed before, including a previous
+    /// leader's. Without it, a new leader that had not yet applied its
+    /// predecessor's revocation acknowledged a keep-alive for a lease that was
+    /// about to vanish, and a deposed leader could acknowledge one that a newer
+    /// leader would expire first (found by the simulator; see
+    /// `crates/sim/tests/regression_lease_keep_alive_on_stale_state.rs`).
+    KeepAlive(i64),
+}
+
+/// A keep-alive waiting for its lease's revocation to apply.
+#[derive(Debug)]
+struct PendingKeepAlive {
+    token: u64,
+    id: i64,
     received_tick: u64,
 }
 
@@ -606,6 +635,9 @@ pub struct Node {
     next_lease_sequence: u32,
     /// The tick of the leader's last lease checkpoint.
     last_lease_checkpoint_tick: u64,
+    /// Keep-alives of leases whose revocation was already proposed when they
+    /// arrived: answered "not found" once the lease is gone, never renewed.
+    keep_alives_waiting_for_revocation: Vec<PendingKeepAlive>,
     /// Membership changes this member proposed, by request id.
     pending_membership: BTreeMap<u64, PendingWrite>,
     /// The tick at which this member applied its own removal.
@@ -696,6 +728,7 @@ impl Node {
             lessor: Lessor::default(),
             next_lease_sequence: 0,
             last_lease_checkpoint_tick: 0,
+            keep_alives_waiting_for_revocation: Vec::new(),
             pending_membership: BTreeMap::new(),
             removed_at_tick: None,
             pending_move_leader: None,
@@ -704,6 +737,16 @@ impl Node {
         };
         node.jitter_election_timeout_if_reset();
         Ok(node)
+    }
+
+    /// Ticks in one second of lease time, as the leader's lease clock counts them.
+    fn lease_ticks_per_second(&self) -> u64 {
+        let ticks_per_second = self.config.ticks_per_second();
+        if self.config.deliberate_bug == DeliberateBug::LeaseExpiresAtHalfTtl {
+            (ticks_per_second / 2).max(1)
+        } else {
+            ticks_per_second
+        }
     }
 
     /// This member's id.
@@ -775,7 +818,7 @@ impl Node {
         self.follow_move_leader();
         let is_leader = self.raw_node.raft.state == StateRole::Leader;
         if is_leader && !self.lessor.is_active() {
-            let ticks_per_second = self.config.ticks_per_second();
+            let ticks_per_second = self.lease_ticks_per_second();
             self.lessor.promote(
                 self.tick_count,
                 self.state_machine.leases(),
@@ -785,6 +828,34 @@ impl Node {
             self.last_lease_checkpoint_tick = self.tick_count;
         } else if !is_leader && self.lessor.is_active() {
             self.lessor.demote();
+            // Whether the revocations they wait for will commit is unknown now.
+            for waiting in std::mem::take(&mut self.keep_alives_waiting_for_revocation) {
+                self.refuse(waiting.token, RequestError::LeaderChanged);
+            }
+        }
+    }
+
+    /// Answers the keep-alives waiting for revocations that have applied: their
+    /// leases are gone, which etcd answers with TTL 0.
+    fn answer_keep_alives_of_revoked_leases(&mut self) {
+        if self.keep_alives_waiting_for_revocation.is_empty() {
+            return;
+        }
+        let waiting = std::mem::take(&mut self.keep_alives_waiting_for_revocation);
+        for keep_alive in waiting {
+            if self.state_machine.leases().contains(keep_alive.id) {
+                self.keep_alives_waiting_for_revocation.push(keep_alive);
+                continue;
+            }
+            let response = LeaseKeepAliveResponse {
+                header: Some(self.header(0)),
+                id: keep_alive.id,
+                ttl: 0,
+            };
+            self.replies.push(Reply {
+                token: keep_alive.token,
+                result: Ok(Response::LeaseKeepAlive(response)),
+            });
         }
     }
 
@@ -810,7 +881,7 @@ impl Node {
         self.last_lease_checkpoint_tick = self.tick_count;
         let remaining = self.lessor.remaining_seconds(
             self.tick_count,
-            self.config.ticks_per_second(),
+            self.lease_ticks_per_second(),
             usize::MAX,
         );
         let leases = self.state_machine.leases();
@@ -1093,7 +1164,25 @@ impl Node {
         }
     }
 
+    /// A keep-alive reaching the leader waits for a ReadIndex round (see
+    /// [`ReadPurpose::KeepAlive`]), then [`Node::renew_lease`] answers it.
     fn lease_keep_alive(&mut self, token: u64, id: i64) {
+        if !self.lessor.is_active() {
+            let leader_id = self.raw_node.raft.leader_id;
+            return self.refuse(token, RequestError::NotLeader { leader_id });
+        }
+        if self.pending_request_count() >= self.config.pending_requests_max {
+            return self.refuse(token, RequestError::TooManyRequests);
+        }
+        self.reads_waiting.push(PendingRead {
+            token,
+            purpose: ReadPurpose::KeepAlive(id),
+            received_tick: self.tick_count,
+        });
+    }
+
+    /// Renews a lease for a keep-alive whose read index has applied.
+    fn renew_lease(&mut self, token: u64, id: i64) {
         if !self.lessor.is_active() {
             let leader_id = self.raw_node.raft.leader_id;
             return self.refuse(token, RequestError::NotLeader { leader_id });
@@ -1111,13 +1200,28 @@ impl Node {
             });
             return;
         };
+        if self.lessor.is_revoking(id) {
+            // The lease expired on this clock and its revocation is in the log:
+            // renewing it now would acknowledge a lease that is about to vanish.
+            // As etcd's lessor does, wait for the revocation and answer "not found".
+            if self.pending_request_count() >= self.config.pending_requests_max {
+                return self.refuse(token, RequestError::TooManyRequests);
+            }
+            self.keep_alives_waiting_for_revocation
+                .push(PendingKeepAlive {
+                    token,
+                    id,
+                    received_tick: self.tick_count,
+                });
+            return;
+        }
         let ttl_seconds = lease.ttl_seconds;
         let checkpointed = lease.remaining_ttl_seconds != 0;
         self.lessor.refresh(
             id,
             self.tick_count,
             ttl_seconds,
-            self.config.ticks_per_second(),
+            self.lease_ticks_per_second(),
         );
         if !checkpointed {
             let response = LeaseKeepAliveResponse {
@@ -1184,7 +1288,7 @@ impl Node {
                 LeaseTimeToLiveResponse {
                     header,
                     id,
-                    ttl: (remaining_ticks / self.config.ticks_per_second()) as i64,
+                    ttl: (remaining_ticks / self.lease_ticks_per_second()) as i64,
                     granted_ttl: lease.ttl_seconds,
                     keys: if keys {
                         lease.keys.iter().cloned().collect()
@@ -1255,6 +1359,17 @@ impl Node {
             is_expired,
             RequestError::Timeout,
         );
+        let (expired, waiting): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.keep_alives_waiting_for_revocation)
+                .into_iter()
+                .partition(|keep_alive| now - keep_alive.received_tick >= timeout);
+        self.keep_alives_waiting_for_revocation = waiting;
+        for keep_alive in expired {
+            self.replies.push(Reply {
+                token: keep_alive.token,
+                result: Err(RequestError::Timeout),
+            });
+        }
         // ReadIndex requests that got no answer are issued again; reads waiting
         // too long in total fail.
         let retry = self.config.read_index_retry_ticks;
@@ -1285,6 +1400,7 @@ impl Node {
     fn pending_request_count(&self) -> usize {
         self.pending_writes.len()
             + self.proposals_waiting.len()
+            + self.keep_alives_waiting_for_revocation.len()
             + self.reads_waiting.len()
             + self
                 .reads_in_flight
@@ -1449,7 +1565,7 @@ impl Node {
         }
         self.reads_waiting.push(PendingRead {
             token,
-            request,
+            purpose: ReadPurpose::Range(request),
             received_tick: self.tick_count,
         });
     }
@@ -1587,6 +1703,7 @@ impl Node {
                 }
             }
         }
+        self.answer_keep_alives_of_revoked_leases();
     }
 
     fn apply_normal(&mut self, entry: &Entry) {
@@ -1660,7 +1777,7 @@ impl Node {
 
     /// Keeps the leader's lease clock in step with applied lease changes.
     fn follow_lease_changes(&mut self, request: &WriteRequest) {
-        let ticks_per_second = self.config.ticks_per_second();
+        let ticks_per_second = self.lease_ticks_per_second();
         match request {
             log_request::Request::LeaseGrant(grant) => {
                 self.lessor
@@ -1799,8 +1916,15 @@ impl Node {
                 continue;
             }
             for read in reads {
+                let request = match read.purpose {
+                    ReadPurpose::Range(request) => request,
+                    ReadPurpose::KeepAlive(id) => {
+                        self.renew_lease(read.token, id);
+                        continue;
+                    }
+                };
                 let result = self
-                    .range_local(&read.request)
+                    .range_local(&request)
                     .map(Response::Range)
                     .map_err(RequestError::KeySpace);
                 self.replies.push(Reply {

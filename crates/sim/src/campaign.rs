@@ -82,11 +82,12 @@ impl CampaignSummary {
         );
         let totals = &self.totals;
         text.push_str(&format!(
-            "\n  exercised: {} ops ({} unknown outcome), {} stops, {} restarts, {} persist \
-             failures, {} snapshots sent and installed, {} made, {} messages dropped of {}, \
-             {} leader terms, {} faults",
+            "\n  exercised: {} ops ({} unknown outcome, {} answered lease requests), {} stops, \
+             {} restarts, {} persist failures, {} snapshots sent and installed, {} made, {} \
+             messages dropped of {}, {} leader terms, {} faults",
             totals.operations,
             totals.operations_unknown,
+            totals.lease_operations_answered,
             totals.member_stops,
             totals.member_restarts,
             totals.persist_failures,

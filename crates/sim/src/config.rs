@@ -20,6 +20,24 @@ pub const SECOND_NS: u64 = 1_000 * MILLISECOND_NS;
 /// The nominal time between two ticks of a member, as etcd's default heartbeat interval.
 pub const TICK_INTERVAL_NS: u64 = 100 * MILLISECOND_NS;
 
+/// The shortest time between two ticks a drifting clock gives: 25% fast.
+///
+/// The server ticks from a monotonic clock (`Instant`) and skips ticks it fell behind on
+/// rather than firing them in a burst (`server/src/member.rs`), so a member never ticks
+/// more often than its clock's rate allows; it may tick far less often (stalls, pauses).
+/// Real monotonic clocks drift by parts per million; 25% is a stress far beyond that, kept
+/// small enough that the lease check stays sharp: how early a lease may expire is derived
+/// from this bound (see `invariants::history::lease_expiry_bound`).
+pub const TICK_INTERVAL_NS_MIN: u64 = 80 * MILLISECOND_NS;
+
+/// The longest time between two ticks a drifting clock gives: half speed.
+pub const TICK_INTERVAL_NS_MAX: u64 = 200 * MILLISECOND_NS;
+
+/// The shortest TTL the workload grants: the core's minimum with its default election
+/// timeout (1.5 election timeouts, rounded up to whole seconds), so that every grant keeps
+/// the TTL asked for.
+pub const LEASE_TTL_SECONDS_MIN: u64 = 2;
+
 /// A deliberately wrong behaviour of the simulator's own shell, to prove the invariants
 /// catch what a buggy server would do. Always `None` outside those tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -67,6 +85,9 @@ impl SimOptions {
             DeliberateBug::None => {}
             DeliberateBug::ReadsWithoutReadIndex => {
                 flags.push_str(" --bug reads-without-read-index")
+            }
+            DeliberateBug::LeaseExpiresAtHalfTtl => {
+                flags.push_str(" --bug lease-expires-at-half-ttl")
             }
         }
         match self.shell_bug {
@@ -116,8 +137,10 @@ pub struct FaultConfig {
     pub fsync_failure: bool,
     /// Members whose clock runs fast or slow for a while.
     pub clock_drift: bool,
-    /// Clock jumps: a member's clock stalls, or fires a burst of ticks at once.
-    pub clock_jump: bool,
+    /// Clock stalls: a member's ticks stop for a while and the missed ones are skipped, as
+    /// the server's member loop does when it falls behind. (A wall-clock jump does not
+    /// reach the server's ticks at all: they come from a monotonic clock.)
+    pub clock_stall: bool,
     /// Process pauses (a long GC or SIGSTOP): the member does nothing for a while.
     pub pause: bool,
 }
@@ -137,7 +160,7 @@ impl FaultConfig {
             delay_jitter_ns_max: 0,
             fsync_failure: false,
             clock_drift: false,
-            clock_jump: false,
+            clock_stall: false,
             pause: false,
         }
     }
@@ -158,7 +181,7 @@ impl FaultConfig {
             delay_jitter_ns_max: random.between(1, 200) * MILLISECOND_NS,
             fsync_failure: on(random),
             clock_drift: on(random),
-            clock_jump: on(random),
+            clock_stall: on(random),
             pause: on(random),
         }
     }
@@ -173,7 +196,7 @@ impl FaultConfig {
             || self.lossy_links
             || self.fsync_failure
             || self.clock_drift
-            || self.clock_jump
+            || self.clock_stall
             || self.pause
     }
 }
@@ -206,6 +229,28 @@ pub struct RunConfig {
     pub delete_per_mille: u64,
     /// See `serializable_read_per_mille`.
     pub compare_and_swap_per_mille: u64,
+    /// Per-mille of workload requests that are lease steps (a grant, a put with the lease,
+    /// a read of a lease key, a revocation); keep-alives come on top, when due. 0 in about
+    /// one run in four.
+    pub lease_per_mille: u64,
+    /// The shortest TTL granted, in seconds.
+    pub lease_ttl_seconds_min: u64,
+    /// The longest TTL granted, in seconds: short, so that leases expire within a run.
+    pub lease_ttl_seconds_max: u64,
+    /// Per-mille of leases that end with a revocation.
+    pub lease_revoke_per_mille: u64,
+    /// Per-mille of the other leases that are kept alive for a while before they expire;
+    /// the rest expire without a keep-alive.
+    pub lease_keep_alive_per_mille: u64,
+    /// The time between two keep-alives of a lease, in per-mille of its TTL, at most (each
+    /// gap is drawn from half this to this): a third of the TTL is etcd's clients' habit;
+    /// longer gaps make keep-alives race the lease's expiry, and some come too late.
+    pub lease_keep_alive_interval_per_mille: u64,
+    /// Lease keys per workload client.
+    pub lease_keys_per_client: usize,
+    /// `NodeConfig::lease_checkpoint_interval_ticks`: often, so that checkpoints and
+    /// keep-alives race.
+    pub lease_checkpoint_interval_ticks: u64,
     /// Base one-way network delay of a healthy link.
     pub link_delay_ns: u64,
     /// Extra random delay of a healthy link (messages of one link may be reordered).
@@ -248,6 +293,22 @@ impl RunConfig {
             linearizable_read_per_mille: random.between(100, 300),
             delete_per_mille: random.between(0, 100),
             compare_and_swap_per_mille: random.between(50, 300),
+            lease_per_mille: if random.below(4) == 0 {
+                0
+            } else {
+                random.between(50, 300)
+            },
+            lease_ttl_seconds_min: LEASE_TTL_SECONDS_MIN,
+            lease_ttl_seconds_max: random.between(LEASE_TTL_SECONDS_MIN, 6),
+            lease_revoke_per_mille: random.between(0, 1_000),
+            lease_keep_alive_per_mille: random.between(0, 1_000),
+            lease_keep_alive_interval_per_mille: if random.below(2) == 0 {
+                333
+            } else {
+                random.between(333, 1_200)
+            },
+            lease_keys_per_client: random.between(1, 3) as usize,
+            lease_checkpoint_interval_ticks: random.between(5, 50),
             link_delay_ns: random.between(100, 5_000) * 1_000,
             link_jitter_ns: random.between(0, 5_000) * 1_000,
             snapshot_entries_interval: random.between(50, 200),

@@ -15,12 +15,18 @@
 //! - **lossy links**: some links lose, duplicate and delay (so reorder) messages.
 //! - **fsync failure**: one of the member's next fsyncs fails; the member stops, as the
 //!   server does, and restarts later.
-//! - **clock drift**: a member's ticks come faster or slower than every 100 ms.
-//! - **clock jump**: a member's clock stalls for a while, or fires a burst of ticks.
+//! - **clock drift**: a member's ticks come faster (down to every 80 ms) or slower (up to
+//!   every 200 ms) than every 100 ms, for a while. How fast a clock may run bounds how early
+//!   a lease may expire, which the history check relies on.
+//! - **clock stall**: a member's ticks stop for a while and the missed ones are skipped, as
+//!   the server's member loop does when a long fsync holds it up. There is no "jump
+//!   ahead": the server ticks from a monotonic clock and never fires missed ticks in a
+//!   burst, so a wall-clock step (NTP, an operator) changes nothing it counts, and no lease
+//!   can expire early because of one.
 //! - **pause**: the member's process is frozen (a long GC, SIGSTOP): no ticks, no
 //!   messages handled; what arrives waits until it resumes.
 
-use crate::config::{MILLISECOND_NS, SECOND_NS};
+use crate::config::{MILLISECOND_NS, SECOND_NS, TICK_INTERVAL_NS_MAX, TICK_INTERVAL_NS_MIN};
 use crate::shell::StopKind;
 use crate::trace::TraceEvent;
 use crate::world::{Action, Phase, World};
@@ -36,7 +42,7 @@ enum FaultKind {
     LossyLinks,
     FsyncFailure,
     ClockDrift,
-    ClockJump,
+    ClockStall,
     Pause,
 }
 
@@ -52,7 +58,7 @@ impl World {
             (faults.lossy_links, FaultKind::LossyLinks),
             (faults.fsync_failure, FaultKind::FsyncFailure),
             (faults.clock_drift, FaultKind::ClockDrift),
-            (faults.clock_jump, FaultKind::ClockJump),
+            (faults.clock_stall, FaultKind::ClockStall),
             (faults.pause, FaultKind::Pause),
         ]
         .into_iter()
@@ -105,33 +111,27 @@ impl World {
             }
             FaultKind::ClockDrift => {
                 let id = self.random_member();
-                let interval_ns = self.random.between(50, 200) * MILLISECOND_NS;
+                let interval_ns = self
+                    .random
+                    .between(TICK_INTERVAL_NS_MIN, TICK_INTERVAL_NS_MAX);
                 self.member_mut(id).tick_interval_ns = interval_ns;
                 let duration = self.random.between(2, 10) * SECOND_NS;
                 self.agenda
                     .schedule_after(duration, Action::RestoreClock { member: id });
                 self.record(TraceEvent::Fault(format!(
-                    "member {id}: ticks every {} ms",
-                    interval_ns / MILLISECOND_NS
+                    "member {id}: ticks every {:.1} ms",
+                    interval_ns as f64 / MILLISECOND_NS as f64
                 )));
             }
-            FaultKind::ClockJump => {
+            FaultKind::ClockStall => {
                 let id = self.random_member();
-                if self.random.below(2) == 0 {
-                    let stall_ns = self.random.between(300, 4_000) * MILLISECOND_NS;
-                    let now = self.now_ns();
-                    self.member_mut(id).clock_stalled_until_ns = now + stall_ns;
-                    self.record(TraceEvent::Fault(format!(
-                        "member {id}: clock stalls for {} ms",
-                        stall_ns / MILLISECOND_NS
-                    )));
-                } else {
-                    let burst = self.random.between(2, 20);
-                    self.member_mut(id).ticks_burst_pending += burst;
-                    self.record(TraceEvent::Fault(format!(
-                        "member {id}: clock jumps {burst} ticks ahead"
-                    )));
-                }
+                let stall_ns = self.random.between(300, 4_000) * MILLISECOND_NS;
+                let now = self.now_ns();
+                self.member_mut(id).clock_stalled_until_ns = now + stall_ns;
+                self.record(TraceEvent::Fault(format!(
+                    "member {id}: clock stalls for {} ms, missed ticks skipped",
+                    stall_ns / MILLISECOND_NS
+                )));
             }
             FaultKind::Pause => {
                 if let Some(id) = self.random_running_member() {

@@ -23,6 +23,8 @@ pub struct RunStats {
     pub operations_unknown: u64,
     /// Requests that certainly had no effect (refused), left out of the history.
     pub operations_refused: u64,
+    /// Answered lease requests (grants, puts with a lease, keep-alives, revocations).
+    pub lease_operations_answered: u64,
     /// Raft messages sent.
     pub messages_sent: u64,
     /// Raft messages delivered.
@@ -54,6 +56,7 @@ impl RunStats {
         self.operations_answered += other.operations_answered;
         self.operations_unknown += other.operations_unknown;
         self.operations_refused += other.operations_refused;
+        self.lease_operations_answered += other.lease_operations_answered;
         self.messages_sent += other.messages_sent;
         self.messages_delivered += other.messages_delivered;
         self.messages_dropped += other.messages_dropped;

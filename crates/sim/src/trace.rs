@@ -120,12 +120,10 @@ pub enum TransportReport {
 /// Something that happened in the simulated world.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TraceEvent {
-    /// A member's clock ticked `count` times (more than one in a clock jump).
+    /// A member's clock ticked.
     Tick {
         /// The member.
         member: u64,
-        /// Ticks fired.
-        count: u64,
     },
     /// A message reached its recipient.
     Deliver(MessageSummary),
@@ -181,6 +179,14 @@ pub enum TraceEvent {
         /// The request, as the history records it.
         input: keel_check::Input,
     },
+    /// A follower could not answer a client's keep-alive; its server forwards it to the
+    /// leader it knows of.
+    ClientForwarded {
+        /// The client.
+        client: u64,
+        /// The leader the request goes to.
+        leader: u64,
+    },
     /// A client got an answer.
     ClientReturn {
         /// The client.
@@ -213,10 +219,9 @@ impl TraceEvent {
 
     fn digest_into(&self, digest: &mut Digest) {
         match self {
-            TraceEvent::Tick { member, count } => {
+            TraceEvent::Tick { member } => {
                 digest.write(1);
                 digest.write(*member);
-                digest.write(*count);
             }
             TraceEvent::Deliver(summary) => {
                 digest.write(2);
@@ -276,7 +281,8 @@ impl TraceEvent {
                 digest.write(*client);
                 digest.write(*member);
                 digest.write_bytes(input.kind().as_bytes());
-                digest.write_bytes(input.key().as_slice());
+                digest.write_bytes(input.key().map_or(&[][..], |key| key.as_slice()));
+                digest.write(input.lease_id().unwrap_or(0) as u64);
             }
             TraceEvent::ClientReturn { client, output } => {
                 digest.write(11);
@@ -298,6 +304,11 @@ impl TraceEvent {
                 digest.write(13);
                 digest.write_bytes(name.as_bytes());
             }
+            TraceEvent::ClientForwarded { client, leader } => {
+                digest.write(14);
+                digest.write(*client);
+                digest.write(*leader);
+            }
         }
     }
 }
@@ -305,9 +316,7 @@ impl TraceEvent {
 impl fmt::Display for TraceEvent {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            TraceEvent::Tick { member, count } => {
-                write!(formatter, "member {member} ticks ×{count}")
-            }
+            TraceEvent::Tick { member } => write!(formatter, "member {member} ticks"),
             TraceEvent::Deliver(summary) => write!(formatter, "deliver {summary}"),
             TraceEvent::Drop(summary, reason) => write!(formatter, "drop ({reason}) {summary}"),
             TraceEvent::Report {
@@ -361,6 +370,12 @@ impl fmt::Display for TraceEvent {
                 write!(formatter, "client {client} ← {reason} ({outcome})")
             }
             TraceEvent::Phase(name) => write!(formatter, "=== {name} ==="),
+            TraceEvent::ClientForwarded { client, leader } => {
+                write!(
+                    formatter,
+                    "client {client}'s request forwarded to leader {leader}"
+                )
+            }
         }
     }
 }
@@ -462,13 +477,7 @@ mod tests {
         let mut trace = Trace::default();
         for index in 0..(TRACE_EVENTS_MAX as u64 + 10) {
             trace.record(index, TraceEvent::Fault(format!("fault {index}")));
-            trace.record(
-                index,
-                TraceEvent::Tick {
-                    member: 1,
-                    count: 1,
-                },
-            );
+            trace.record(index, TraceEvent::Tick { member: 1 });
         }
         let lines = trace.recent_lines();
         assert_eq!(lines.len(), TRACE_EVENTS_MAX);

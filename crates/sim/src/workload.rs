@@ -6,14 +6,23 @@
 //! answer is recorded when the member produces it. A client that hears nothing within its
 //! timeout records an unknown outcome and moves on; a late answer is then ignored, as a
 //! real client that gave up ignores it.
+//!
+//! Keep-alives are answered by the leader only. A follower's server forwards one to the
+//! leader it knows of, once; the simulator does the same with the member's "not leader"
+//! answer. A keep-alive that fails or times out is left out of the history: it may have
+//! extended the lease, which the checker allows anyway (an expiry may come late), and it
+//! cannot have shortened it.
 
+use std::collections::BTreeSet;
+
+use keel_check::Bytes;
 use keel_check::{Input, Operation, Output};
 use keel_core::{Event, RequestError, Response, WriteRequest};
 use keel_types::etcdserverpb::CompactionRequest;
 
 use crate::client::{
-    failure_outcome, output_for, read_output, request_for, ClientRole, FailureOutcome, Outstanding,
-    Request, LIVENESS_KEY,
+    failure_answer, failure_outcome, output_for, read_output, request_for, ClientRole,
+    FailureOutcome, Outstanding, Request, LIVENESS_KEY,
 };
 use crate::config::{MILLISECOND_NS, SECOND_NS};
 use crate::trace::TraceEvent;
@@ -47,7 +56,8 @@ impl World {
                 if !matches!(self.phase, Phase::Faults | Phase::Liveness { .. }) {
                     return;
                 }
-                self.clients[client].next_workload_input(&self.config, &mut self.random)
+                let now = self.now_ns();
+                self.clients[client].next_workload_input(&self.config, &mut self.random, now)
             }
             ClientRole::LivenessProbe => {
                 if !matches!(self.phase, Phase::Liveness { .. }) {
@@ -76,6 +86,7 @@ impl World {
             input: input.clone(),
             call_time_ns: now,
             token: None,
+            forwarded: false,
         });
         let client_id = client_state.id;
         self.record(TraceEvent::ClientCall {
@@ -100,16 +111,22 @@ impl World {
         );
     }
 
-    /// The next key the final reader reads: the workload's keys, then the probe's.
-    fn next_final_read_key(&self) -> Option<keel_check::Bytes> {
-        let done = self.final_reads.len();
-        if done < self.config.key_count {
-            Some(format!("k{done}").into())
-        } else if done == self.config.key_count {
-            Some(LIVENESS_KEY.into())
-        } else {
-            None
-        }
+    /// The next key the final reader reads: the workload's keys, every key put with a
+    /// lease, then the probe's.
+    fn next_final_read_key(&self) -> Option<Bytes> {
+        let plain = (0..self.config.key_count).map(|number| Bytes::from(format!("k{number}")));
+        let leased: BTreeSet<&Bytes> = self
+            .history
+            .iter()
+            .filter_map(|operation| match &operation.input {
+                Input::PutWithLease { key, .. } => Some(key),
+                _ => None,
+            })
+            .collect();
+        plain
+            .chain(leased.into_iter().cloned())
+            .chain(std::iter::once(Bytes::from(LIVENESS_KEY)))
+            .nth(self.final_reads.len())
     }
 
     fn outstanding(&self, client: usize, request_number: u64) -> Option<&Outstanding> {
@@ -164,6 +181,7 @@ impl World {
         let event = match request {
             Request::Write(request) => Event::Write { token, request },
             Request::LinearizableRead(request) => Event::LinearizableRead { token, request },
+            Request::KeepAlive(id) => Event::LeaseKeepAlive { token, id },
             Request::SerializableRead(_) => unreachable!("answered above"),
         };
         self.tokens.insert(
@@ -199,9 +217,44 @@ impl World {
                 Ok(output) => Completion::Answer(output),
                 Err(text) => return self.fail(Violation::MalformedResponse(text)),
             },
-            Err(error) => Completion::Failure(failure_outcome(&error), error.to_string()),
+            Err(RequestError::NotLeader { leader_id })
+                if leader_id != 0 && !outstanding.forwarded =>
+            {
+                return self.forward_to_leader(owner.client, leader_id);
+            }
+            Err(error) => match failure_answer(&outstanding.input, &error) {
+                Some(output) => Completion::Answer(output),
+                None => Completion::Failure(failure_outcome(&error), error.to_string()),
+            },
         };
         self.complete(owner.client, completion);
+    }
+
+    /// A follower's server forwards a keep-alive to the leader it knows of, once.
+    fn forward_to_leader(&mut self, client: usize, leader: u64) {
+        let outstanding = self.clients[client]
+            .outstanding
+            .as_mut()
+            .expect("only an outstanding request is forwarded");
+        if let Some(token) = outstanding.token.take() {
+            self.tokens.remove(&token);
+        }
+        outstanding.member = leader;
+        outstanding.forwarded = true;
+        let request_number = outstanding.request_number;
+        let client_id = self.clients[client].id;
+        self.record(TraceEvent::ClientForwarded {
+            client: client_id,
+            leader,
+        });
+        let delay = self.random.below(CLIENT_DELAY_NS_MAX + 1);
+        self.agenda.schedule_after(
+            delay,
+            Action::ClientArrive {
+                client,
+                request_number,
+            },
+        );
     }
 
     /// A client gives up waiting: what it asked may or may not have happened.
@@ -244,19 +297,26 @@ impl World {
         }
         let client_id = self.clients[client].id;
         let role = self.clients[client].role;
-        let is_write = !matches!(outstanding.input, Input::Get { .. });
+        // Reads and keep-alives that fail change nothing the history can observe.
+        let is_write = !matches!(
+            outstanding.input,
+            Input::Get { .. } | Input::LeaseKeepAlive { .. }
+        );
         let succeeded = matches!(completion, Completion::Answer(_));
         match completion {
             Completion::Answer(output) => {
                 self.stats.operations_answered += 1;
+                if outstanding.input.lease_id().is_some() {
+                    self.stats.lease_operations_answered += 1;
+                }
                 self.clients[client].learn(&outstanding.input, &output);
                 self.record(TraceEvent::ClientReturn {
                     client: client_id,
                     output: output.clone(),
                 });
                 if role == ClientRole::FinalReader {
-                    self.final_reads
-                        .push((outstanding.input.key().clone(), output.clone()));
+                    let key = outstanding.input.key().expect("final reads name a key");
+                    self.final_reads.push((key.clone(), output.clone()));
                 }
                 self.history.push(Operation {
                     client_id,

@@ -147,8 +147,6 @@ pub(crate) struct SimMember {
     pub(crate) tick_interval_ns: u64,
     /// The clock does not tick before this time (a clock that stalled).
     pub(crate) clock_stalled_until_ns: u64,
-    /// Extra ticks to fire at the next tick (a clock that jumped forward).
-    pub(crate) ticks_burst_pending: u64,
     /// The process does nothing before this time (a pause).
     pub(crate) paused_until_ns: u64,
     /// A restart is on the agenda.
@@ -221,7 +219,6 @@ impl World {
                 bootstrapped: false,
                 tick_interval_ns: TICK_INTERVAL_NS,
                 clock_stalled_until_ns: 0,
-                ticks_burst_pending: 0,
                 paused_until_ns: 0,
                 restart_pending: false,
             })
@@ -403,7 +400,6 @@ impl World {
             let member = self.member_mut(id);
             member.tick_interval_ns = TICK_INTERVAL_NS;
             member.clock_stalled_until_ns = 0;
-            member.ticks_burst_pending = 0;
             member.paused_until_ns = 0;
             // No more fsync failures: a healthy disk from now on.
             member.disk.fail_fsync_after(0, 0);

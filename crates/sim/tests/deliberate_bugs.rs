@@ -8,6 +8,9 @@
 //!   before what they promise is durable, so a power loss makes members forget entries and
 //!   votes the cluster counted on; the step invariants (state machine safety, election
 //!   safety, log matching), raft-rs's own assertions or the history must catch it.
+//! - Expiring leases at half their TTL (a bug in the core's lease clock): keys attached to
+//!   a lease vanish before the lease may legally expire, which the history's lease expiry
+//!   bound must catch.
 
 use keel_sim::{
     install_quiet_panic_hook, run_campaign, CampaignOptions, DeliberateBug, RunReport, ShellBug,
@@ -56,6 +59,19 @@ fn reads_without_read_index_are_caught() {
         "{:?}",
         report.violation
     );
+}
+
+#[test]
+fn leases_expiring_at_half_their_ttl_are_caught() {
+    let report = first_failure(SimOptions {
+        core_bug: DeliberateBug::LeaseExpiresAtHalfTtl,
+        ..SimOptions::default()
+    });
+    let Some(Violation::NotLinearizable(explanation)) = &report.violation else {
+        panic!("{:?}", report.violation);
+    };
+    // The explanation names the expiry that could not come yet.
+    assert!(explanation.contains("expires"), "{explanation}");
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! The main test of keel's fault tolerance: a few hundred seeds, each a whole cluster
 //! under crashes, power losses with torn writes, fsync errors, partitions, lossy and
-//! duplicating links, clock drift and jumps and pauses, checked for every invariant.
+//! duplicating links, clock drift and stalls and pauses, with clients using leases that
+//! are kept alive, revoked and left to expire, checked for every invariant.
 //!
 //! Every fault kind is available to every seed; each seed switches each kind on with
 //! probability 3/4 (swarm testing), so some seeds hammer a few kinds while others mix them
@@ -43,6 +44,7 @@ fn seeds_with_every_fault_find_no_violation() {
     // The seeds did what they are for: faults happened and the system went through them.
     let totals = &summary.totals;
     assert!(totals.operations_answered > 0 && totals.operations_unknown > 0);
+    assert!(totals.lease_operations_answered > 0);
     assert!(totals.member_restarts > 0 && totals.persist_failures > 0);
     assert!(totals.snapshots_installed > 0 && totals.snapshots_made > 0);
     assert!(totals.messages_dropped > 0 && totals.leader_terms > options.seeds);

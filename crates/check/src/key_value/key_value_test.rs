@@ -268,3 +268,50 @@ fn descriptions_are_readable() {
         "revision 1; no keys"
     );
 }
+
+#[test]
+fn leases_end_with_their_keys_and_are_described() {
+    let model = KeyValueModel::per_key();
+    let grant = Input::LeaseGrant {
+        lease_id: 0x7,
+        ttl_seconds: 5,
+    };
+    let put_with_lease = |key: &str| Input::PutWithLease {
+        key: key.into(),
+        value: "v".into(),
+        lease_id: 0x7,
+    };
+    let state = run(
+        model,
+        &[
+            (grant.clone(), Output::LeaseGrant { revision: 1 }),
+            (put_with_lease("a"), Output::Put { revision: 2 }),
+            (put_with_lease("b"), Output::Unknown),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        model.describe_state(&state),
+        "revision at least 2; \"a\" = \"v\" (mod_revision 2, lease 0x7); \"b\" = \"v\" \
+         (mod_revision above 2, lease 0x7); lease 0x7 (ttl 5 s)"
+    );
+    // The expiry ends the lease and both keys; a second grant of the id is refused.
+    let expire = Input::LeaseExpire { lease_id: 0x7 };
+    let after = model.step(&state, &expire, &Output::Unknown).unwrap();
+    assert_eq!(model.describe_state(&after), "revision at least 2; no keys");
+    assert!(model
+        .step(&state, &grant, &Output::LeaseGrant { revision: 2 })
+        .is_none());
+    assert_eq!(
+        model.describe_operation(&put_with_lease("a"), &Output::LeaseNotFound),
+        "put \"a\" = \"v\" with lease 0x7 -> requested lease not found"
+    );
+    // A revocation that deleted keys must be answered above every revision seen.
+    let revoke = Input::LeaseRevoke { lease_id: 0x7 };
+    assert!(model
+        .step(&state, &revoke, &Output::LeaseRevoke { revision: 2 })
+        .is_none());
+    assert!(model
+        .step(&state, &revoke, &Output::LeaseRevoke { revision: 3 })
+        .is_some());
+}

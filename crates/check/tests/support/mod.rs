@@ -153,3 +153,87 @@ pub fn compare_and_swap_unknown(
         output: Output::Unknown,
     }
 }
+
+pub fn grant(
+    client_id: u64,
+    call_time: u64,
+    return_time: u64,
+    lease_id: i64,
+    revision: u64,
+) -> Operation {
+    Operation {
+        client_id,
+        call_time,
+        return_time: Some(return_time),
+        input: Input::LeaseGrant {
+            lease_id,
+            ttl_seconds: 5,
+        },
+        output: Output::LeaseGrant { revision },
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn put_with_lease(
+    client_id: u64,
+    call_time: u64,
+    return_time: u64,
+    key: &str,
+    value: &str,
+    lease_id: i64,
+    output: Output,
+) -> Operation {
+    Operation {
+        client_id,
+        call_time,
+        return_time: Some(return_time),
+        input: Input::PutWithLease {
+            key: key.into(),
+            value: value.into(),
+            lease_id,
+        },
+        output,
+    }
+}
+
+pub fn keep_alive(
+    client_id: u64,
+    call_time: u64,
+    return_time: u64,
+    lease_id: i64,
+    ttl_seconds: i64,
+) -> Operation {
+    Operation {
+        client_id,
+        call_time,
+        return_time: Some(return_time),
+        input: Input::LeaseKeepAlive { lease_id },
+        output: Output::LeaseKeepAlive { ttl_seconds },
+    }
+}
+
+pub fn revoke(
+    client_id: u64,
+    call_time: u64,
+    return_time: u64,
+    lease_id: i64,
+    output: Output,
+) -> Operation {
+    Operation {
+        client_id,
+        call_time,
+        return_time: Some(return_time),
+        input: Input::LeaseRevoke { lease_id },
+        output,
+    }
+}
+
+pub fn revoke_unknown(client_id: u64, call_time: u64, lease_id: i64) -> Operation {
+    Operation {
+        client_id,
+        call_time,
+        return_time: None,
+        input: Input::LeaseRevoke { lease_id },
+        output: Output::Unknown,
+    }
+}

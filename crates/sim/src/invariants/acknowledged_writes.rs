@@ -10,7 +10,8 @@
 //! - for a key the final read finds, its `mod_revision` is at least the revision of every
 //!   acknowledged put or successful compare-and-swap of that key (a later write may have
 //!   replaced it; an earlier state may not come back). A key found absent is left to the
-//!   linearizability check, since a delete whose answer never came may explain it.
+//!   linearizability check, since a delete whose answer never came, or the key's lease
+//!   ending, may explain it.
 
 use keel_check::{Bytes, Input, Operation, Output};
 
@@ -49,8 +50,10 @@ pub fn check(
             }
         }
         let written_key = match &operation.input {
-            Input::Put { key, .. } | Input::CompareAndSwap { key, .. } => key,
-            Input::Delete { .. } | Input::Get { .. } => continue,
+            Input::Put { key, .. }
+            | Input::CompareAndSwap { key, .. }
+            | Input::PutWithLease { key, .. } => key,
+            _ => continue,
         };
         for (key, output) in final_reads {
             if key != written_key {
