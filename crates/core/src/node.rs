@@ -544,6 +544,8 @@ struct WaitingProposal {
     token: u64,
     request_id: u64,
     data: Vec<u8>,
+    /// For a keep-alive's checkpoint reset: the lease and the TTL to answer with.
+    keep_alive: Option<(i64, i64)>,
 }
 
 #[derive(Debug)]
@@ -1254,16 +1256,16 @@ impl Node {
                 },
             )),
         };
-        match self
-            .raw_node
-            .propose(Vec::new(), log_request.encode_to_vec())
-        {
-            Ok(()) => {
-                self.pending_writes
-                    .insert(request_id, self.pending(token, Some((id, ttl_seconds))));
-            }
-            Err(_) => self.refuse(token, RequestError::Dropped),
-        }
+        // Queued, not proposed: this runs while reads are served, which can be
+        // between taking a Ready and advancing it, when raft-rs must not be
+        // given new entries (it panicked at advance under `compare.sh`'s lease
+        // workload).
+        self.proposals_waiting.push(WaitingProposal {
+            token,
+            request_id,
+            data: log_request.encode_to_vec(),
+            keep_alive: Some((id, ttl_seconds)),
+        });
     }
 
     fn lease_time_to_live(&mut self, token: u64, id: i64, keys: bool) {
@@ -1492,6 +1494,7 @@ impl Node {
             token,
             request_id,
             data,
+            keep_alive: None,
         });
     }
 
@@ -1522,7 +1525,7 @@ impl Node {
         match self.raw_node.step(message) {
             Ok(()) => {
                 for proposal in proposals {
-                    let pending = self.pending(proposal.token, None);
+                    let pending = self.pending(proposal.token, proposal.keep_alive);
                     self.pending_writes.insert(proposal.request_id, pending);
                 }
             }
@@ -1612,6 +1615,7 @@ impl Node {
             return output;
         }
         let mut ready = self.raw_node.ready();
+        let last_index_in_ready = self.raw_node.raft.raft_log.last_index();
         output.messages = ready.take_messages();
         if !ready.snapshot().is_empty() {
             let snapshot = ready.snapshot().clone();
@@ -1631,6 +1635,11 @@ impl Node {
         output.messages_after_persist = ready.take_persisted_messages();
         self.in_progress = Some(ready);
         self.serve_ready_reads();
+        assert_eq!(
+            self.raw_node.raft.raft_log.last_index(),
+            last_index_in_ready,
+            "nothing may be appended between taking a Ready and advancing it"
+        );
         output.replies = std::mem::take(&mut self.replies);
         output
     }
@@ -2119,5 +2128,38 @@ mod tests {
         assert_eq!(replies.len(), 1);
         assert_eq!(replies[0].token, 42);
         assert!(matches!(replies[0].result, Ok(Response::Write(_))));
+    }
+
+    /// A keep-alive for a lease with a checkpoint is answered once a reset of
+    /// the checkpoint commits. Its read index can apply while a Ready is being
+    /// taken; proposing the reset right there gave raft-rs entries between
+    /// `ready` and `advance`, and it panicked (found by bench/compare.sh).
+    #[test]
+    fn a_keep_alive_of_a_checkpointed_lease_proposes_nothing_inside_a_ready() {
+        let mut node = single_member_leader();
+        node.step(Event::Write {
+            token: 1,
+            request: log_request::Request::LeaseGrant(
+                keel_types::etcdserverpb::LeaseGrantRequest { ttl: 60, id: 5 },
+            ),
+        });
+        assert_eq!(drain(&mut node).len(), 1);
+        // Past the checkpoint interval: the remaining TTL goes into the log.
+        for _ in 0..=node.config.lease_checkpoint_interval_ticks {
+            node.step(Event::Tick);
+            drain(&mut node);
+        }
+        let lease = node.state_machine().leases().get(5).expect("granted");
+        assert_ne!(lease.remaining_ttl_seconds, 0, "a checkpoint was applied");
+
+        node.step(Event::LeaseKeepAlive { token: 2, id: 5 });
+        let replies = drain(&mut node);
+        assert_eq!(replies.len(), 1);
+        match &replies[0].result {
+            Ok(Response::LeaseKeepAlive(response)) => assert_eq!(response.ttl, 60),
+            other => panic!("unexpected answer {other:?}"),
+        }
+        let lease = node.state_machine().leases().get(5).expect("still granted");
+        assert_eq!(lease.remaining_ttl_seconds, 0, "the checkpoint was reset");
     }
 }
