@@ -43,7 +43,9 @@ clock_ticks_per_second=$(getconf CLK_TCK)
 export ETCDCTL_API=3
 
 # Client port of member INDEX (1..3) of SYSTEM; its peer port is one above.
-client_port() { if [ "$1" = etcd ]; then echo $((17379 + $2 * 10000)); else echo $((18379 + $2 * 10000)); fi; }
+# Below the kernel's ephemeral range (32768 and up), so that no outgoing
+# connection can hold a member's port when it restarts; away from the tests'.
+client_port() { if [ "$1" = etcd ]; then echo $((25369 + $2 * 10)); else echo $((26369 + $2 * 10)); fi; }
 endpoints_of() {
   local system=$1 list="" index
   for index in 1 2 3; do list="$list${list:+,}127.0.0.1:$(client_port "$system" "$index")"; done
