@@ -144,13 +144,17 @@ impl<D: Disk + Clone> DurableState<D> {
             vote: hard_state.vote,
             commit: hard_state.commit,
         });
-        if let (false, true, Some(hard_state)) = (
-            persist.must_sync,
-            persist.entries.is_empty() && persist.snapshot.is_none(),
-            hard_state,
-        ) {
-            self.wal.record_hard_state_without_sync(hard_state)?;
-            return Ok(());
+        // Only the commit index moved (raft-rs says no sync is needed): the
+        // hard state rides on the next synced write.
+        if !persist.must_sync {
+            assert!(
+                persist.entries.is_empty() && persist.snapshot.is_none(),
+                "raft-rs asks for a sync whenever there are entries or a snapshot"
+            );
+            if let Some(hard_state) = hard_state {
+                self.wal.record_hard_state_without_sync(hard_state)?;
+                return Ok(());
+            }
         }
         let entries: Vec<LogEntry> = persist.entries.iter().map(encode_entry).collect();
         self.wal.append(&entries, hard_state)?;

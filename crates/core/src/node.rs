@@ -20,7 +20,7 @@
 //! the election-timeout jitter comes from a seed in [`NodeConfig`]. That makes a
 //! run reproducible from its inputs, which is what the simulator relies on.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use keel_types::etcdserverpb::{
     LeaseCheckpoint, LeaseCheckpointRequest, LeaseKeepAliveResponse, LeaseRevokeRequest,
@@ -1778,8 +1778,13 @@ impl Node {
     /// True when some member raised the CORRUPT alarm naming this member: it
     /// then refuses to serve clients, its data is not to be trusted.
     pub fn is_corrupt(&self) -> bool {
+        self.is_named_corrupt(self.config.member_id)
+    }
+
+    /// True when a CORRUPT alarm names `member_id`.
+    fn is_named_corrupt(&self, member_id: u64) -> bool {
         self.state_machine.alarms().iter().any(|alarm| {
-            alarm.member_id == self.config.member_id
+            alarm.member_id == member_id
                 && alarm.alarm == keel_types::etcdserverpb::AlarmType::Corrupt as i32
         })
     }
@@ -1881,19 +1886,12 @@ impl Node {
             return;
         }
         let own_id = self.config.member_id;
-        let corrupt: BTreeSet<u64> = self
-            .state_machine
-            .alarms()
-            .iter()
-            .filter(|alarm| alarm.alarm == keel_types::etcdserverpb::AlarmType::Corrupt as i32)
-            .map(|alarm| alarm.member_id)
-            .collect();
         let transferee = self
             .raw_node
             .raft
             .prs()
             .iter()
-            .filter(|(&id, _)| id != own_id && !corrupt.contains(&id))
+            .filter(|(&id, _)| id != own_id && !self.is_named_corrupt(id))
             .filter(|(&id, _)| self.raw_node.raft.prs().conf().voters().contains(id))
             .max_by_key(|(_, progress)| progress.matched)
             .map(|(&id, _)| id);

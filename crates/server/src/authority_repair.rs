@@ -115,11 +115,6 @@ impl<S> AuthorityRepair<S> {
         }
     }
 
-    /// The wrapped connection.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
     /// Examines buffered bytes, marking complete frames ready and rewriting
     /// header frames in place.
     fn process(&mut self) -> io::Result<()> {
