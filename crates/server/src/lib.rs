@@ -76,6 +76,13 @@ pub enum ServerError {
         /// The cause.
         source: std::io::Error,
     },
+    /// Another process holds the data directory's lock: two members on one
+    /// write-ahead log would truncate and overwrite each other's records.
+    #[error("data directory {path} is in use by another keel process (it holds {path}/{DATA_DIRECTORY_LOCK_FILE}); stop it, or choose another --data-dir")]
+    DataDirectoryInUse {
+        /// The data directory.
+        path: String,
+    },
     /// The gRPC server failed.
     #[error("serving clients: {0}")]
     Serve(#[from] tonic::transport::Error),
@@ -89,12 +96,50 @@ pub struct Server {
     serve_tasks: Vec<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
     peer_task: Vec<tokio::task::JoinHandle<()>>,
     member_stopped: tokio::sync::watch::Receiver<Option<StopReason>>,
+    /// Held (an exclusive advisory lock) for as long as the member runs; the
+    /// operating system releases it when the process exits, even on kill -9.
+    _data_directory_lock: std::fs::File,
+}
+
+/// The file in a data directory whose lock says a process is using it.
+pub const DATA_DIRECTORY_LOCK_FILE: &str = "lock";
+
+/// Creates `data_dir` if needed and takes its exclusive lock, without waiting:
+/// a second member (or a restore) on a data directory in use is refused at
+/// once, before it reads the write-ahead log, whose torn-tail repair would
+/// otherwise cut records the running member is still writing.
+pub fn lock_data_directory(data_dir: &Path) -> Result<std::fs::File, ServerError> {
+    std::fs::create_dir_all(data_dir).map_err(|source| ServerError::Recovery {
+        path: data_dir.display().to_string(),
+        reason: format!("cannot create the data directory: {source}"),
+    })?;
+    let path = data_dir.join(DATA_DIRECTORY_LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| ServerError::Recovery {
+            path: path.display().to_string(),
+            reason: format!("cannot open the lock file: {source}"),
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(ServerError::DataDirectoryInUse {
+            path: data_dir.display().to_string(),
+        }),
+        Err(std::fs::TryLockError::Error(source)) => Err(ServerError::Recovery {
+            path: path.display().to_string(),
+            reason: format!("cannot lock: {source}"),
+        }),
+    }
 }
 
 impl Server {
     /// Recovers the member from its data directory and starts serving.
     pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
         config.validate()?;
+        let data_directory_lock = lock_data_directory(&config.data_dir)?;
         let member_directory = config.data_dir.join("member");
         std::fs::create_dir_all(&member_directory).map_err(|source| ServerError::Recovery {
             path: config.data_dir.display().to_string(),
@@ -317,6 +362,7 @@ impl Server {
             serve_tasks,
             peer_task,
             member_stopped,
+            _data_directory_lock: data_directory_lock,
         })
     }
 
@@ -394,6 +440,7 @@ async fn publish_attributes(
 /// Refuses to touch a data directory that already holds a member.
 pub fn restore_backup(config: &ServerConfig, backup: &[u8]) -> Result<(), ServerError> {
     config.validate()?;
+    let _data_directory_lock = lock_data_directory(&config.data_dir)?;
     let member_directory = config.data_dir.join("member");
     if member_directory.exists() {
         return Err(recovery_error(
@@ -494,5 +541,24 @@ fn recovery_error(path: &Path, reason: String) -> ServerError {
     ServerError::Recovery {
         path: path.display().to_string(),
         reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_data_directory_in_use_is_refused_and_free_again_after() {
+        let directory = tempfile::tempdir().expect("a temporary directory");
+        let held = lock_data_directory(directory.path()).expect("the first lock");
+        match lock_data_directory(directory.path()) {
+            Err(ServerError::DataDirectoryInUse { path }) => {
+                assert_eq!(path, directory.path().display().to_string())
+            }
+            other => panic!("a second lock must be refused, got {other:?}"),
+        }
+        drop(held);
+        lock_data_directory(directory.path()).expect("free once the holder let go");
     }
 }
