@@ -14,7 +14,8 @@
 //!   its replaced allocations stopped (Nomad issues 10953, 12680). A lost
 //!   allocation whose replacement finds no room leaves its slot empty, and an
 //!   empty slot is filled at every evaluation until capacity exists (1461).
-//! - **Node suspect** (gossip only): nothing moves (Nomad 10341).
+//! - **Node suspect** (gossip only): nothing moves (Nomad 10341), not even
+//!   for a drain or an update.
 //! - **Failed allocations** move per `reschedule`, after their delay; one not
 //!   eligible any more stays failed in its slot.
 //! - **Draining node**: its allocations move `migrate.max_parallel` at a time,
@@ -460,6 +461,13 @@ impl<'input> Reconciler<'input> {
                 ClientStatus::Pending | ClientStatus::Running => {}
             }
 
+            // A suspect node's allocations are left alone: neither a drain
+            // nor an update moves them until the node is known alive (or
+            // down, and then lost after the grace).
+            if node.is_some_and(|node| node.status != NodeStatus::Alive) {
+                kept.push(Kept { allocation: keeper, current: keeper.job_version == version, updated_in_place: false });
+                continue;
+            }
             if node.is_some_and(|node| node.drain.is_some()) {
                 migrate_candidates.push(keeper);
                 continue;
@@ -584,7 +592,8 @@ impl<'input> Reconciler<'input> {
         // max_parallel minus the new allocations not yet healthy.
         let mut update_budget = match &group.update {
             None => u32::MAX,
-            Some(_) if deployment_failed => 0,
+            // A failed deployment (or one failing now) replaces nothing more.
+            Some(_) if deployment_failed || outcome.unhealthy => 0,
             Some(update) => update
                 .max_parallel
                 .saturating_sub(pending_health + wanted.len() as u32),
