@@ -56,7 +56,7 @@ pub(crate) struct Choice {
 }
 
 /// What one node holds, as the plan so far leaves it.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 struct NodeUsage {
     used: Resources,
     ports: BTreeSet<u16>,
@@ -64,6 +64,19 @@ struct NodeUsage {
     per_group: BTreeMap<(String, String), u32>,
     /// Active allocations per job.
     per_job: BTreeMap<String, u32>,
+}
+
+impl NodeUsage {
+    /// Nothing held. (Not `Default`: `Resources::default()` is a task's
+    /// default reservation, not zero.)
+    fn empty() -> NodeUsage {
+        NodeUsage {
+            used: Resources::ZERO,
+            ports: BTreeSet::new(),
+            per_group: BTreeMap::new(),
+            per_job: BTreeMap::new(),
+        }
+    }
 }
 
 /// The placement engine for one evaluation: the cluster's usage, updated as
@@ -88,7 +101,7 @@ impl<'cluster> Placer<'cluster> {
         let mut placer = Placer {
             usage: nodes
                 .iter()
-                .map(|node| (node.name.as_str(), NodeUsage::default()))
+                .map(|node| (node.name.as_str(), NodeUsage::empty()))
                 .collect(),
             nodes,
             rng,

@@ -465,7 +465,11 @@ impl<'input> Reconciler<'input> {
             // nor an update moves them until the node is known alive (or
             // down, and then lost after the grace).
             if node.is_some_and(|node| node.status != NodeStatus::Alive) {
-                kept.push(Kept { allocation: keeper, current: keeper.job_version == version, updated_in_place: false });
+                kept.push(Kept {
+                    allocation: keeper,
+                    current: keeper.job_version == version,
+                    updated_in_place: false,
+                });
                 continue;
             }
             if node.is_some_and(|node| node.drain.is_some()) {

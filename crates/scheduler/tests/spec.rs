@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use keel_scheduler::{CheckKind, CheckType, ConstraintOperator, DelayFunction, Job, RestartMode, SpecError};
+use keel_scheduler::{
+    CheckKind, CheckType, ConstraintOperator, DelayFunction, Job, RestartMode, SpecError,
+};
 
 fn example_path() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/jobs/web.toml")
@@ -32,16 +34,29 @@ fn the_web_example_parses_and_validates() {
     assert_eq!(group.count, 3);
     let task = &group.tasks["server"];
     assert_eq!(task.config.command, "python3");
-    assert!(task.config.args.iter().any(|argument| argument == "${KEEL_PORT_http}"));
+    assert!(task
+        .config
+        .args
+        .iter()
+        .any(|argument| argument == "${KEEL_PORT_http}"));
     assert!(task.ports.contains_key("http"));
     let service = &task.services[0];
     assert_eq!(service.name, "web");
     assert_eq!(service.port.as_deref(), Some("http"));
     let check = &service.checks[0];
-    assert_eq!((check.kind, check.check_type, check.path.as_deref()), (CheckKind::Readiness, CheckType::Http, Some("/")));
-    assert_eq!(group.update.as_ref().map(|update| update.auto_revert), Some(true));
+    assert_eq!(
+        (check.kind, check.check_type, check.path.as_deref()),
+        (CheckKind::Readiness, CheckType::Http, Some("/"))
+    );
+    assert_eq!(
+        group.update.as_ref().map(|update| update.auto_revert),
+        Some(true)
+    );
     assert_eq!(group.disconnect.lost_after, Duration::from_secs(10));
-    assert_eq!(group.disconnect.stop_on_client_after, Some(Duration::from_secs(15)));
+    assert_eq!(
+        group.disconnect.stop_on_client_after,
+        Some(Duration::from_secs(15))
+    );
 }
 
 #[test]
@@ -49,7 +64,10 @@ fn json_and_toml_say_the_same() {
     let text = std::fs::read_to_string(example_path()).unwrap();
     let job = Job::from_toml_validated(&text).unwrap();
     let json = job.to_json();
-    assert!(json.contains("\"lost_after\":\"10s\""), "durations travel as Go strings: {json}");
+    assert!(
+        json.contains("\"lost_after\":\"10s\""),
+        "durations travel as Go strings: {json}"
+    );
     assert_eq!(Job::from_json_validated(&json).unwrap(), job);
 }
 
@@ -58,16 +76,29 @@ fn defaults_are_nomads() {
     let job = Job::from_toml_validated(MINIMAL).unwrap();
     let group = &job.groups["api"];
     assert_eq!(group.count, 1);
-    assert_eq!((group.restart.attempts, group.restart.interval, group.restart.delay), (2, Duration::from_secs(1800), Duration::from_secs(15)));
+    assert_eq!(
+        (
+            group.restart.attempts,
+            group.restart.interval,
+            group.restart.delay
+        ),
+        (2, Duration::from_secs(1800), Duration::from_secs(15))
+    );
     assert_eq!(group.restart.mode, RestartMode::Fail);
     assert!(group.reschedule.unlimited);
     assert_eq!(group.reschedule.delay_function, DelayFunction::Exponential);
-    assert_eq!((group.reschedule.delay, group.reschedule.max_delay), (Duration::from_secs(30), Duration::from_secs(3600)));
+    assert_eq!(
+        (group.reschedule.delay, group.reschedule.max_delay),
+        (Duration::from_secs(30), Duration::from_secs(3600))
+    );
     assert!(group.update.is_none());
     assert_eq!(group.migrate.max_parallel, 1);
     assert_eq!(group.disconnect.lost_after, Duration::ZERO);
     let task = &group.tasks["server"];
-    assert_eq!((task.resources.cpu_millicores, task.resources.memory_mib), (100, 300));
+    assert_eq!(
+        (task.resources.cpu_millicores, task.resources.memory_mib),
+        (100, 300)
+    );
 }
 
 #[test]
@@ -99,18 +130,33 @@ config = { command = "api" }
 "#,
     )
     .unwrap();
-    let operators: Vec<ConstraintOperator> = job.groups["api"].constraints.iter().map(|constraint| constraint.operator).collect();
+    let operators: Vec<ConstraintOperator> = job.groups["api"]
+        .constraints
+        .iter()
+        .map(|constraint| constraint.operator)
+        .collect();
     assert_eq!(
         operators,
-        [ConstraintOperator::NotEqual, ConstraintOperator::Regexp, ConstraintOperator::Semver, ConstraintOperator::DistinctHosts]
+        [
+            ConstraintOperator::NotEqual,
+            ConstraintOperator::Regexp,
+            ConstraintOperator::Semver,
+            ConstraintOperator::DistinctHosts
+        ]
     );
     assert_eq!(job.constraints[0].operator, ConstraintOperator::Equal);
 }
 
 #[test]
 fn a_bad_field_is_named_with_its_path_and_reason() {
-    let text = MINIMAL.replace("config = { command = \"/usr/bin/api\" }", "config = { command = \"/usr/bin/api\" }\nresources = { memory_mib = 0 }");
-    assert_eq!(problems(&text), [r#"group "api".task "server".resources.memory_mib: must be > 0"#]);
+    let text = MINIMAL.replace(
+        "config = { command = \"/usr/bin/api\" }",
+        "config = { command = \"/usr/bin/api\" }\nresources = { memory_mib = 0 }",
+    );
+    assert_eq!(
+        problems(&text),
+        [r#"group "api".task "server".resources.memory_mib: must be > 0"#]
+    );
 }
 
 #[test]
@@ -163,7 +209,10 @@ path = "health"
         r#"group "web".task "server".service[0].check[0].path: an http check needs a path starting with '/'"#,
     ];
     for wanted in expected {
-        assert!(found.iter().any(|problem| problem.starts_with(wanted)), "missing {wanted:?} in {found:#?}");
+        assert!(
+            found.iter().any(|problem| problem.starts_with(wanted)),
+            "missing {wanted:?} in {found:#?}"
+        );
     }
     assert_eq!(found.len(), expected.len(), "{found:#?}");
 }
@@ -172,20 +221,34 @@ path = "health"
 fn restart_attempts_must_fit_the_interval() {
     let text = MINIMAL.replace("[group.api.task.server]", "[group.api.restart]\nattempts = 5\ninterval = \"10s\"\ndelay = \"5s\"\n[group.api.task.server]");
     let found = problems(&text);
-    assert!(found[0].starts_with(r#"group "api".restart.interval: 5 attempts with a delay of 5s do not fit in 10s"#), "{found:?}");
+    assert!(
+        found[0].starts_with(
+            r#"group "api".restart.interval: 5 attempts with a delay of 5s do not fit in 10s"#
+        ),
+        "{found:?}"
+    );
 }
 
 #[test]
 fn unknown_fields_and_bad_values_are_refused_by_the_parser() {
-    let misspelt = MINIMAL.replace("[group.api.task.server]", "[group.api]\ncout = 3\n[group.api.task.server]");
+    let misspelt = MINIMAL.replace(
+        "[group.api.task.server]",
+        "[group.api]\ncout = 3\n[group.api.task.server]",
+    );
     let error = Job::from_toml(&misspelt).unwrap_err().to_string();
     assert!(error.contains("unknown field `cout`"), "{error}");
 
-    let bad_duration = MINIMAL.replace("[group.api.task.server]", "[group.api.restart]\ndelay = \"5 seconds\"\n[group.api.task.server]");
+    let bad_duration = MINIMAL.replace(
+        "[group.api.task.server]",
+        "[group.api.restart]\ndelay = \"5 seconds\"\n[group.api.task.server]",
+    );
     let error = Job::from_toml(&bad_duration).unwrap_err().to_string();
     assert!(error.contains("invalid duration \"5 seconds\""), "{error}");
 
-    let bad_mode = MINIMAL.replace("[group.api.task.server]", "[group.api.restart]\nmode = \"retry\"\n[group.api.task.server]");
+    let bad_mode = MINIMAL.replace(
+        "[group.api.task.server]",
+        "[group.api.restart]\nmode = \"retry\"\n[group.api.task.server]",
+    );
     let error = Job::from_toml(&bad_mode).unwrap_err().to_string();
     assert!(error.contains("unknown variant `retry`"), "{error}");
 
@@ -197,8 +260,14 @@ fn unknown_fields_and_bad_values_are_refused_by_the_parser() {
 
 #[test]
 fn oversized_specs_are_refused() {
-    let text = format!("{MINIMAL}\n#{}", "x".repeat(keel_scheduler::limits::SPEC_BYTES_MAX));
-    assert!(matches!(Job::from_toml(&text), Err(SpecError::TooLarge { .. })));
+    let text = format!(
+        "{MINIMAL}\n#{}",
+        "x".repeat(keel_scheduler::limits::SPEC_BYTES_MAX)
+    );
+    assert!(matches!(
+        Job::from_toml(&text),
+        Err(SpecError::TooLarge { .. })
+    ));
 }
 
 #[test]

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use keel_scheduler::{
-    evaluate, Allocation, ClientStatus, Cluster, DesiredStatus, Evaluation, Job, JobState, JobVersion, Node,
-    NodeStatus, Plan, PortRange, Resources, SchedulerAlgorithm, Time,
+    evaluate, Allocation, ClientStatus, Cluster, DesiredStatus, Evaluation, Job, JobState,
+    JobVersion, Node, NodeStatus, Plan, PortRange, Resources, SchedulerAlgorithm, Time,
 };
 
 pub fn node(name: &str, zone: &str, cpu_millicores: u64, memory_mib: u64) -> Node {
@@ -17,8 +17,14 @@ pub fn node(name: &str, zone: &str, cpu_millicores: u64, memory_mib: u64) -> Nod
         name: name.to_string(),
         labels: BTreeMap::from([("zone".to_string(), zone.to_string())]),
         attributes: BTreeMap::from([("kernel.name".to_string(), "linux".to_string())]),
-        capacity: Resources { cpu_millicores, memory_mib },
-        port_range: PortRange { first: 20000, last: 20099 },
+        capacity: Resources {
+            cpu_millicores,
+            memory_mib,
+        },
+        port_range: PortRange {
+            first: 20000,
+            last: 20099,
+        },
         eligible: true,
         drain: None,
         status: NodeStatus::Alive,
@@ -31,7 +37,13 @@ pub fn job(text: &str) -> Job {
 
 /// A one-group job `name` with `count` instances of a task reserving
 /// `cpu`/`memory`, plus `extra` TOML lines inside the group.
-pub fn simple_job(name: &str, count: u32, cpu_millicores: u64, memory_mib: u64, extra: &str) -> Job {
+pub fn simple_job(
+    name: &str,
+    count: u32,
+    cpu_millicores: u64,
+    memory_mib: u64,
+    extra: &str,
+) -> Job {
     job(&format!(
         "name = \"{name}\"\n[group.{name}]\ncount = {count}\n{extra}\n[group.{name}.task.main]\nconfig = {{ command = \"run\" }}\nport.http = {{}}\nresources = {{ cpu_millicores = {cpu_millicores}, memory_mib = {memory_mib} }}\n"
     ))
@@ -48,12 +60,27 @@ pub struct World {
 
 impl World {
     pub fn new(job: Job, nodes: Vec<Node>) -> World {
-        World { state: JobState::new(job), cluster: Cluster { nodes, ..Cluster::default() }, now: Time(1_000_000), seed: 1, ready_after: Some(Duration::ZERO) }
+        World {
+            state: JobState::new(job),
+            cluster: Cluster {
+                nodes,
+                ..Cluster::default()
+            },
+            now: Time(1_000_000),
+            seed: 1,
+            ready_after: Some(Duration::ZERO),
+        }
     }
 
     pub fn evaluate(&mut self) -> Plan {
         self.seed += 1;
-        evaluate(&Evaluation { job: &self.state, cluster: &self.cluster, now: self.now, seed: self.seed, algorithm: SchedulerAlgorithm::Binpack })
+        evaluate(&Evaluation {
+            job: &self.state,
+            cluster: &self.cluster,
+            now: self.now,
+            seed: self.seed,
+            algorithm: SchedulerAlgorithm::Binpack,
+        })
     }
 
     /// Writes a plan as the controller would.
@@ -68,28 +95,52 @@ impl World {
         }
         for stop in &plan.stops {
             let allocation = self.allocation_mut(&stop.allocation.0);
-            assert_eq!(allocation.desired_status, DesiredStatus::Run, "{} stopped twice", stop.allocation);
+            assert_eq!(
+                allocation.desired_status,
+                DesiredStatus::Run,
+                "{} stopped twice",
+                stop.allocation
+            );
             allocation.desired_status = DesiredStatus::Stop(stop.reason);
         }
         for placement in &plan.placements {
-            assert!(!self.cluster.allocations.iter().any(|existing| existing.id == placement.id), "{} placed twice", placement.id);
+            assert!(
+                !self
+                    .cluster
+                    .allocations
+                    .iter()
+                    .any(|existing| existing.id == placement.id),
+                "{} placed twice",
+                placement.id
+            );
             self.cluster.allocations.push(placement.clone());
         }
         if let Some(deployment) = &plan.deployment {
             self.state.deployment = Some(deployment.clone());
         }
         if let Some(version) = plan.mark_stable {
-            self.state.versions.iter_mut().filter(|candidate| candidate.version == version).for_each(|candidate| candidate.stable = true);
+            self.state
+                .versions
+                .iter_mut()
+                .filter(|candidate| candidate.version == version)
+                .for_each(|candidate| candidate.stable = true);
         }
         if let Some(version) = plan.revert_to_version {
-            let job = self.state.version(version).expect("revert target kept").job.clone();
+            let job = self
+                .state
+                .version(version)
+                .expect("revert target kept")
+                .job
+                .clone();
             self.register(job);
         }
         if !plan.scaling.is_empty() {
             let mut job = self.state.current().job.clone();
             for decision in &plan.scaling {
                 job.groups.get_mut(&decision.group).unwrap().count = decision.to;
-                self.state.last_scaled_at.insert(decision.group.clone(), self.now);
+                self.state
+                    .last_scaled_at
+                    .insert(decision.group.clone(), self.now);
             }
             self.register(job);
         }
@@ -98,7 +149,11 @@ impl World {
     /// Registers a new version of the job.
     pub fn register(&mut self, job: Job) {
         let version = self.state.current().version + 1;
-        self.state.versions.push(JobVersion { version, job, stable: false });
+        self.state.versions.push(JobVersion {
+            version,
+            job,
+            stable: false,
+        });
     }
 
     /// One controller pass: evaluate and write.
@@ -156,20 +211,35 @@ impl World {
     }
 
     pub fn allocation_mut(&mut self, id: &str) -> &mut Allocation {
-        self.cluster.allocations.iter_mut().find(|allocation| allocation.id.0 == id).unwrap_or_else(|| panic!("no allocation {id}"))
+        self.cluster
+            .allocations
+            .iter_mut()
+            .find(|allocation| allocation.id.0 == id)
+            .unwrap_or_else(|| panic!("no allocation {id}"))
     }
 
     pub fn node_mut(&mut self, name: &str) -> &mut Node {
-        self.cluster.nodes.iter_mut().find(|node| node.name == name).unwrap()
+        self.cluster
+            .nodes
+            .iter_mut()
+            .find(|node| node.name == name)
+            .unwrap()
     }
 
     /// Allocations wanted running and not ended.
     pub fn active(&self) -> Vec<&Allocation> {
-        self.cluster.allocations.iter().filter(|allocation| allocation.is_active()).collect()
+        self.cluster
+            .allocations
+            .iter()
+            .filter(|allocation| allocation.is_active())
+            .collect()
     }
 
     pub fn active_on(&self, node: &str) -> usize {
-        self.active().iter().filter(|allocation| allocation.node == node).count()
+        self.active()
+            .iter()
+            .filter(|allocation| allocation.node == node)
+            .count()
     }
 
     /// Fails an allocation as its agent would report after the restart
