@@ -75,6 +75,40 @@ fn curl(port: u16, method: &str, path: &str, body: Option<&str>) -> Answer {
     }
 }
 
+/// The status line's code and the `access-control-*` headers of an answer.
+fn cors_headers(port: u16, method: &str, path: &str) -> (String, Vec<String>) {
+    let output = Command::new("curl")
+        .args([
+            "-s",
+            "-S",
+            "-m",
+            "10",
+            "-o",
+            "/dev/null",
+            "-D",
+            "-",
+            "-X",
+            method,
+        ])
+        .arg(format!("http://127.0.0.1:{port}{path}"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("curl is installed");
+    let text = String::from_utf8_lossy(&output.stdout).to_lowercase();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    let mut headers: Vec<String> = text
+        .lines()
+        .filter(|line| line.starts_with("access-control-"))
+        .map(|line| line.trim().to_string())
+        .collect();
+    headers.sort();
+    (status, headers)
+}
+
 fn post(port: u16, path: &str, body: &str) -> Answer {
     curl(port, "POST", path, Some(body))
 }
@@ -334,6 +368,23 @@ fn the_documented_curl_examples_answer_as_etcd_does() {
     );
     assert_eq!(compacted["code"], 11, "OutOfRange");
 
+    // etcd's CORS headers, and its answer to a preflight.
+    for (method, path) in [("OPTIONS", "/v3/kv/range"), ("POST", "/v3/kv/range")] {
+        let keel_headers = cors_headers(keel, method, path);
+        assert_eq!(
+            keel_headers,
+            cors_headers(etcd, method, path),
+            "{method} {path}"
+        );
+        assert_eq!(keel_headers.1.len(), 3, "{keel_headers:?}");
+    }
+    // A path the gateway does not have: etcd's plain 404.
+    let missing = |port: u16| {
+        let answer = post(port, "/v3/kv/nothing", "{}");
+        (answer.status, answer.body)
+    };
+    assert_eq!(missing(keel), missing(etcd));
+
     // Cluster and maintenance: keel's three members, with their client URLs
     // (Patroni finds the cluster's endpoints here).
     let members = post(keel, "/v3/cluster/member/list", "{}").json();
@@ -468,8 +519,6 @@ fn bad_input_gets_a_400_naming_the_problem() {
     assert!(answer.json()["message"]
         .as_str()
         .is_some_and(|message| message.contains("larger than the gateway's limit")));
-    // Unknown paths under the gateway's prefix: etcd's 404, in JSON.
-    assert_eq!(post(keel, "/v3/kv/nothing", "{}").status, 404);
     // Still serving, over both protocols.
     assert_eq!(
         post(keel, "/v3/kv/put", r#"{"key": "Zm9v", "value": "YmFy"}"#).status,

@@ -16,8 +16,10 @@
 //! objects, one per line, as grpc-gateway's stream forwarding does.
 //!
 //! [`http_router`] builds the routes; `lib.rs` merges other HTTP routes into it
-//! and [`multiplex::serve_client_port`] serves it beside gRPC on one port.
+//! and [`multiplex::serve_client_port`] serves it beside gRPC on one port,
+//! with etcd's CORS headers on every answer ([`cors`]).
 
+pub mod cors;
 mod json;
 pub mod multiplex;
 

@@ -75,12 +75,13 @@ pub(super) fn ok<T: Serialize>(message: &T) -> Response {
 }
 
 /// grpc-gateway's error body: the status message twice (`error` is the older
-/// name clients such as Patroni still read) and the gRPC code as a number.
+/// name clients such as Patroni still read) and the gRPC code as a number,
+/// in etcd's order.
 #[derive(Serialize)]
 struct ErrorBody<'a> {
     error: &'a str,
-    code: i32,
     message: &'a str,
+    code: i32,
 }
 
 /// A failed call, with the HTTP status grpc-gateway gives its gRPC code.
@@ -94,9 +95,14 @@ pub(super) fn error(status: &Status) -> Response {
     json_response(http_status_of(status.code()), bytes)
 }
 
-/// Any other path under the gateway's prefixes.
+/// Any other path under the gateway's prefixes: etcd's plain-text 404.
 pub(super) async fn not_found() -> Response {
-    error(&Status::not_found("Not Found"))
+    (
+        StatusCode::NOT_FOUND,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        "Not Found\n",
+    )
+        .into_response()
 }
 
 /// grpc-gateway v1's `HTTPStatusFromCode`, which etcd 3.4 and 3.5 use.

@@ -52,6 +52,8 @@ pub async fn serve_client_port(
         local_address,
     };
     let accepting = accept_loop(listener, grpc_sender, http_sender);
+    // Wraps every HTTP route, merged ones included, as etcd's handler does.
+    let http = http.layer(axum::middleware::from_fn(super::cors::allow_any_origin));
     let http_serving = async move {
         if let Err(error) = axum::serve(http_listener, http).await {
             tracing::error!(%error, "serving HTTP on the client port stopped");
