@@ -314,8 +314,13 @@ impl SplitBrainMonitor {
                     })
                     .collect();
                 while !stop.load(Ordering::Relaxed) {
-                    let first = probes[0].in_recovery();
-                    let second = probes[1].in_recovery();
+                    // Both asked at once, so one poll is one instant as
+                    // nearly as two psql processes allow.
+                    let (first, second) = std::thread::scope(|scope| {
+                        let first = scope.spawn(|| probes[0].in_recovery());
+                        let second = probes[1].in_recovery();
+                        (first.join().expect("probe thread"), second)
+                    });
                     if first == Some(false) && second == Some(false) {
                         both_primary
                             .lock()
