@@ -2,13 +2,16 @@
 //!
 //! `server` opens the data directory (write-ahead log and snapshots), recovers
 //! the core `Node` from it, runs the member loop on its own thread, connects to
-//! peers over TCP and serves etcd's v3 gRPC API to clients. The core decides;
+//! peers over TCP and serves etcd's v3 gRPC API to clients, and its JSON
+//! gateway over HTTP/1.1 on the same port. The core decides;
 //! this crate only carries out its decisions and feeds it what happens.
 
+pub mod auth;
 pub mod authority_repair;
 pub mod config;
 pub mod corruption;
 pub mod election;
+pub mod gateway;
 pub mod grpc;
 pub mod lease;
 pub mod lock;
@@ -293,12 +296,6 @@ impl Server {
                 .local_addr()
                 .map_err(|source| ServerError::Listen { address, source })?;
             client_addresses.push(bound);
-            // Nagle's algorithm would hold a response's second HTTP/2 frame
-            // until the client's delayed ACK (40 ms): measured reads took 44 ms.
-            let incoming = tokio_stream::StreamExt::map(
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                |accepted| accepted.map(authority_repair::AuthorityRepair::new),
-            );
             let decoding_limit = config.request_bytes_max + GRPC_OVERHEAD_BYTES;
             let router = tonic::transport::Server::builder()
                 .tcp_nodelay(true)
@@ -336,8 +333,21 @@ impl Server {
                 .add_service(
                     api::etcdserverpb::maintenance_server::MaintenanceServer::new(services.clone())
                         .max_decoding_message_size(decoding_limit),
+                )
+                .add_service(
+                    api::etcdserverpb::auth_server::AuthServer::new(auth::AuthService)
+                        .max_decoding_message_size(decoding_limit),
                 );
-            serve_tasks.push(tokio::spawn(router.serve_with_incoming(incoming)));
+            let http = gateway::http_router(gateway::GatewayServices {
+                services: services.clone(),
+                lease: lease::LeaseService::new(services.clone()),
+                watch: watch_service.clone(),
+                auth: auth::AuthService,
+                request_body_bytes_max: gateway::request_body_bytes_max(config.request_bytes_max),
+            });
+            serve_tasks.push(tokio::spawn(gateway::multiplex::serve_client_port(
+                listener, router, http,
+            )));
         }
         serve_tasks.push(tokio::spawn(publish_attributes(
             services.clone(),
