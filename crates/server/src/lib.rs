@@ -10,9 +10,13 @@ pub mod config;
 pub mod corruption;
 pub mod election;
 pub mod grpc;
+pub mod health;
 pub mod lease;
 pub mod lock;
 pub mod member;
+pub mod member_observer;
+pub mod metrics;
+pub mod observability;
 pub mod transport;
 pub mod watch;
 
@@ -35,7 +39,7 @@ pub mod api {
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 
 use keel_core::{DurableError, DurableState, Node, NodeConfig};
 use keel_storage::FileDisk;
@@ -86,8 +90,10 @@ pub struct Server {
     input: mpsc::SyncSender<Input>,
     member_thread: Option<std::thread::JoinHandle<Result<StopReason, DurableError>>>,
     client_addresses: Vec<SocketAddr>,
+    metrics_addresses: Vec<SocketAddr>,
     serve_tasks: Vec<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
     peer_task: Vec<tokio::task::JoinHandle<()>>,
+    http_tasks: Vec<tokio::task::JoinHandle<()>>,
     member_stopped: tokio::sync::watch::Receiver<Option<StopReason>>,
 }
 
@@ -100,7 +106,9 @@ impl Server {
             path: config.data_dir.display().to_string(),
             reason: format!("cannot create the data directory: {source}"),
         })?;
-        let disk = FileDisk::new(&member_directory);
+        let metrics = Arc::new(metrics::MemberMetrics::new(grpc::ETCD_COMPATIBLE_VERSION));
+        let disk =
+            metrics::disk::MeteredDisk::new(FileDisk::new(&member_directory), metrics.clone());
         let (mut durable, recovered) = DurableState::open(disk)
             .map_err(|error| recovery_error(&member_directory, error.to_string()))?;
         let recovered = match recovered {
@@ -116,6 +124,7 @@ impl Server {
             }
         };
         let member_id = own_member_id(&config, &recovered);
+        metrics.identify(member_id);
         let mut node_config = NodeConfig::with_member_id(member_id);
         node_config.election_ticks = config.election_ticks();
         node_config.heartbeat_ticks = 1;
@@ -167,6 +176,7 @@ impl Server {
             member_id,
             config.peer_queue_messages_max,
             input.clone(),
+            metrics.clone(),
         );
         let view = member::MembershipView {
             allowed: Default::default(),
@@ -192,6 +202,7 @@ impl Server {
                 input.clone(),
                 allowed.clone(),
                 membership.clone(),
+                metrics.clone(),
             )));
         }
 
@@ -199,6 +210,7 @@ impl Server {
         let loop_input = input.clone();
         let (stopped_sender, member_stopped) = tokio::sync::watch::channel(None);
         let (revision_sender, revision_receiver) = tokio::sync::watch::channel(0i64);
+        let loop_metrics = metrics.clone();
         let member_thread = std::thread::Builder::new()
             .name(format!("keel-member-{}", config.name))
             .spawn(move || {
@@ -211,6 +223,7 @@ impl Server {
                     tick_interval,
                     revision_sender,
                     view,
+                    loop_metrics,
                 );
                 let reason = match &result {
                     Ok(reason) => *reason,
@@ -257,6 +270,7 @@ impl Server {
             let decoding_limit = config.request_bytes_max + GRPC_OVERHEAD_BYTES;
             let router = tonic::transport::Server::builder()
                 .tcp_nodelay(true)
+                .layer(metrics::grpc::GrpcMetricsLayer::new(metrics.grpc.clone()))
                 .add_service(
                     api::etcdserverpb::kv_server::KvServer::new(services.clone())
                         .max_decoding_message_size(decoding_limit)
@@ -294,6 +308,24 @@ impl Server {
                 );
             serve_tasks.push(tokio::spawn(router.serve_with_incoming(incoming)));
         }
+        let observability_router = observability::router(observability::Observability::new(
+            metrics.clone(),
+            services.clone(),
+        ));
+        let mut metrics_addresses = Vec::new();
+        let mut http_tasks = Vec::new();
+        for &address in &config.listen_metrics_addresses {
+            let listener = observability::bind(address).await?;
+            metrics_addresses.push(
+                listener
+                    .local_addr()
+                    .map_err(|source| ServerError::Listen { address, source })?,
+            );
+            http_tasks.push(tokio::spawn(observability::serve(
+                listener,
+                observability_router.clone(),
+            )));
+        }
         serve_tasks.push(tokio::spawn(publish_attributes(
             services.clone(),
             keel_types::keelpb::MemberRecord {
@@ -308,14 +340,17 @@ impl Server {
             member_id = format!("{member_id:x}"),
             cluster_id = format!("{cluster:x}"),
             clients = ?client_addresses,
+            metrics = ?metrics_addresses,
             "member started"
         );
         Ok(Server {
             input,
             member_thread: Some(member_thread),
             client_addresses,
+            metrics_addresses,
             serve_tasks,
             peer_task,
+            http_tasks,
             member_stopped,
         })
     }
@@ -323,6 +358,11 @@ impl Server {
     /// The addresses clients can reach this member on.
     pub fn client_addresses(&self) -> &[SocketAddr] {
         &self.client_addresses
+    }
+
+    /// The addresses `/metrics` and the health endpoints are served on.
+    pub fn metrics_addresses(&self) -> &[SocketAddr] {
+        &self.metrics_addresses
     }
 
     /// Waits until the member loop stops by itself (removal or a storage
@@ -344,6 +384,9 @@ impl Server {
             task.abort();
         }
         for task in self.peer_task.drain(..) {
+            task.abort();
+        }
+        for task in self.http_tasks.drain(..) {
             task.abort();
         }
         let _ = self.input.try_send(Input::Shutdown);
