@@ -23,6 +23,9 @@ pub struct DevArguments {
     /// etcd's own Procfile does (2379, 12379, 22379).
     #[arg(long, default_value_t = 2379)]
     base_port: u16,
+    /// --log-level and --log-format, for this command and its members.
+    #[command(flatten)]
+    log: crate::logging::LogArguments,
 }
 
 /// How long to wait for the cluster to elect a leader before giving up.
@@ -33,12 +36,14 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 struct DevMember {
     name: String,
     client_url: String,
+    metrics_url: String,
     child: Child,
 }
 
 /// Starts the three members, waits for a leader, prints how to reach them and
 /// runs until Ctrl-C.
 pub async fn run(arguments: DevArguments) -> anyhow::Result<()> {
+    crate::logging::init(&arguments.log)?;
     let executable = std::env::current_exe().context("finding the keel executable")?;
     std::fs::create_dir_all(&arguments.data_dir)
         .with_context(|| format!("creating {}", arguments.data_dir.display()))?;
@@ -61,6 +66,8 @@ pub async fn run(arguments: DevArguments) -> anyhow::Result<()> {
     for (name, client, peer) in &ports {
         let client_url = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
+        // etcd's habit: metrics on the port after the peer port (2381).
+        let metrics_url = format!("http://127.0.0.1:{}", peer + 1);
         let log_path = arguments.data_dir.join(format!("{name}.log"));
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -78,6 +85,8 @@ pub async fn run(arguments: DevArguments) -> anyhow::Result<()> {
             .args(["--initial-advertise-peer-urls", &peer_url])
             .args(["--initial-cluster", &initial_cluster])
             .args(["--initial-cluster-token", "keel-dev"])
+            .args(["--listen-metrics-urls", &metrics_url])
+            .args(arguments.log.to_flags())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
@@ -87,6 +96,7 @@ pub async fn run(arguments: DevArguments) -> anyhow::Result<()> {
         members.push(DevMember {
             name: name.clone(),
             client_url,
+            metrics_url,
             child,
         });
     }
@@ -100,7 +110,10 @@ pub async fn run(arguments: DevArguments) -> anyhow::Result<()> {
         arguments.data_dir.display()
     );
     for member in &members {
-        println!("  {:<6} {}", member.name, member.client_url);
+        println!(
+            "  {:<6} {}   metrics and health: {}/metrics {}/readyz",
+            member.name, member.client_url, member.metrics_url, member.metrics_url
+        );
     }
     match wait_for_leader(&mut members, &arguments.data_dir).await {
         Ok(leader) => println!("leader elected: {leader:x}"),

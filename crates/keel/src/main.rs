@@ -9,6 +9,7 @@ mod elect;
 mod kv;
 mod lease_command;
 mod lock;
+mod logging;
 mod operations;
 mod server_command;
 mod watch;

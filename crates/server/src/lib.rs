@@ -13,9 +13,13 @@ pub mod corruption;
 pub mod election;
 pub mod gateway;
 pub mod grpc;
+pub mod health;
 pub mod lease;
 pub mod lock;
 pub mod member;
+pub mod member_observer;
+pub mod metrics;
+pub mod observability;
 pub mod transport;
 pub mod watch;
 
@@ -38,7 +42,7 @@ pub mod api {
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 
 use keel_core::{DurableError, DurableState, Node, NodeConfig};
 use keel_storage::FileDisk;
@@ -96,8 +100,10 @@ pub struct Server {
     input: mpsc::SyncSender<Input>,
     member_thread: Option<std::thread::JoinHandle<Result<StopReason, DurableError>>>,
     client_addresses: Vec<SocketAddr>,
+    metrics_addresses: Vec<SocketAddr>,
     serve_tasks: Vec<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
     peer_task: Vec<tokio::task::JoinHandle<()>>,
+    http_tasks: Vec<tokio::task::JoinHandle<()>>,
     member_stopped: tokio::sync::watch::Receiver<Option<StopReason>>,
     /// Held (an exclusive advisory lock) for as long as the member runs; the
     /// operating system releases it when the process exits, even on kill -9.
@@ -148,7 +154,9 @@ impl Server {
             path: config.data_dir.display().to_string(),
             reason: format!("cannot create the data directory: {source}"),
         })?;
-        let disk = FileDisk::new(&member_directory);
+        let metrics = Arc::new(metrics::MemberMetrics::new(grpc::ETCD_COMPATIBLE_VERSION));
+        let disk =
+            metrics::disk::MeteredDisk::new(FileDisk::new(&member_directory), metrics.clone());
         let (mut durable, recovered) = DurableState::open(disk)
             .map_err(|error| recovery_error(&member_directory, error.to_string()))?;
         let recovered = match recovered {
@@ -164,6 +172,7 @@ impl Server {
             }
         };
         let member_id = own_member_id(&config, &recovered);
+        metrics.identify(member_id);
         let mut node_config = NodeConfig::with_member_id(member_id);
         node_config.election_ticks = config.election_ticks();
         node_config.heartbeat_ticks = 1;
@@ -215,6 +224,7 @@ impl Server {
             member_id,
             config.peer_queue_messages_max,
             input.clone(),
+            metrics.clone(),
         );
         let view = member::MembershipView {
             allowed: Default::default(),
@@ -240,6 +250,7 @@ impl Server {
                 input.clone(),
                 allowed.clone(),
                 membership.clone(),
+                metrics.clone(),
             )));
         }
 
@@ -247,6 +258,7 @@ impl Server {
         let loop_input = input.clone();
         let (stopped_sender, member_stopped) = tokio::sync::watch::channel(None);
         let (revision_sender, revision_receiver) = tokio::sync::watch::channel(0i64);
+        let loop_metrics = metrics.clone();
         let member_thread = std::thread::Builder::new()
             .name(format!("keel-member-{}", config.name))
             .spawn(move || {
@@ -259,6 +271,7 @@ impl Server {
                     tick_interval,
                     revision_sender,
                     view,
+                    loop_metrics,
                 );
                 let reason = match &result {
                     Ok(reason) => *reason,
@@ -287,6 +300,12 @@ impl Server {
                 interval,
             )));
         }
+        // /metrics, /health, /livez and /readyz: on every client port, as etcd
+        // serves them, and on --listen-metrics-urls.
+        let observability_router = observability::router(observability::Observability::new(
+            metrics.clone(),
+            services.clone(),
+        ));
         let mut client_addresses = Vec::new();
         for &address in &config.listen_client_addresses {
             let listener = TcpListener::bind(address)
@@ -299,6 +318,7 @@ impl Server {
             let decoding_limit = config.request_bytes_max + GRPC_OVERHEAD_BYTES;
             let router = tonic::transport::Server::builder()
                 .tcp_nodelay(true)
+                .layer(metrics::grpc::GrpcMetricsLayer::new(metrics.grpc.clone()))
                 .add_service(
                     api::etcdserverpb::kv_server::KvServer::new(services.clone())
                         .max_decoding_message_size(decoding_limit)
@@ -344,9 +364,24 @@ impl Server {
                 watch: watch_service.clone(),
                 auth: auth::AuthService,
                 request_body_bytes_max: gateway::request_body_bytes_max(config.request_bytes_max),
-            });
+            })
+            .merge(observability_router.clone());
             serve_tasks.push(tokio::spawn(gateway::multiplex::serve_client_port(
                 listener, router, http,
+            )));
+        }
+        let mut metrics_addresses = Vec::new();
+        let mut http_tasks = Vec::new();
+        for &address in &config.listen_metrics_addresses {
+            let listener = observability::bind(address).await?;
+            metrics_addresses.push(
+                listener
+                    .local_addr()
+                    .map_err(|source| ServerError::Listen { address, source })?,
+            );
+            http_tasks.push(tokio::spawn(observability::serve(
+                listener,
+                observability_router.clone(),
             )));
         }
         serve_tasks.push(tokio::spawn(publish_attributes(
@@ -363,14 +398,17 @@ impl Server {
             member_id = format!("{member_id:x}"),
             cluster_id = format!("{cluster:x}"),
             clients = ?client_addresses,
+            metrics = ?metrics_addresses,
             "member started"
         );
         Ok(Server {
             input,
             member_thread: Some(member_thread),
             client_addresses,
+            metrics_addresses,
             serve_tasks,
             peer_task,
+            http_tasks,
             member_stopped,
             _data_directory_lock: data_directory_lock,
         })
@@ -379,6 +417,11 @@ impl Server {
     /// The addresses clients can reach this member on.
     pub fn client_addresses(&self) -> &[SocketAddr] {
         &self.client_addresses
+    }
+
+    /// The addresses `/metrics` and the health endpoints are served on.
+    pub fn metrics_addresses(&self) -> &[SocketAddr] {
+        &self.metrics_addresses
     }
 
     /// Waits until the member loop stops by itself (removal or a storage
@@ -400,6 +443,9 @@ impl Server {
             task.abort();
         }
         for task in self.peer_task.drain(..) {
+            task.abort();
+        }
+        for task in self.http_tasks.drain(..) {
             task.abort();
         }
         let _ = self.input.try_send(Input::Shutdown);
