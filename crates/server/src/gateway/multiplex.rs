@@ -36,11 +36,16 @@ pub const CLASSIFIED_CONNECTIONS_QUEUE_MAX: usize = 128;
 /// next, so the loop does not spin while the condition lasts.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
+/// The client port's gRPC services, each call counted by the metrics layer.
+pub type GrpcRouter = tonic::transport::server::Router<
+    tower_layer::Stack<crate::metrics::grpc::GrpcMetricsLayer, tower_layer::Identity>,
+>;
+
 /// Serves gRPC (`grpc`) and HTTP/1.1 (`http`) on `listener` until the gRPC
 /// server fails; dropping the future stops accepting on both.
 pub async fn serve_client_port(
     listener: TcpListener,
-    grpc: tonic::transport::server::Router,
+    grpc: GrpcRouter,
     http: axum::Router,
 ) -> Result<(), tonic::transport::Error> {
     let local_address = listener.local_addr().ok();
