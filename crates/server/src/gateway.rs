@@ -12,7 +12,8 @@
 //! status for it. No operation has a second implementation here.
 //!
 //! Streaming methods (`/v3/watch`, `/v3/lease/keepalive`) take a body of one or
-//! more JSON requests and answer with a chunked stream of `{"result": …}`
+//! more JSON requests, decoded as they arrive (a client may keep the body
+//! open and send more), and answer with a chunked stream of `{"result": …}`
 //! objects, one per line, as grpc-gateway's stream forwarding does.
 //!
 //! [`http_router`] builds the routes; `lib.rs` merges other HTTP routes into it
@@ -204,10 +205,10 @@ pub fn http_router(gateway: GatewayServices) -> Router {
                 post(move |body: Body| {
                     let lease = lease.clone();
                     async move {
-                        match json::read_requests::<LeaseKeepAliveRequest>(body, limit).await {
-                            Ok(requests) => json::stream_response(
-                                lease.keep_alive_stream(requests_stream(requests), false),
-                            ),
+                        match json::stream_requests::<LeaseKeepAliveRequest>(body, limit).await {
+                            Ok(requests) => {
+                                json::stream_response(lease.keep_alive_stream(requests, false))
+                            }
                             Err(response) => response,
                         }
                     }
@@ -218,12 +219,10 @@ pub fn http_router(gateway: GatewayServices) -> Router {
                 post(move |body: Body| {
                     let watch = watch.clone();
                     async move {
-                        match json::read_requests::<WatchRequest>(body, limit).await {
+                        match json::stream_requests::<WatchRequest>(body, limit).await {
                             // The watch stays open after the requests end, as
                             // etcd's does, until the client goes away.
-                            Ok(requests) => {
-                                json::stream_response(watch.serve(requests_stream(requests)))
-                            }
+                            Ok(requests) => json::stream_response(watch.serve(requests)),
                             Err(response) => response,
                         }
                     }
@@ -288,12 +287,6 @@ where
             }
         }
     })
-}
-
-fn requests_stream<T: Send + 'static>(
-    requests: Vec<T>,
-) -> impl tokio_stream::Stream<Item = Result<T, Status>> + Send + Unpin + 'static {
-    tokio_stream::iter(requests.into_iter().map(Ok))
 }
 
 /// `GET /version`, as etcd answers it: the server's version and the

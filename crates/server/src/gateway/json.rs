@@ -24,18 +24,109 @@ pub(super) async fn read_request<T: DeserializeOwned + Default>(
     serde_json::from_slice(&bytes).map_err(|error| bad_request(&error))
 }
 
-/// Reads a streaming method's body: one or more JSON requests one after the
-/// other (grpc-gateway decodes the body as a stream of them). An empty body is
-/// no request at all.
-pub(super) async fn read_requests<T: DeserializeOwned>(
+/// Requests of a streaming method decoded as its body arrives, for the
+/// service to take.
+pub(super) type RequestStream<T> = tokio_stream::wrappers::ReceiverStream<Result<T, Status>>;
+
+/// Decoded requests of a streaming method waiting for the service to take
+/// them; the body is read no further while it is full.
+const STREAM_REQUESTS_QUEUE_MAX: usize = 16;
+
+/// Decodes a streaming method's body as grpc-gateway does: one JSON request
+/// after another, each handed on as soon as it is complete, so a client may
+/// keep the body open and send more (a watch's cancel, a keep-alive per
+/// lease renewal). The first request is awaited here: if it is malformed the
+/// answer is a 400 naming the problem; a later malformed request ends the
+/// request stream (the method's answers go on, as grpc-gateway's do). Each
+/// request may be at most `message_bytes_max` bytes.
+pub(super) async fn stream_requests<T>(
     body: Body,
-    body_bytes_max: usize,
-) -> Result<Vec<T>, Response> {
-    let bytes = read_body(body, body_bytes_max).await?;
-    serde_json::Deserializer::from_slice(&bytes)
-        .into_iter::<T>()
-        .collect::<Result<Vec<T>, _>>()
-        .map_err(|error| bad_request(&error))
+    message_bytes_max: usize,
+) -> Result<RequestStream<T>, Response>
+where
+    T: DeserializeOwned + Send + 'static,
+{
+    let mut reader = MessageReader {
+        body: body.into_data_stream(),
+        buffer: Vec::new(),
+        message_bytes_max,
+    };
+    let (sender, receiver) = tokio::sync::mpsc::channel(STREAM_REQUESTS_QUEUE_MAX);
+    match reader.next::<T>().await {
+        None => {}
+        Some(Err(message)) => return Err(invalid_argument(message)),
+        Some(Ok(first)) => {
+            let _ = sender.try_send(Ok(first));
+            tokio::spawn(async move {
+                while let Some(Ok(request)) = reader.next::<T>().await {
+                    if sender.send(Ok(request)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    }
+    Ok(tokio_stream::wrappers::ReceiverStream::new(receiver))
+}
+
+/// Splits a request body into JSON values as its bytes arrive.
+struct MessageReader {
+    body: axum::body::BodyDataStream,
+    /// Bytes received and not yet decoded.
+    buffer: Vec<u8>,
+    message_bytes_max: usize,
+}
+
+impl MessageReader {
+    /// The next request; None at the end of the body; an error message for
+    /// a malformed or oversized request or a broken body.
+    async fn next<T: DeserializeOwned>(&mut self) -> Option<Result<T, String>> {
+        loop {
+            let start = self
+                .buffer
+                .iter()
+                .position(|byte| !byte.is_ascii_whitespace())
+                .unwrap_or(self.buffer.len());
+            self.buffer.drain(..start);
+            if !self.buffer.is_empty() {
+                let mut values =
+                    serde_json::Deserializer::from_slice(&self.buffer).into_iter::<T>();
+                match values.next() {
+                    Some(Ok(request)) => {
+                        let used = values.byte_offset();
+                        self.buffer.drain(..used);
+                        return Some(Ok(request));
+                    }
+                    // Incomplete: wait for more bytes.
+                    Some(Err(error)) if error.is_eof() => {}
+                    Some(Err(error)) => {
+                        return Some(Err(format!("invalid JSON request body: {error}")))
+                    }
+                    None => {}
+                }
+                if self.buffer.len() > self.message_bytes_max {
+                    return Some(Err(format!(
+                        "request body is larger than the gateway's limit of {} bytes",
+                        self.message_bytes_max
+                    )));
+                }
+            }
+            match self.body.next().await {
+                Some(Ok(bytes)) => self.buffer.extend_from_slice(&bytes),
+                Some(Err(error)) => return Some(Err(format!("reading the request body: {error}"))),
+                None if self.buffer.is_empty() => return None,
+                None => {
+                    // The body ended inside a request: say what is missing.
+                    let error = serde_json::from_slice::<T>(&self.buffer).err().map_or_else(
+                        || "a truncated request".to_string(),
+                        |error| error.to_string(),
+                    );
+                    self.buffer.clear();
+                    return Some(Err(format!("invalid JSON request body: {error}")));
+                }
+            }
+        }
+    }
 }
 
 async fn read_body(body: Body, body_bytes_max: usize) -> Result<Bytes, Response> {
