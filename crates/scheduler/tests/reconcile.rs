@@ -585,3 +585,26 @@ fn job_plan_shows_placements_without_placing() {
     assert_eq!(plan.placements.len(), 3);
     assert!(world.cluster.allocations.is_empty());
 }
+
+#[test]
+fn job_versions_are_bounded_and_keep_the_revert_target() {
+    let mut state = JobState::new(simple_job("web", 1, 100, 64, ""));
+    state.versions[0].stable = true;
+    assert_eq!(
+        state.register(simple_job("web", 1, 100, 64, "")),
+        None,
+        "an unchanged spec is no new version"
+    );
+    for count in 2..60 {
+        state.register(simple_job("web", count, 100, 64, ""));
+    }
+    assert_eq!(
+        state.versions.len(),
+        keel_scheduler::limits::JOB_VERSIONS_MAX
+    );
+    assert_eq!(
+        state.versions[0].version, 0,
+        "the newest stable version is kept"
+    );
+    assert_eq!(state.current().version, 58);
+}
