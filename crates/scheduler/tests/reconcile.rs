@@ -608,3 +608,50 @@ fn job_versions_are_bounded_and_keep_the_revert_target() {
     );
     assert_eq!(state.current().version, 58);
 }
+
+#[test]
+fn batch_allocations_that_complete_stay_done_and_failed_ones_move() {
+    let job = common::job(
+        "name = \"report\"\ntype = \"batch\"\n[group.report]\ncount = 2\n[group.report.reschedule]\ndelay = \"5s\"\n[group.report.task.main]\nconfig = { command = \"report\" }\n",
+    );
+    let mut world = World::new(job, three_nodes());
+    world.settle(5);
+    let ids: Vec<String> = world
+        .active()
+        .iter()
+        .map(|allocation| allocation.id.0.clone())
+        .collect();
+    let now = world.now;
+    let done = world.allocation_mut(&ids[0]);
+    done.client.status = ClientStatus::Complete;
+    done.client.finished_at = Some(now);
+    world.fail(&ids[1]);
+    world.advance(seconds(5));
+    let plan = world.step();
+    assert_eq!(
+        plan.placements.len(),
+        1,
+        "only the failed one is placed again: {plan:?}"
+    );
+    assert_eq!(
+        plan.placements[0]
+            .previous_allocation
+            .as_ref()
+            .map(|id| id.0.as_str()),
+        Some(ids[1].as_str())
+    );
+    // A service allocation that ends is replaced instead.
+    let mut service = World::new(simple_job("web", 1, 100, 64, ""), three_nodes());
+    service.settle(5);
+    let id = service.active()[0].id.0.clone();
+    let now = service.now;
+    let ended = service.allocation_mut(&id);
+    ended.client.status = ClientStatus::Complete;
+    ended.client.finished_at = Some(now);
+    let plan = service.step();
+    assert_eq!(
+        plan.placements[0].placement_reason,
+        PlacementReason::Completed
+    );
+    assert_eq!(plan.stops[0].reason, StopReason::Completed);
+}
