@@ -655,3 +655,34 @@ fn batch_allocations_that_complete_stay_done_and_failed_ones_move() {
     );
     assert_eq!(plan.stops[0].reason, StopReason::Completed);
 }
+
+#[test]
+fn plans_and_states_travel_as_json() {
+    let mut world = World::new(
+        simple_job("web", 3, 100, 64, "[group.web.update]\nmax_parallel = 1"),
+        three_nodes(),
+    );
+    world.settle(3);
+    world.node_mut("n1").status = NodeStatus::Down { since: world.now };
+    let plan = world.evaluate();
+    let text = serde_json::to_string(&plan).unwrap();
+    assert!(text.contains("\"reason\":\"lost\""), "{text}");
+    assert_eq!(
+        serde_json::from_str::<keel_scheduler::Plan>(&text).unwrap(),
+        plan
+    );
+    let cluster_text = serde_json::to_string(&world.cluster).unwrap();
+    assert!(
+        cluster_text.contains("\"state\":\"down\""),
+        "{cluster_text}"
+    );
+    assert_eq!(
+        serde_json::from_str::<keel_scheduler::Cluster>(&cluster_text).unwrap(),
+        world.cluster
+    );
+    let state_text = serde_json::to_string(&world.state).unwrap();
+    assert_eq!(
+        serde_json::from_str::<JobState>(&state_text).unwrap(),
+        world.state
+    );
+}
