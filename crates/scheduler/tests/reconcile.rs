@@ -686,3 +686,22 @@ fn plans_and_states_travel_as_json() {
         world.state
     );
 }
+
+#[test]
+fn spread_targets_share_instances_by_percent() {
+    let nodes = vec![
+        node("a1", "a", 8000, 8192),
+        node("a2", "a", 8000, 8192),
+        node("b1", "b", 8000, 8192),
+        node("b2", "b", 8000, 8192),
+    ];
+    let spread = "[[group.web.spread]]\nattribute = \"${meta.zone}\"\nweight = 100\n[[group.web.spread.target]]\nvalue = \"a\"\npercent = 75\n[[group.web.spread.target]]\nvalue = \"b\"\npercent = 25";
+    let mut world = World::new(simple_job("web", 4, 100, 64, spread), nodes);
+    world.settle(5);
+    let in_a = world
+        .active()
+        .iter()
+        .filter(|allocation| allocation.node.starts_with('a'))
+        .count();
+    assert_eq!(in_a, 3, "75% of 4 in zone a");
+}
