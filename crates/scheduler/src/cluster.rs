@@ -312,6 +312,41 @@ impl JobState {
         }
     }
 
+    /// Registers `job` as the newest version, unless it equals the current
+    /// spec. Returns the new version number. Keeps at most
+    /// [`limits::JOB_VERSIONS_MAX`](crate::limits::JOB_VERSIONS_MAX)
+    /// versions, dropping the oldest but never the newest stable one (the
+    /// target of auto-revert). An allocation whose version was dropped is
+    /// replaced rather than updated in place: safe, only slower.
+    pub fn register(&mut self, job: Job) -> Option<u64> {
+        if self.current().job == job {
+            return None;
+        }
+        let version = self.current().version + 1;
+        self.versions.push(JobVersion {
+            version,
+            job,
+            stable: false,
+        });
+        let newest_stable = self
+            .versions
+            .iter()
+            .rev()
+            .find(|candidate| candidate.stable)
+            .map(|candidate| candidate.version);
+        while self.versions.len() > crate::limits::JOB_VERSIONS_MAX {
+            let Some(position) = self
+                .versions
+                .iter()
+                .position(|candidate| Some(candidate.version) != newest_stable)
+            else {
+                break;
+            };
+            self.versions.remove(position);
+        }
+        Some(version)
+    }
+
     /// The version wanted now.
     pub fn current(&self) -> &JobVersion {
         self.versions

@@ -17,13 +17,20 @@
 //!   in one fenced transaction, evaluate again at
 //!   [`Plan::next_evaluation_at`] or on the next change. [`drain_complete`]
 //!   tells when a drained node is empty.
-//! - **Supervisor** (agent): [`RestartTracker::on_task_end`] for every task
-//!   exit or liveness failure; [`stop_after_client_disconnect`] while the
-//!   store is unreachable.
+//!   [`Plan::apply`] is the reference of what writing a plan means, and
+//!   [`JobState::register`] adds a version (from `keel job run`, a revert or
+//!   a scaling decision).
+//! - **Supervisor** (agent): [`task_launch`] for the command, arguments and
+//!   `KEEL_*` environment of a task; [`RestartTracker::on_task_end`] for
+//!   every task exit or liveness failure; [`stop_after_client_disconnect`]
+//!   while the store is unreachable.
+
+#![deny(missing_docs)]
 
 mod autoscale;
 mod cluster;
 mod feasibility;
+mod launch;
 pub mod limits;
 mod placement;
 mod plan;
@@ -41,6 +48,7 @@ pub use cluster::{
     RescheduleEvent, StopReason,
 };
 pub use feasibility::NodeProperty;
+pub use launch::{task_launch, TaskLaunch};
 pub use placement::{fit_score, PlacementFailure, SchedulerAlgorithm};
 pub use plan::{
     DelayedReschedule, FailedPlacement, HealthUpdate, InPlaceUpdate, Plan, PlannedStop,

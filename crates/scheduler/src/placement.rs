@@ -380,11 +380,14 @@ fn spread_boost(
     }
     match spread.targets.iter().find(|target| target.value == value) {
         Some(target) => {
+            // Judged on the share after this placement, so that going past a
+            // target is penalised rather than neutral (otherwise the job
+            // anti-affinity penalty outweighs a target that is only met).
             let desired = f64::from(target.percent) / 100.0 * f64::from(count.max(1));
             if desired <= 0.0 {
                 -1.0
             } else {
-                ((desired - held) / desired).clamp(-1.0, 1.0)
+                ((desired - (held + 1.0)) / desired).clamp(-1.0, 1.0)
             }
         }
         None => -1.0,

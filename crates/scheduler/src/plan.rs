@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::{Allocation, AllocationId, Deployment, PlacementReason, StopReason};
+use crate::cluster::{
+    Allocation, AllocationId, Cluster, Deployment, DesiredStatus, JobState, PlacementReason,
+    StopReason,
+};
 use crate::placement::PlacementFailure;
 use crate::time::Time;
 
@@ -131,6 +134,69 @@ impl Plan {
             && self.revert_to_version.is_none()
             && self.mark_stable.is_none()
             && self.scaling.is_empty()
+    }
+
+    /// Carries the plan out on the values, as the controller writes it to
+    /// the store (in one transaction fenced by its leadership): in-place
+    /// updates, then health decisions, then stops, then placements, then the
+    /// deployment, stability, revert and scaling. Reverting and scaling
+    /// register a new version of the job; scaling records `now` for the
+    /// cooldown. This is the reference the controller's writes follow.
+    pub fn apply(&self, state: &mut JobState, cluster: &mut Cluster, now: Time) {
+        let mut by_id: std::collections::BTreeMap<AllocationId, usize> = cluster
+            .allocations
+            .iter()
+            .enumerate()
+            .map(|(position, allocation)| (allocation.id.clone(), position))
+            .collect();
+        for update in &self.in_place_updates {
+            if let Some(&position) = by_id.get(&update.allocation) {
+                cluster.allocations[position].job_version = update.job_version;
+                cluster.allocations[position].deployment_healthy = None;
+            }
+        }
+        for update in &self.health_updates {
+            if let Some(&position) = by_id.get(&update.allocation) {
+                cluster.allocations[position].deployment_healthy = Some(update.healthy);
+            }
+        }
+        for stop in &self.stops {
+            if let Some(&position) = by_id.get(&stop.allocation) {
+                cluster.allocations[position].desired_status = DesiredStatus::Stop(stop.reason);
+            }
+        }
+        for placement in &self.placements {
+            by_id.insert(placement.id.clone(), cluster.allocations.len());
+            cluster.allocations.push(placement.clone());
+        }
+        if let Some(deployment) = &self.deployment {
+            state.deployment = Some(deployment.clone());
+        }
+        if let Some(version) = self.mark_stable {
+            for candidate in state
+                .versions
+                .iter_mut()
+                .filter(|candidate| candidate.version == version)
+            {
+                candidate.stable = true;
+            }
+        }
+        if let Some(version) = self.revert_to_version {
+            if let Some(stable) = state.version(version) {
+                let job = stable.job.clone();
+                state.register(job);
+            }
+        }
+        if !self.scaling.is_empty() {
+            let mut job = state.current().job.clone();
+            for decision in &self.scaling {
+                if let Some(group) = job.groups.get_mut(&decision.group) {
+                    group.count = decision.to;
+                }
+                state.last_scaled_at.insert(decision.group.clone(), now);
+            }
+            state.register(job);
+        }
     }
 
     /// Asks for an evaluation at `at` at the latest.

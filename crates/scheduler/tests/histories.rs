@@ -31,8 +31,8 @@ use std::time::Duration;
 
 use keel_scheduler::{
     drain_complete, evaluate, Allocation, AllocationId, ClientStatus, Cluster, DesiredStatus,
-    Drain, Evaluation, Job, JobState, JobVersion, NodeStatus, PlacementReason, Plan, PortRange,
-    Resources, SchedulerAlgorithm, SplitMix64, StopReason, Time,
+    Drain, Evaluation, Job, JobState, NodeStatus, PlacementReason, Plan, PortRange, Resources,
+    SchedulerAlgorithm, SplitMix64, StopReason, Time,
 };
 
 /// Seconds simulated per history, with faults.
@@ -371,19 +371,7 @@ impl History {
             }
         }
         job.validate().expect("changes keep the job valid");
-        self.register(job);
-    }
-
-    fn register(&mut self, job: Job) {
-        if job == self.state.current().job {
-            return;
-        }
-        let version = self.state.current().version + 1;
-        self.state.versions.push(JobVersion {
-            version,
-            job,
-            stable: false,
-        });
+        self.state.register(job);
     }
 
     fn connected(&self, node: &str) -> bool {
@@ -499,59 +487,7 @@ impl History {
 
     fn apply(&mut self, plan: &Plan) {
         let now = self.now();
-        for update in &plan.in_place_updates {
-            let allocation = self
-                .cluster
-                .allocations
-                .iter_mut()
-                .find(|allocation| allocation.id == update.allocation)
-                .unwrap();
-            allocation.job_version = update.job_version;
-            allocation.deployment_healthy = None;
-        }
-        for update in &plan.health_updates {
-            self.cluster
-                .allocations
-                .iter_mut()
-                .find(|allocation| allocation.id == update.allocation)
-                .unwrap()
-                .deployment_healthy = Some(update.healthy);
-        }
-        for stop in &plan.stops {
-            let allocation = self
-                .cluster
-                .allocations
-                .iter_mut()
-                .find(|allocation| allocation.id == stop.allocation)
-                .unwrap();
-            allocation.desired_status = DesiredStatus::Stop(stop.reason);
-        }
-        for placement in &plan.placements {
-            self.cluster.allocations.push(placement.clone());
-        }
-        if let Some(deployment) = &plan.deployment {
-            self.state.deployment = Some(deployment.clone());
-        }
-        if let Some(version) = plan.mark_stable {
-            for candidate in self
-                .state
-                .versions
-                .iter_mut()
-                .filter(|candidate| candidate.version == version)
-            {
-                candidate.stable = true;
-            }
-        }
-        if let Some(version) = plan.revert_to_version {
-            let job = self
-                .state
-                .version(version)
-                .expect("the revert target is kept")
-                .job
-                .clone();
-            self.register(job);
-        }
-        let _ = now;
+        plan.apply(&mut self.state, &mut self.cluster, now);
     }
 
     /// The agents: connected ones carry out the store's wishes; cut-off ones

@@ -585,3 +585,123 @@ fn job_plan_shows_placements_without_placing() {
     assert_eq!(plan.placements.len(), 3);
     assert!(world.cluster.allocations.is_empty());
 }
+
+#[test]
+fn job_versions_are_bounded_and_keep_the_revert_target() {
+    let mut state = JobState::new(simple_job("web", 1, 100, 64, ""));
+    state.versions[0].stable = true;
+    assert_eq!(
+        state.register(simple_job("web", 1, 100, 64, "")),
+        None,
+        "an unchanged spec is no new version"
+    );
+    for count in 2..60 {
+        state.register(simple_job("web", count, 100, 64, ""));
+    }
+    assert_eq!(
+        state.versions.len(),
+        keel_scheduler::limits::JOB_VERSIONS_MAX
+    );
+    assert_eq!(
+        state.versions[0].version, 0,
+        "the newest stable version is kept"
+    );
+    assert_eq!(state.current().version, 58);
+}
+
+#[test]
+fn batch_allocations_that_complete_stay_done_and_failed_ones_move() {
+    let job = common::job(
+        "name = \"report\"\ntype = \"batch\"\n[group.report]\ncount = 2\n[group.report.reschedule]\ndelay = \"5s\"\n[group.report.task.main]\nconfig = { command = \"report\" }\n",
+    );
+    let mut world = World::new(job, three_nodes());
+    world.settle(5);
+    let ids: Vec<String> = world
+        .active()
+        .iter()
+        .map(|allocation| allocation.id.0.clone())
+        .collect();
+    let now = world.now;
+    let done = world.allocation_mut(&ids[0]);
+    done.client.status = ClientStatus::Complete;
+    done.client.finished_at = Some(now);
+    world.fail(&ids[1]);
+    world.advance(seconds(5));
+    let plan = world.step();
+    assert_eq!(
+        plan.placements.len(),
+        1,
+        "only the failed one is placed again: {plan:?}"
+    );
+    assert_eq!(
+        plan.placements[0]
+            .previous_allocation
+            .as_ref()
+            .map(|id| id.0.as_str()),
+        Some(ids[1].as_str())
+    );
+    // A service allocation that ends is replaced instead.
+    let mut service = World::new(simple_job("web", 1, 100, 64, ""), three_nodes());
+    service.settle(5);
+    let id = service.active()[0].id.0.clone();
+    let now = service.now;
+    let ended = service.allocation_mut(&id);
+    ended.client.status = ClientStatus::Complete;
+    ended.client.finished_at = Some(now);
+    let plan = service.step();
+    assert_eq!(
+        plan.placements[0].placement_reason,
+        PlacementReason::Completed
+    );
+    assert_eq!(plan.stops[0].reason, StopReason::Completed);
+}
+
+#[test]
+fn plans_and_states_travel_as_json() {
+    let mut world = World::new(
+        simple_job("web", 3, 100, 64, "[group.web.update]\nmax_parallel = 1"),
+        three_nodes(),
+    );
+    world.settle(3);
+    world.node_mut("n1").status = NodeStatus::Down { since: world.now };
+    let plan = world.evaluate();
+    let text = serde_json::to_string(&plan).unwrap();
+    assert!(text.contains("\"reason\":\"lost\""), "{text}");
+    assert_eq!(
+        serde_json::from_str::<keel_scheduler::Plan>(&text).unwrap(),
+        plan
+    );
+    let cluster_text = serde_json::to_string(&world.cluster).unwrap();
+    assert!(
+        cluster_text.contains("\"state\":\"down\""),
+        "{cluster_text}"
+    );
+    assert_eq!(
+        serde_json::from_str::<keel_scheduler::Cluster>(&cluster_text).unwrap(),
+        world.cluster
+    );
+    let state_text = serde_json::to_string(&world.state).unwrap();
+    assert_eq!(
+        serde_json::from_str::<JobState>(&state_text).unwrap(),
+        world.state
+    );
+}
+
+#[test]
+fn spread_targets_share_instances_by_percent() {
+    let nodes = vec![
+        node("a1", "a", 8000, 8192),
+        node("a2", "a", 8000, 8192),
+        node("b1", "b", 8000, 8192),
+        node("b2", "b", 8000, 8192),
+    ];
+    let spread = "[[group.web.spread]]\nattribute = \"${meta.zone}\"\nweight = 100\n[[group.web.spread.target]]\nvalue = \"a\"\npercent = 75\n[[group.web.spread.target]]\nvalue = \"b\"\npercent = 25";
+    let mut world = World::new(simple_job("web", 4, 100, 64, spread), nodes);
+    world.settle(5);
+    let in_a = world
+        .active()
+        .iter()
+        .filter(|allocation| allocation.node.starts_with('a'))
+        .count();
+    assert_eq!(in_a, 3, "75% of 4 in zone a");
+}

@@ -287,3 +287,57 @@ port.admin = { static = 8080 }
     assert!(found.contains(&r#"group "api".task "two".port "http": the label is already used by another task of the group"#.to_string()), "{found:#?}");
     assert!(found.contains(&r#"group "api".task "two".port "admin".static: the port is already used by another label of the group"#.to_string()), "{found:#?}");
 }
+
+#[test]
+fn the_web_example_launches_with_its_port() {
+    let text = std::fs::read_to_string(example_path()).unwrap();
+    let job = Job::from_toml_validated(&text).unwrap();
+    let nodes = vec![keel_scheduler::Node {
+        name: "n1".into(),
+        labels: Default::default(),
+        attributes: Default::default(),
+        capacity: keel_scheduler::Resources {
+            cpu_millicores: 2000,
+            memory_mib: 2048,
+        },
+        port_range: keel_scheduler::PortRange {
+            first: 21000,
+            last: 21010,
+        },
+        eligible: true,
+        drain: None,
+        status: keel_scheduler::NodeStatus::Alive,
+    }];
+    let cluster = keel_scheduler::Cluster {
+        nodes,
+        ..Default::default()
+    };
+    let plan = keel_scheduler::plan_job(&job, None, &cluster, keel_scheduler::Time(0), 9);
+    assert_eq!(
+        plan.placements.len(),
+        3,
+        "one node takes all three when it is the only one"
+    );
+    let allocation = &plan.placements[0];
+    let launch =
+        keel_scheduler::task_launch(allocation, "server", &job.groups["web"].tasks["server"]);
+    let port = allocation.ports["http"].to_string();
+    assert_eq!(launch.command, "python3");
+    assert_eq!(
+        launch.args,
+        ["-m", "http.server", port.as_str(), "--bind", "127.0.0.1"]
+    );
+    assert_eq!(launch.env["KEEL_PORT_http"], port);
+    assert_eq!(launch.env["KEEL_ALLOC_ID"], allocation.id.0);
+    assert_eq!(launch.env["KEEL_MEMORY_LIMIT"], "64");
+    let ports: std::collections::BTreeSet<u16> = plan
+        .placements
+        .iter()
+        .map(|allocation| allocation.ports["http"])
+        .collect();
+    assert_eq!(
+        ports.len(),
+        3,
+        "three instances on one node get three ports"
+    );
+}

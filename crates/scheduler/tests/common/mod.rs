@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use keel_scheduler::{
-    evaluate, Allocation, ClientStatus, Cluster, DesiredStatus, Evaluation, Job, JobState,
-    JobVersion, Node, NodeStatus, Plan, PortRange, Resources, SchedulerAlgorithm, Time,
+    evaluate, Allocation, ClientStatus, Cluster, DesiredStatus, Evaluation, Job, JobState, Node,
+    NodeStatus, Plan, PortRange, Resources, SchedulerAlgorithm, Time,
 };
 
 pub fn node(name: &str, zone: &str, cpu_millicores: u64, memory_mib: u64) -> Node {
@@ -83,16 +83,9 @@ impl World {
         })
     }
 
-    /// Writes a plan as the controller would.
+    /// Writes a plan as the controller would, checking it stops nothing
+    /// twice and places nothing twice.
     pub fn apply(&mut self, plan: &Plan) {
-        for update in &plan.in_place_updates {
-            let allocation = self.allocation_mut(&update.allocation.0);
-            allocation.job_version = update.job_version;
-            allocation.deployment_healthy = None;
-        }
-        for update in &plan.health_updates {
-            self.allocation_mut(&update.allocation.0).deployment_healthy = Some(update.healthy);
-        }
         for stop in &plan.stops {
             let allocation = self.allocation_mut(&stop.allocation.0);
             assert_eq!(
@@ -101,7 +94,6 @@ impl World {
                 "{} stopped twice",
                 stop.allocation
             );
-            allocation.desired_status = DesiredStatus::Stop(stop.reason);
         }
         for placement in &plan.placements {
             assert!(
@@ -113,47 +105,15 @@ impl World {
                 "{} placed twice",
                 placement.id
             );
-            self.cluster.allocations.push(placement.clone());
         }
-        if let Some(deployment) = &plan.deployment {
-            self.state.deployment = Some(deployment.clone());
-        }
-        if let Some(version) = plan.mark_stable {
-            self.state
-                .versions
-                .iter_mut()
-                .filter(|candidate| candidate.version == version)
-                .for_each(|candidate| candidate.stable = true);
-        }
-        if let Some(version) = plan.revert_to_version {
-            let job = self
-                .state
-                .version(version)
-                .expect("revert target kept")
-                .job
-                .clone();
-            self.register(job);
-        }
-        if !plan.scaling.is_empty() {
-            let mut job = self.state.current().job.clone();
-            for decision in &plan.scaling {
-                job.groups.get_mut(&decision.group).unwrap().count = decision.to;
-                self.state
-                    .last_scaled_at
-                    .insert(decision.group.clone(), self.now);
-            }
-            self.register(job);
-        }
+        plan.apply(&mut self.state, &mut self.cluster, self.now);
     }
 
     /// Registers a new version of the job.
     pub fn register(&mut self, job: Job) {
-        let version = self.state.current().version + 1;
-        self.state.versions.push(JobVersion {
-            version,
-            job,
-            stable: false,
-        });
+        self.state
+            .register(job)
+            .expect("the test registers a changed job");
     }
 
     /// One controller pass: evaluate and write.
