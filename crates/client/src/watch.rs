@@ -13,7 +13,7 @@
 use keel_types::etcdserverpb::watch_create_request::FilterType;
 use keel_types::etcdserverpb::watch_request::RequestUnion;
 use keel_types::etcdserverpb::{WatchCreateRequest, WatchRequest, WatchResponse};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
@@ -111,6 +111,8 @@ impl WatchOptions {
 pub struct Watcher {
     responses: mpsc::Receiver<Result<WatchResponse, ClientError>>,
     start_revision: i64,
+    /// The endpoint the watch's current stream is open on.
+    endpoint: watch::Receiver<String>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -125,6 +127,12 @@ impl Watcher {
     /// watch "from now" the revision after the store's when it was created.
     pub fn start_revision(&self) -> i64 {
         self.start_revision
+    }
+
+    /// The endpoint the watch is reading from now (it changes when the watch
+    /// resumes on another member).
+    pub fn endpoint(&self) -> String {
+        self.endpoint.borrow().clone()
     }
 }
 
@@ -191,16 +199,20 @@ impl Client {
             created.header.as_ref().map_or(0, |header| header.revision) + 1
         };
         let (sender, responses) = mpsc::channel(self.config().watch_queue_max);
+        let (endpoint_sender, endpoint) =
+            watch::channel(self.inner.endpoints[open.index].url.clone());
         let task = tokio::spawn(watch_task(
             self.clone(),
             options,
             start_revision,
             open,
             sender,
+            endpoint_sender,
         ));
         Ok(Watcher {
             responses,
             start_revision,
+            endpoint,
             task,
         })
     }
@@ -303,6 +315,7 @@ async fn watch_task(
     mut next_revision: i64,
     mut open: OpenWatch,
     sender: mpsc::Sender<Result<WatchResponse, ClientError>>,
+    endpoint_sender: watch::Sender<String>,
 ) {
     loop {
         let broken = match open.responses.message().await {
@@ -368,7 +381,10 @@ async fn watch_task(
                 return;
             }
             match client.open_watch(&options, next_revision, &mut tried).await {
-                Ok((open, _created)) => break open,
+                Ok((open, _created)) => {
+                    let _ = endpoint_sender.send(client.inner.endpoints[open.index].url.clone());
+                    break open;
+                }
                 Err((Failure::Answered, error)) => {
                     let _ = sender.send(Err(error)).await;
                     return;
