@@ -495,3 +495,59 @@ fn a_watch_sees_every_revision_once_across_a_kill_of_its_member() {
         revisions.len()
     );
 }
+
+#[test]
+fn a_kept_lease_outlives_a_kill_of_the_leader() {
+    const TTL_SECONDS: i64 = 4;
+    let mut cluster = Cluster::start(3, 25130);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let client = runtime.block_on(client_of(&cluster));
+    let keeper = runtime
+        .block_on(client.grant_kept_lease(TTL_SECONDS))
+        .expect("lease");
+    runtime
+        .block_on(client.put_with_lease("session", "alive", keeper.id()))
+        .expect("put");
+    let leader = cluster.wait_for_leader();
+    cluster.kill(leader);
+    let killed_at = Instant::now();
+    // Twice the TTL after the kill, the keeper has renewed the lease through
+    // the new leader all along: it never reported a loss, and the key is there.
+    let held_for = Duration::from_secs(2 * TTL_SECONDS as u64);
+    while killed_at.elapsed() < held_for {
+        assert!(
+            keeper.is_alive(),
+            "lease lost {:?} after the leader was killed: {:?}",
+            killed_at.elapsed(),
+            keeper.state()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let remaining = runtime
+        .block_on(client.lease_time_to_live(keeper.id(), false))
+        .expect("ttl");
+    assert!(
+        remaining.ttl > 0,
+        "the cluster expired the lease: {remaining:?}"
+    );
+    let value = runtime
+        .block_on(client.get("session"))
+        .expect("get")
+        .expect("the leased key is still there");
+    assert_eq!(value.lease, keeper.id());
+    // Revoked elsewhere, the keeper reports the loss.
+    runtime
+        .block_on(client.lease_revoke(keeper.id()))
+        .expect("revoke");
+    let lost = runtime
+        .block_on(async { tokio::time::timeout(Duration::from_secs(10), keeper.lost()).await })
+        .expect("the keeper reports the revocation");
+    assert!(
+        matches!(lost, keel_client::ClientError::LeaseLost { .. }),
+        "{lost}"
+    );
+}
