@@ -438,6 +438,9 @@ impl Client {
         let mut tried = vec![false; self.inner.endpoints.len()];
         let mut attempts = 0u32;
         let mut outcome_unknown = false;
+        // The last failure of an endpoint: when every breaker is open, it
+        // says why better than "no endpoint available" does.
+        let mut last_endpoint_error: Option<ClientError> = None;
         loop {
             if policy.route == Route::Leader {
                 self.discover_leader_if_unknown().await;
@@ -446,7 +449,12 @@ impl Client {
             let now = Instant::now();
             let remaining = deadline.map(|deadline| deadline.saturating_duration_since(now));
             let (failure, error) = match self.acquire_endpoint(policy.route, &tried) {
-                None => (Failure::NotSent, ClientError::NoEndpointAvailable),
+                None => (
+                    Failure::NotSent,
+                    last_endpoint_error
+                        .clone()
+                        .unwrap_or(ClientError::NoEndpointAvailable),
+                ),
                 Some(index) => {
                     tried[index] = true;
                     let endpoint = &self.inner.endpoints[index];
@@ -484,6 +492,7 @@ impl Client {
                         Err(status) => {
                             let (failure, error) = classify(&endpoint.url, &status);
                             self.record_outcome(index, policy.route, Err(failure));
+                            last_endpoint_error = Some(error.clone());
                             (failure, error)
                         }
                     }
