@@ -565,15 +565,18 @@ impl Client {
                 .map(|breaker| !breaker.would_allow(now))
                 .collect()
         };
-        self.statuses(timeout, &skip).await;
+        self.statuses(timeout, &skip, true).await;
     }
 
     /// Asks every endpoint not in `skip` for its Status, at once, each within
-    /// `timeout`; learns member ids and the leader from the answers.
+    /// `timeout`; learns member ids and the leader from the answers. With
+    /// `stop_at_leader`, returns as soon as the leader is known, so a member
+    /// that is slow to answer (paused, overloaded) delays no write.
     async fn statuses(
         &self,
         timeout: Duration,
         skip: &[bool],
+        stop_at_leader: bool,
     ) -> Vec<Option<Result<StatusResponse, ClientError>>> {
         let mut tasks = tokio::task::JoinSet::new();
         for (index, endpoint) in self.inner.endpoints.iter().enumerate() {
@@ -612,6 +615,13 @@ impl Client {
                 Err((failure, _)) => self.record_outcome(index, Route::Any, Err(*failure)),
             }
             results[index] = Some(result.map_err(|(_, error)| error));
+            if stop_at_leader {
+                self.learn_leader(&results);
+                if self.state().leader.is_some() {
+                    // The remaining tasks are aborted when the set drops.
+                    break;
+                }
+            }
         }
         self.learn_leader(&results);
         results
@@ -658,7 +668,7 @@ impl Client {
     pub async fn endpoint_statuses(&self) -> Vec<EndpointStatus> {
         let skip = vec![false; self.inner.endpoints.len()];
         let results = self
-            .statuses(self.inner.config.attempt_timeout, &skip)
+            .statuses(self.inner.config.attempt_timeout, &skip, false)
             .await;
         let now = Instant::now();
         let state = self.state();
