@@ -199,7 +199,8 @@ pub fn endpoint_url(endpoint: &str) -> Result<String, ClientError> {
 impl Client {
     /// A client of the members at `endpoints` (`host:port` or
     /// `http://host:port`). Nothing is dialled yet: each endpoint connects on
-    /// first use, so a client can be made while the cluster is down.
+    /// first use, so a client can be made while the cluster is down. Call it
+    /// inside a tokio runtime: each channel's connection task is spawned on it.
     pub async fn connect<I, S>(endpoints: I, config: ClientConfig) -> Result<Client, ClientError>
     where
         I: IntoIterator<Item = S>,
