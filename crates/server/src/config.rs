@@ -86,6 +86,9 @@ pub struct ServerConfig {
     pub peer_frame_bytes_max: usize,
     /// Largest snapshot a peer may send us, in bytes (the storage's own limit).
     pub peer_snapshot_bytes_max: u64,
+    /// Serve `keel chaos` fault injection to loopback callers
+    /// (`--experimental-enable-fault-injection`); off by default.
+    pub enable_fault_injection: bool,
 }
 
 impl ServerConfig {
@@ -118,6 +121,7 @@ impl ServerConfig {
             peer_queue_messages_max: 4_096,
             peer_frame_bytes_max: 1 << 30,
             peer_snapshot_bytes_max: 8 * 1024 * 1024 * 1024,
+            enable_fault_injection: false,
         }
     }
 

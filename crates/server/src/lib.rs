@@ -9,6 +9,7 @@ pub mod authority_repair;
 pub mod config;
 pub mod corruption;
 pub mod election;
+pub mod fault_injection;
 pub mod grpc;
 pub mod lease;
 pub mod lock;
@@ -30,6 +31,10 @@ pub mod api {
     /// etcd's Election service.
     pub mod v3electionpb {
         include!(concat!(env!("OUT_DIR"), "/v3electionpb.rs"));
+    }
+    /// keel's fault-injection admin service (`keel chaos`).
+    pub mod keelchaospb {
+        include!(concat!(env!("OUT_DIR"), "/keelchaospb.rs"));
     }
 }
 
@@ -100,7 +105,15 @@ impl Server {
             path: config.data_dir.display().to_string(),
             reason: format!("cannot create the data directory: {source}"),
         })?;
-        let disk = FileDisk::new(&member_directory);
+        // The member's id is known only after recovery; the injector learns it below.
+        let faults = config
+            .enable_fault_injection
+            .then(|| fault_injection::FaultInjector::new(0, &config.name));
+        let mut disk = FileDisk::new(&member_directory);
+        if let Some(faults) = &faults {
+            tracing::warn!("fault injection is on (--experimental-enable-fault-injection)");
+            disk = disk.with_faults(faults.clone());
+        }
         let (mut durable, recovered) = DurableState::open(disk)
             .map_err(|error| recovery_error(&member_directory, error.to_string()))?;
         let recovered = match recovered {
@@ -116,6 +129,9 @@ impl Server {
             }
         };
         let member_id = own_member_id(&config, &recovered);
+        if let Some(faults) = &faults {
+            faults.set_member_id(member_id);
+        }
         let mut node_config = NodeConfig::with_member_id(member_id);
         node_config.election_ticks = config.election_ticks();
         node_config.heartbeat_ticks = 1;
@@ -167,7 +183,8 @@ impl Server {
             member_id,
             config.peer_queue_messages_max,
             input.clone(),
-        );
+        )
+        .with_faults(faults.clone());
         let view = member::MembershipView {
             allowed: Default::default(),
             membership: Default::default(),
@@ -192,10 +209,11 @@ impl Server {
                 input.clone(),
                 allowed.clone(),
                 membership.clone(),
+                faults.clone(),
             )));
         }
 
-        let tick_interval = config.heartbeat_interval;
+        let tick_clock = fault_injection::TickClock::new(config.heartbeat_interval, faults.clone());
         let loop_input = input.clone();
         let (stopped_sender, member_stopped) = tokio::sync::watch::channel(None);
         let (revision_sender, revision_receiver) = tokio::sync::watch::channel(0i64);
@@ -208,7 +226,7 @@ impl Server {
                     inputs,
                     loop_input,
                     peers,
-                    tick_interval,
+                    tick_clock,
                     revision_sender,
                     view,
                 );
@@ -232,6 +250,10 @@ impl Server {
             watch::WatchConfig::with_request_bytes_max(config.request_bytes_max),
         );
         let mut serve_tasks = Vec::new();
+        if let Some(faults) = &faults {
+            tokio::spawn(faults.clone().expire_periodically());
+        }
+        let chaos_service = fault_injection::ChaosService::new(faults.clone());
         if let Some(interval) = config.corruption_check_interval {
             serve_tasks.push(tokio::spawn(corruption::check_periodically(
                 services.clone(),
@@ -291,7 +313,10 @@ impl Server {
                 .add_service(
                     api::etcdserverpb::maintenance_server::MaintenanceServer::new(services.clone())
                         .max_decoding_message_size(decoding_limit),
-                );
+                )
+                .add_service(api::keelchaospb::chaos_server::ChaosServer::new(
+                    chaos_service.clone(),
+                ));
             serve_tasks.push(tokio::spawn(router.serve_with_incoming(incoming)));
         }
         serve_tasks.push(tokio::spawn(publish_attributes(

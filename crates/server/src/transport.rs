@@ -36,6 +36,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 use crate::config::parse_url_address;
+use crate::fault_injection::{Direction, FaultInjector, PeerVerdict};
 use crate::member::Input;
 use keel_types::keelpb::MemberRecord;
 
@@ -80,6 +81,8 @@ pub struct PeerSenders {
     queue_messages_max: usize,
     input: SyncSender<Input>,
     senders: BTreeMap<u64, (SocketAddr, mpsc::Sender<Message>)>,
+    /// Injected network faults (`keel chaos`), when fault injection is on.
+    faults: Option<Arc<FaultInjector>>,
 }
 
 impl PeerSenders {
@@ -98,7 +101,14 @@ impl PeerSenders {
             queue_messages_max,
             input,
             senders: BTreeMap::new(),
+            faults: None,
         }
+    }
+
+    /// Consults `faults` before sending each message (partitions, drops, delays).
+    pub fn with_faults(mut self, faults: Option<Arc<FaultInjector>>) -> Self {
+        self.faults = faults;
+        self
     }
 
     /// Starts a sender for every new member (or changed address) and drops
@@ -152,6 +162,26 @@ impl PeerSenders {
             }
             return;
         };
+        if let Some(faults) = &self.faults {
+            match faults.peer_verdict(to, Direction::Outgoing) {
+                PeerVerdict::Deliver => {}
+                // A snapshot is never held back (raft-rs waits for its report), only lost.
+                PeerVerdict::Delay(_) if is_snapshot => {}
+                PeerVerdict::Delay(delay) if faults.claim_delay_slot() => {
+                    let (sender, faults) = (sender.clone(), faults.clone());
+                    self.runtime.spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        let _ = sender.try_send(message);
+                        faults.release_delay_slot();
+                    });
+                    return;
+                }
+                PeerVerdict::Delay(_) | PeerVerdict::Drop => {
+                    report_lost(&message, input);
+                    return;
+                }
+            }
+        }
         if sender.try_send(message).is_err() {
             let _ = input.try_send(Input::Unreachable(to));
             if is_snapshot {
@@ -484,6 +514,7 @@ pub async fn serve_peers(
     input: SyncSender<Input>,
     allowed: AllowedPeers,
     membership: Arc<RwLock<keel_types::keelpb::StateMachineSnapshot>>,
+    faults: Option<Arc<FaultInjector>>,
 ) {
     loop {
         let (stream, remote) = match listener.accept().await {
@@ -497,9 +528,12 @@ pub async fn serve_peers(
         let input = input.clone();
         let allowed = allowed.clone();
         let membership = membership.clone();
+        let faults = faults.clone();
         tokio::spawn(async move {
-            if let Err(reason) =
-                receive_from_peer(stream, cluster_id, limits, input, allowed, membership).await
+            if let Err(reason) = receive_from_peer(
+                stream, cluster_id, limits, input, allowed, membership, faults,
+            )
+            .await
             {
                 tracing::debug!(%remote, %reason, "peer connection closed");
             }
@@ -514,6 +548,7 @@ async fn receive_from_peer(
     input: SyncSender<Input>,
     allowed: AllowedPeers,
     membership: Arc<RwLock<keel_types::keelpb::StateMachineSnapshot>>,
+    faults: Option<Arc<FaultInjector>>,
 ) -> Result<(), String> {
     let _ = stream.set_nodelay(true);
     let mut hello = [0u8; 24];
@@ -540,6 +575,13 @@ async fn receive_from_peer(
             ));
         }
         let payload_length = length - 1;
+        if faults.as_ref().is_some_and(|faults| {
+            faults.peer_verdict(sender, Direction::Incoming) == PeerVerdict::Drop
+        }) {
+            // An injected partition: cut the connection as a broken network would; the
+            // sender reconnects with backoff and is cut again while the fault lasts.
+            return Err("partitioned by an injected fault".into());
+        }
         if kind == FRAME_SNAPSHOT_CHUNK {
             // Read straight into the snapshot's buffer: no second copy.
             let Some(snapshot) = incoming.as_mut() else {

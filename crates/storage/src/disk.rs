@@ -91,16 +91,37 @@ pub(crate) fn parent_directory(path: &Path) -> &Path {
     path.parent().unwrap_or(Path::new(""))
 }
 
+/// Faults injected into a [`FileDisk`] by an operator's chaos experiment (the server's
+/// fault injector decides when; the disk only asks before each write and each fsync).
+/// An error returned here takes the place of the real operation's result, so the log
+/// reacts exactly as to a real failing disk: an fsync error stops the member.
+pub trait DiskFaults: std::fmt::Debug + Send + Sync {
+    /// Called before bytes are appended; an error fails the append.
+    fn before_write(&self) -> io::Result<()>;
+    /// Called before an fsync; may sleep (a slow disk), and an error fails the fsync.
+    fn before_sync(&self) -> io::Result<()>;
+}
+
 /// [`Disk`] over real files below a root directory.
 #[derive(Debug, Clone)]
 pub struct FileDisk {
     root: PathBuf,
+    faults: Option<std::sync::Arc<dyn DiskFaults>>,
 }
 
 impl FileDisk {
     /// A disk rooted at `root`, which must exist.
     pub fn new(root: impl Into<PathBuf>) -> FileDisk {
-        FileDisk { root: root.into() }
+        FileDisk {
+            root: root.into(),
+            faults: None,
+        }
+    }
+
+    /// The same disk, asking `faults` before every append and fsync of its files.
+    pub fn with_faults(mut self, faults: std::sync::Arc<dyn DiskFaults>) -> FileDisk {
+        self.faults = Some(faults);
+        self
     }
 
     /// The root directory.
@@ -145,7 +166,10 @@ impl Disk for FileDisk {
             .create(true)
             .append(true)
             .open(self.resolve(path))?;
-        Ok(FileDiskFile { file })
+        Ok(FileDiskFile {
+            file,
+            faults: self.faults.clone(),
+        })
     }
 
     fn read_file(&self, path: &Path) -> io::Result<Vec<u8>> {
@@ -161,6 +185,9 @@ impl Disk for FileDisk {
     }
 
     fn sync_directory(&self, directory: &Path) -> io::Result<()> {
+        if let Some(faults) = &self.faults {
+            faults.before_sync()?;
+        }
         // On Linux a directory opened read-only can be fsynced, which persists its entries.
         fs::File::open(self.resolve(directory))?.sync_all()
     }
@@ -170,10 +197,14 @@ impl Disk for FileDisk {
 #[derive(Debug)]
 pub struct FileDiskFile {
     file: fs::File,
+    faults: Option<std::sync::Arc<dyn DiskFaults>>,
 }
 
 impl DiskFile for FileDiskFile {
     fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if let Some(faults) = &self.faults {
+            faults.before_write()?;
+        }
         self.file.write_all(bytes)
     }
 
@@ -183,6 +214,9 @@ impl DiskFile for FileDiskFile {
     }
 
     fn sync(&mut self) -> io::Result<()> {
+        if let Some(faults) = &self.faults {
+            faults.before_sync()?;
+        }
         // fdatasync: the file's size is data for this purpose, so appends are covered.
         self.file.sync_data()
     }
