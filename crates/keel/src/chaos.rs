@@ -20,6 +20,10 @@ use keel_types::keelchaospb::{
 };
 use tonic::transport::Channel;
 
+mod report;
+mod run;
+mod scenario;
+
 /// How long one admin request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -62,6 +66,9 @@ enum Command {
         #[arg(long)]
         fault_id: Option<u64>,
     },
+    /// Run a scenario file: a cluster, a workload, a fault schedule and a hypothesis;
+    /// starts its own members (--endpoints is not used).
+    Run(run::RunArguments),
     /// The faults active on each member.
     List {
         /// Members to ask (default: every member).
@@ -149,8 +156,12 @@ pub(crate) fn duration(text: &str) -> Result<Duration, String> {
 }
 
 pub async fn run(arguments: Arguments) -> anyhow::Result<()> {
+    if let Command::Run(run_arguments) = arguments.command {
+        return run::run(run_arguments, arguments.output == Output::Json).await;
+    }
     let members = list_members(&arguments.endpoints).await?;
     match arguments.command {
+        Command::Run(_) => unreachable!("handled above"),
         Command::Inject(inject) => {
             let results = inject_faults(&members, &inject).await?;
             print_injected(arguments.output, &results);

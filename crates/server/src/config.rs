@@ -89,6 +89,9 @@ pub struct ServerConfig {
     /// Serve `keel chaos` fault injection to loopback callers
     /// (`--experimental-enable-fault-injection`); off by default.
     pub enable_fault_injection: bool,
+    /// BROKEN ON PURPOSE, for the fault suite's self-test: write-ahead log bytes are
+    /// written one sync late, so writes are acknowledged before they are durable.
+    pub unsafe_acknowledge_before_fsync: bool,
 }
 
 impl ServerConfig {
@@ -122,6 +125,7 @@ impl ServerConfig {
             peer_frame_bytes_max: 1 << 30,
             peer_snapshot_bytes_max: 8 * 1024 * 1024 * 1024,
             enable_fault_injection: false,
+            unsafe_acknowledge_before_fsync: false,
         }
     }
 

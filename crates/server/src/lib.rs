@@ -114,6 +114,13 @@ impl Server {
             tracing::warn!("fault injection is on (--experimental-enable-fault-injection)");
             disk = disk.with_faults(faults.clone());
         }
+        if config.unsafe_acknowledge_before_fsync {
+            tracing::error!(
+                "--unsafe-fault-acknowledge-before-fsync: writes are acknowledged before they \
+                 are durable; this member WILL lose data (test-only switch)"
+            );
+            disk = disk.with_unsafe_acknowledge_before_write();
+        }
         let (mut durable, recovered) = DurableState::open(disk)
             .map_err(|error| recovery_error(&member_directory, error.to_string()))?;
         let recovered = match recovered {

@@ -107,6 +107,9 @@ pub trait DiskFaults: std::fmt::Debug + Send + Sync {
 pub struct FileDisk {
     root: PathBuf,
     faults: Option<std::sync::Arc<dyn DiskFaults>>,
+    /// A deliberately broken mode for the fault suite's self-test: see
+    /// [`FileDisk::with_unsafe_acknowledge_before_write`].
+    acknowledge_before_write: bool,
 }
 
 impl FileDisk {
@@ -115,12 +118,22 @@ impl FileDisk {
         FileDisk {
             root: root.into(),
             faults: None,
+            acknowledge_before_write: false,
         }
     }
 
     /// The same disk, asking `faults` before every append and fsync of its files.
     pub fn with_faults(mut self, faults: std::sync::Arc<dyn DiskFaults>) -> FileDisk {
         self.faults = Some(faults);
+        self
+    }
+
+    /// BROKEN ON PURPOSE, for testing the tests: appended bytes stay in memory until the
+    /// sync *after* the one that should have made them durable, so a sync returns before
+    /// its data is even written and a SIGKILL loses acknowledged writes. The fault suite
+    /// must fail against a member in this mode (`--unsafe-fault-acknowledge-before-fsync`).
+    pub fn with_unsafe_acknowledge_before_write(mut self) -> FileDisk {
+        self.acknowledge_before_write = true;
         self
     }
 
@@ -169,6 +182,9 @@ impl Disk for FileDisk {
         Ok(FileDiskFile {
             file,
             faults: self.faults.clone(),
+            acknowledge_before_write: self.acknowledge_before_write,
+            pending: Vec::new(),
+            held: Vec::new(),
         })
     }
 
@@ -198,6 +214,30 @@ impl Disk for FileDisk {
 pub struct FileDiskFile {
     file: fs::File,
     faults: Option<std::sync::Arc<dyn DiskFaults>>,
+    acknowledge_before_write: bool,
+    /// In the broken mode: bytes appended since the last sync.
+    pending: Vec<u8>,
+    /// In the broken mode: bytes the last sync claimed durable but did not write.
+    held: Vec<u8>,
+}
+
+impl FileDiskFile {
+    /// Writes everything the broken mode kept in memory (not synced).
+    fn write_kept(&mut self) -> io::Result<()> {
+        let held = std::mem::take(&mut self.held);
+        let pending = std::mem::take(&mut self.pending);
+        self.file.write_all(&held)?;
+        self.file.write_all(&pending)
+    }
+}
+
+impl Drop for FileDiskFile {
+    fn drop(&mut self) {
+        // Only a killed process loses what the broken mode kept; a closed file keeps it.
+        if self.acknowledge_before_write {
+            let _ = self.write_kept();
+        }
+    }
 }
 
 impl DiskFile for FileDiskFile {
@@ -205,10 +245,17 @@ impl DiskFile for FileDiskFile {
         if let Some(faults) = &self.faults {
             faults.before_write()?;
         }
+        if self.acknowledge_before_write {
+            self.pending.extend_from_slice(bytes);
+            return Ok(());
+        }
         self.file.write_all(bytes)
     }
 
     fn truncate(&mut self, length_bytes: u64) -> io::Result<()> {
+        if self.acknowledge_before_write {
+            self.write_kept()?;
+        }
         // The file is in append mode, so the next write lands at the new end.
         self.file.set_len(length_bytes)
     }
@@ -216,6 +263,11 @@ impl DiskFile for FileDiskFile {
     fn sync(&mut self) -> io::Result<()> {
         if let Some(faults) = &self.faults {
             faults.before_sync()?;
+        }
+        if self.acknowledge_before_write {
+            // Write what the previous sync claimed, and keep this batch in memory.
+            let held = std::mem::replace(&mut self.held, std::mem::take(&mut self.pending));
+            self.file.write_all(&held)?;
         }
         // fdatasync: the file's size is data for this purpose, so appends are covered.
         self.file.sync_data()
