@@ -423,7 +423,7 @@ pub fn timeline_svg(report: &Report) -> String {
     let _ = writeln!(
         svg,
         r#"<text x="{left}" y="20" font-size="15">keel chaos run: {} (seed {}) — bars: availability per second, line: p99 write latency (max {latency_max:.0} ms)</text>"#,
-        report.scenario.replace('<', "&lt;").replace('&', "&amp;"),
+        report.scenario.replace('&', "&amp;").replace('<', "&lt;"),
         report.seed
     );
     for fault in &report.faults {
