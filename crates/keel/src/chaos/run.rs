@@ -146,6 +146,8 @@ struct RunnerMember {
     peer_port: u16,
     id: u64,
     child: Option<Child>,
+    /// Started with `--initial-cluster-state existing` (a replacement joining the cluster).
+    joining: bool,
 }
 
 /// The member processes the runner supervises; killed when dropped.
@@ -170,6 +172,7 @@ impl RunnerCluster {
                 peer_port: port_base + 2 * index as u16 + 1,
                 id: 0,
                 child: None,
+                joining: false,
             })
             .collect();
         let initial_cluster = members
@@ -213,6 +216,11 @@ impl RunnerCluster {
             .args(["--initial-advertise-peer-urls", &peer_url])
             .args(["--initial-cluster", &self.initial_cluster])
             .arg("--experimental-enable-fault-injection")
+            .args(if member.joining {
+                &["--initial-cluster-state", "existing"][..]
+            } else {
+                &[]
+            })
             .args(&self.server_arguments)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -575,7 +583,14 @@ async fn play_fault(fault: ScheduledFault, context: FaultContext) -> anyhow::Res
         if !targets.is_empty() {
             let start_seconds = context.now_seconds();
             let fault_end = (Instant::now() + fault.for_duration).min(context.end);
-            if fault.kind == "kill" {
+            if fault.kind == "replace" {
+                for &index in &targets {
+                    if let Err(error) = replace_member(&context, index).await {
+                        tracing::warn!(error = %format!("{error:#}"), "replacing a member failed");
+                        anyhow::bail!("replacing member m{}: {error:#}", index + 1);
+                    }
+                }
+            } else if fault.kind == "kill" {
                 {
                     let mut cluster = context.cluster.lock().expect("not poisoned");
                     for &index in &targets {
@@ -668,6 +683,134 @@ fn build_fault(fault: &ScheduledFault, targets: &[usize], context: &FaultContext
         }),
     };
     Fault { kind: Some(kind) }
+}
+
+/// Retries `attempt` every 200 ms for up to 30 s.
+async fn until_ok<T, F, Fut>(what: &str, mut attempt: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + CONVERGE_TIMEOUT;
+    loop {
+        match attempt().await {
+            Ok(value) => return Ok(value),
+            Err(error) if Instant::now() >= deadline => anyhow::bail!("{what}: {error}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// Replaces a member as an operator does after losing its machine: stop it, remove it
+/// from the membership, wipe its data, add a fresh member with the same peer URL as a
+/// learner, start it empty, and promote it once it has caught up.
+async fn replace_member(context: &FaultContext, index: usize) -> anyhow::Result<()> {
+    use keel_server::api::etcdserverpb::cluster_client::ClusterClient;
+    use keel_types::etcdserverpb::{
+        MemberAddRequest, MemberListRequest, MemberPromoteRequest, MemberRemoveRequest,
+    };
+    let (old_id, peer_url, data_dir) = {
+        let mut cluster = context.cluster.lock().expect("not poisoned");
+        cluster.kill(index);
+        let member = &cluster.members[index];
+        (
+            member.id,
+            format!("http://127.0.0.1:{}", member.peer_port),
+            cluster.directory.join(&member.name),
+        )
+    };
+    let others: Vec<String> = (0..context.urls.len())
+        .filter(|&other| other != index)
+        .map(|other| context.urls[other].clone())
+        .collect();
+    let cluster_client = |attempt: usize| {
+        let url = others[attempt % others.len()].clone();
+        async move {
+            connect(&url, Duration::from_millis(500))
+                .await
+                .map(ClusterClient::new)
+                .ok_or_else(|| format!("{url} does not answer"))
+        }
+    };
+    let mut attempt = 0usize;
+    until_ok("member remove", || {
+        attempt += 1;
+        let client = cluster_client(attempt);
+        async move {
+            match client
+                .await?
+                .member_remove(MemberRemoveRequest { id: old_id })
+                .await
+            {
+                Ok(_) => Ok(()),
+                // An earlier attempt that timed out took effect.
+                Err(status) if status.message().contains("not found") => Ok(()),
+                Err(status) => Err(status.message().to_owned()),
+            }
+        }
+    })
+    .await?;
+    match std::fs::remove_dir_all(&data_dir) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+            return Err(error).with_context(|| format!("wiping {}", data_dir.display()))
+        }
+        _ => {}
+    }
+    let new_id = until_ok("member add", || {
+        attempt += 1;
+        let client = cluster_client(attempt);
+        let peer_url = peer_url.clone();
+        async move {
+            let mut client = client.await?;
+            let added = client
+                .member_add(MemberAddRequest {
+                    peer_ur_ls: vec![peer_url.clone()],
+                    is_learner: true,
+                })
+                .await;
+            match added {
+                Ok(response) => response
+                    .into_inner()
+                    .member
+                    .map(|member| member.id)
+                    .ok_or_else(|| "no member in the answer".to_owned()),
+                Err(status) if status.message().contains("already exists") => client
+                    .member_list(MemberListRequest::default())
+                    .await
+                    .map_err(|status| status.message().to_owned())?
+                    .into_inner()
+                    .members
+                    .into_iter()
+                    .find(|member| member.peer_ur_ls.contains(&peer_url))
+                    .map(|member| member.id)
+                    .ok_or_else(|| "the added member is not listed".to_owned()),
+                Err(status) => Err(status.message().to_owned()),
+            }
+        }
+    })
+    .await?;
+    {
+        let mut cluster = context.cluster.lock().expect("not poisoned");
+        cluster.members[index].joining = true;
+        cluster.members[index].id = new_id;
+        cluster.start(index)?;
+    }
+    until_ok("member promote", || {
+        attempt += 1;
+        let client = cluster_client(attempt);
+        async move {
+            match client
+                .await?
+                .member_promote(MemberPromoteRequest { id: new_id })
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(status) if status.message().contains("not a learner") => Ok(()),
+                Err(status) => Err(status.message().to_owned()),
+            }
+        }
+    })
+    .await
 }
 
 /// One member failing after Exp(λ) up and coming back after Exp(μ) down, until the end.

@@ -108,7 +108,8 @@ impl Default for Hypothesis {
 #[serde(deny_unknown_fields)]
 pub struct ScheduledFault {
     /// partition, drop, delay, clock, fsync-error, slow-fsync, write-error, pause,
-    /// kill (the runner kills the process and restarts it after `for`), or
+    /// kill (the runner kills the process and restarts it after `for`), replace (the
+    /// member is removed, wiped and replaced by a fresh one with its address), or
     /// random-kill (each member fails and is repaired at random, see `random`).
     pub kind: String,
     /// `leader`, `follower`, `minority`, `majority`, `all`, or member names (`m1,m2`).
@@ -171,6 +172,7 @@ pub const FAULT_KINDS: &[&str] = &[
     "pause",
     "kill",
     "random-kill",
+    "replace",
 ];
 
 impl Scenario {
