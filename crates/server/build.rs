@@ -8,6 +8,7 @@ fn main() {
         "../types/proto/rpc.proto",
         "../types/proto/v3lock.proto",
         "../types/proto/v3election.proto",
+        "../types/proto/chaos.proto",
     ];
     println!("cargo:rerun-if-changed={proto_dir}");
     let mut config = prost_build::Config::new();
@@ -23,6 +24,7 @@ fn main() {
         .extern_path(".etcdserverpb", "::keel_types::etcdserverpb")
         .extern_path(".v3lockpb", "::keel_types::v3lockpb")
         .extern_path(".v3electionpb", "::keel_types::v3electionpb")
+        .extern_path(".keelchaospb", "::keel_types::keelchaospb")
         .compile_with_config(config, &protos, &[proto_dir])
         .expect("etcd service definitions compile");
 }

@@ -12,6 +12,7 @@ fn main() {
         "proto/v3lock.proto",
         "proto/v3election.proto",
         "proto/keel.proto",
+        "proto/chaos.proto",
     ];
     for proto in &protos {
         println!("cargo:rerun-if-changed={proto}");

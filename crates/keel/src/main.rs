@@ -4,6 +4,7 @@
 
 mod availability;
 mod bench;
+mod chaos;
 mod dev;
 mod elect;
 mod kv;
@@ -48,6 +49,8 @@ enum Command {
     Bench(bench::BenchArguments),
     /// Model reliability and availability: components, quorums, repair, block diagrams.
     Availability(availability::Arguments),
+    /// Inject faults into running members (needs --experimental-enable-fault-injection).
+    Chaos(chaos::Arguments),
 }
 
 fn main() -> std::process::ExitCode {
@@ -74,6 +77,7 @@ fn main() -> std::process::ExitCode {
             Command::Elect(arguments) => elect::run(arguments).await,
             Command::Operations(command) => operations::run(command).await,
             Command::Availability(arguments) => availability::run(arguments).await,
+            Command::Chaos(arguments) => chaos::run(arguments).await,
         }
     });
     match result {

@@ -80,6 +80,14 @@ pub struct ServerArguments {
     /// a put of KEY is applied, as silent disk corruption would.
     #[arg(long, hide = true, value_name = "KEY")]
     unsafe_fault_corrupt_values_of_key: Option<String>,
+    /// Serve `keel chaos` fault injection (partitions, drops, delays, clock rate, disk
+    /// faults, kill and pause) to callers on the loopback interface. Off by default.
+    #[arg(long)]
+    experimental_enable_fault_injection: bool,
+    /// Test-only, broken on purpose: acknowledge writes before they are durable, so the
+    /// fault suite can show it catches the bug.
+    #[arg(long, hide = true)]
+    unsafe_fault_acknowledge_before_fsync: bool,
     /// Largest client request in bytes.
     #[arg(long, default_value_t = 1_572_864)]
     max_request_bytes: usize,
@@ -168,6 +176,8 @@ impl ServerArguments {
             "0" => None,
             text => Some(parse_duration(text).context("--experimental-corrupt-check-time")?),
         };
+        config.enable_fault_injection = self.experimental_enable_fault_injection;
+        config.unsafe_acknowledge_before_fsync = self.unsafe_fault_acknowledge_before_fsync;
         config.corrupt_values_of_key = self
             .unsafe_fault_corrupt_values_of_key
             .clone()

@@ -89,6 +89,12 @@ pub struct ServerConfig {
     pub peer_frame_bytes_max: usize,
     /// Largest snapshot a peer may send us, in bytes (the storage's own limit).
     pub peer_snapshot_bytes_max: u64,
+    /// Serve `keel chaos` fault injection to loopback callers
+    /// (`--experimental-enable-fault-injection`); off by default.
+    pub enable_fault_injection: bool,
+    /// BROKEN ON PURPOSE, for the fault suite's self-test: write-ahead log bytes are
+    /// written one sync late, so writes are acknowledged before they are durable.
+    pub unsafe_acknowledge_before_fsync: bool,
 }
 
 impl ServerConfig {
@@ -122,6 +128,8 @@ impl ServerConfig {
             peer_queue_messages_max: 4_096,
             peer_frame_bytes_max: 1 << 30,
             peer_snapshot_bytes_max: 8 * 1024 * 1024 * 1024,
+            enable_fault_injection: false,
+            unsafe_acknowledge_before_fsync: false,
         }
     }
 

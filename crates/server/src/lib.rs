@@ -11,6 +11,7 @@ pub mod authority_repair;
 pub mod config;
 pub mod corruption;
 pub mod election;
+pub mod fault_injection;
 pub mod gateway;
 pub mod grpc;
 pub mod health;
@@ -37,6 +38,10 @@ pub mod api {
     /// etcd's Election service.
     pub mod v3electionpb {
         include!(concat!(env!("OUT_DIR"), "/v3electionpb.rs"));
+    }
+    /// keel's fault-injection admin service (`keel chaos`).
+    pub mod keelchaospb {
+        include!(concat!(env!("OUT_DIR"), "/keelchaospb.rs"));
     }
 }
 
@@ -155,8 +160,23 @@ impl Server {
             reason: format!("cannot create the data directory: {source}"),
         })?;
         let metrics = Arc::new(metrics::MemberMetrics::new(grpc::ETCD_COMPATIBLE_VERSION));
-        let disk =
-            metrics::disk::MeteredDisk::new(FileDisk::new(&member_directory), metrics.clone());
+        // The member's id is known only after recovery; the injector learns it below.
+        let faults = config
+            .enable_fault_injection
+            .then(|| fault_injection::FaultInjector::new(0, &config.name));
+        let mut file_disk = FileDisk::new(&member_directory);
+        if let Some(faults) = &faults {
+            tracing::warn!("fault injection is on (--experimental-enable-fault-injection)");
+            file_disk = file_disk.with_faults(faults.clone());
+        }
+        if config.unsafe_acknowledge_before_fsync {
+            tracing::error!(
+                "--unsafe-fault-acknowledge-before-fsync: writes are acknowledged before they \
+                 are durable; this member WILL lose data (test-only switch)"
+            );
+            file_disk = file_disk.with_unsafe_acknowledge_before_write();
+        }
+        let disk = metrics::disk::MeteredDisk::new(file_disk, metrics.clone());
         let (mut durable, recovered) = DurableState::open(disk)
             .map_err(|error| recovery_error(&member_directory, error.to_string()))?;
         let recovered = match recovered {
@@ -173,6 +193,9 @@ impl Server {
         };
         let member_id = own_member_id(&config, &recovered);
         metrics.identify(member_id);
+        if let Some(faults) = &faults {
+            faults.set_member_id(member_id);
+        }
         let mut node_config = NodeConfig::with_member_id(member_id);
         node_config.election_ticks = config.election_ticks();
         node_config.heartbeat_ticks = 1;
@@ -225,7 +248,8 @@ impl Server {
             config.peer_queue_messages_max,
             input.clone(),
             metrics.clone(),
-        );
+        )
+        .with_faults(faults.clone());
         let view = member::MembershipView {
             allowed: Default::default(),
             membership: Default::default(),
@@ -251,10 +275,11 @@ impl Server {
                 allowed.clone(),
                 membership.clone(),
                 metrics.clone(),
+                faults.clone(),
             )));
         }
 
-        let tick_interval = config.heartbeat_interval;
+        let tick_clock = fault_injection::TickClock::new(config.heartbeat_interval, faults.clone());
         let loop_input = input.clone();
         let (stopped_sender, member_stopped) = tokio::sync::watch::channel(None);
         let (revision_sender, revision_receiver) = tokio::sync::watch::channel(0i64);
@@ -268,7 +293,7 @@ impl Server {
                     inputs,
                     loop_input,
                     peers,
-                    tick_interval,
+                    tick_clock,
                     revision_sender,
                     view,
                     loop_metrics,
@@ -293,6 +318,10 @@ impl Server {
             watch::WatchConfig::with_request_bytes_max(config.request_bytes_max),
         );
         let mut serve_tasks = Vec::new();
+        if let Some(faults) = &faults {
+            tokio::spawn(faults.clone().expire_periodically());
+        }
+        let chaos_service = fault_injection::ChaosService::new(faults.clone());
         if let Some(interval) = config.corruption_check_interval {
             serve_tasks.push(tokio::spawn(corruption::check_periodically(
                 services.clone(),
@@ -357,7 +386,10 @@ impl Server {
                 .add_service(
                     api::etcdserverpb::auth_server::AuthServer::new(auth::AuthService)
                         .max_decoding_message_size(decoding_limit),
-                );
+                )
+                .add_service(api::keelchaospb::chaos_server::ChaosServer::new(
+                    chaos_service.clone(),
+                ));
             let http = gateway::http_router(gateway::GatewayServices {
                 services: services.clone(),
                 lease: lease::LeaseService::new(services.clone()),

@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use keel_core::eraftpb::Message;
 use keel_core::{
@@ -22,6 +22,7 @@ use keel_types::etcdserverpb::{RangeRequest, RangeResponse};
 use keel_types::keelpb::MemberRecord;
 use tokio::sync::oneshot;
 
+use crate::fault_injection::TickClock;
 use crate::member_observer::MemberObserver;
 use crate::metrics::disk::MeteredDisk;
 use crate::metrics::MemberMetrics;
@@ -202,7 +203,7 @@ pub fn run(
     inputs: Receiver<Input>,
     input_sender: SyncSender<Input>,
     mut peers: PeerSenders,
-    tick_interval: Duration,
+    tick_clock: TickClock,
     revision: tokio::sync::watch::Sender<i64>,
     view: MembershipView,
     metrics: Arc<MemberMetrics>,
@@ -215,7 +216,7 @@ pub fn run(
     let mut removed = false;
     let mut waiting = Waiting::new(metrics);
     let mut next_token: u64 = 0;
-    let mut next_tick = Instant::now() + tick_interval;
+    let mut next_tick = Instant::now() + tick_clock.interval();
     loop {
         let timeout = next_tick.saturating_duration_since(Instant::now());
         let first = match inputs.recv_timeout(timeout) {
@@ -247,6 +248,7 @@ pub fn run(
         let now = Instant::now();
         if now >= next_tick {
             node.step(Event::Tick);
+            let tick_interval = tick_clock.interval();
             next_tick += tick_interval;
             if next_tick < now {
                 // We fell behind (a long fsync or snapshot): do not fire a burst

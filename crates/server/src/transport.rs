@@ -36,6 +36,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 use crate::config::parse_url_address;
+use crate::fault_injection::{Direction, FaultInjector, PeerVerdict};
 use crate::member::Input;
 use crate::metrics::{member_label, MemberMetrics, PeerMetrics};
 use keel_types::keelpb::MemberRecord;
@@ -82,6 +83,8 @@ pub struct PeerSenders {
     input: SyncSender<Input>,
     senders: BTreeMap<u64, (SocketAddr, mpsc::Sender<Message>, Arc<PeerMetrics>)>,
     metrics: Arc<MemberMetrics>,
+    /// Injected network faults (`keel chaos`), when fault injection is on.
+    faults: Option<Arc<FaultInjector>>,
 }
 
 impl PeerSenders {
@@ -102,7 +105,14 @@ impl PeerSenders {
             input,
             senders: BTreeMap::new(),
             metrics,
+            faults: None,
         }
+    }
+
+    /// Consults `faults` before sending each message (partitions, drops, delays).
+    pub fn with_faults(mut self, faults: Option<Arc<FaultInjector>>) -> Self {
+        self.faults = faults;
+        self
     }
 
     /// Starts a sender for every new member (or changed address) and drops
@@ -158,6 +168,26 @@ impl PeerSenders {
             }
             return;
         };
+        if let Some(faults) = &self.faults {
+            match faults.peer_verdict(to, Direction::Outgoing) {
+                PeerVerdict::Deliver => {}
+                // A snapshot is never held back (raft-rs waits for its report), only lost.
+                PeerVerdict::Delay(_) if is_snapshot => {}
+                PeerVerdict::Delay(delay) if faults.claim_delay_slot() => {
+                    let (sender, faults) = (sender.clone(), faults.clone());
+                    self.runtime.spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        let _ = sender.try_send(message);
+                        faults.release_delay_slot();
+                    });
+                    return;
+                }
+                PeerVerdict::Delay(_) | PeerVerdict::Drop => {
+                    report_lost(&message, input);
+                    return;
+                }
+            }
+        }
         if sender.try_send(message).is_err() {
             peer.sent_failures.inc();
             let _ = input.try_send(Input::Unreachable(to));
@@ -525,6 +555,7 @@ pub async fn serve_peers(
     allowed: AllowedPeers,
     membership: Arc<RwLock<keel_types::keelpb::StateMachineSnapshot>>,
     metrics: Arc<MemberMetrics>,
+    faults: Option<Arc<FaultInjector>>,
 ) {
     loop {
         let (stream, remote) = match listener.accept().await {
@@ -539,9 +570,10 @@ pub async fn serve_peers(
         let allowed = allowed.clone();
         let membership = membership.clone();
         let metrics = metrics.clone();
+        let faults = faults.clone();
         tokio::spawn(async move {
             if let Err(reason) = receive_from_peer(
-                stream, cluster_id, limits, input, allowed, membership, &metrics,
+                stream, cluster_id, limits, input, allowed, membership, &metrics, faults,
             )
             .await
             {
@@ -559,6 +591,7 @@ async fn receive_from_peer(
     allowed: AllowedPeers,
     membership: Arc<RwLock<keel_types::keelpb::StateMachineSnapshot>>,
     metrics: &MemberMetrics,
+    faults: Option<Arc<FaultInjector>>,
 ) -> Result<(), String> {
     let _ = stream.set_nodelay(true);
     let mut hello = [0u8; 24];
@@ -588,6 +621,13 @@ async fn receive_from_peer(
         let payload_length = length - 1;
         peer.received_bytes
             .inc_by((FRAME_HEADER_BYTES + length) as u64);
+        if faults.as_ref().is_some_and(|faults| {
+            faults.peer_verdict(sender, Direction::Incoming) == PeerVerdict::Drop
+        }) {
+            // An injected partition: cut the connection as a broken network would; the
+            // sender reconnects with backoff and is cut again while the fault lasts.
+            return Err("partitioned by an injected fault".into());
+        }
         if kind == FRAME_SNAPSHOT_CHUNK {
             // Read straight into the snapshot's buffer: no second copy.
             let Some(snapshot) = incoming.as_mut() else {

@@ -91,16 +91,50 @@ pub(crate) fn parent_directory(path: &Path) -> &Path {
     path.parent().unwrap_or(Path::new(""))
 }
 
+/// Faults injected into a [`FileDisk`] by an operator's chaos experiment (the server's
+/// fault injector decides when; the disk only asks before each write and each fsync).
+/// An error returned here takes the place of the real operation's result, so the log
+/// reacts exactly as to a real failing disk: an fsync error stops the member.
+pub trait DiskFaults: std::fmt::Debug + Send + Sync {
+    /// Called before bytes are appended; an error fails the append.
+    fn before_write(&self) -> io::Result<()>;
+    /// Called before an fsync; may sleep (a slow disk), and an error fails the fsync.
+    fn before_sync(&self) -> io::Result<()>;
+}
+
 /// [`Disk`] over real files below a root directory.
 #[derive(Debug, Clone)]
 pub struct FileDisk {
     root: PathBuf,
+    faults: Option<std::sync::Arc<dyn DiskFaults>>,
+    /// A deliberately broken mode for the fault suite's self-test: see
+    /// [`FileDisk::with_unsafe_acknowledge_before_write`].
+    acknowledge_before_write: bool,
 }
 
 impl FileDisk {
     /// A disk rooted at `root`, which must exist.
     pub fn new(root: impl Into<PathBuf>) -> FileDisk {
-        FileDisk { root: root.into() }
+        FileDisk {
+            root: root.into(),
+            faults: None,
+            acknowledge_before_write: false,
+        }
+    }
+
+    /// The same disk, asking `faults` before every append and fsync of its files.
+    pub fn with_faults(mut self, faults: std::sync::Arc<dyn DiskFaults>) -> FileDisk {
+        self.faults = Some(faults);
+        self
+    }
+
+    /// BROKEN ON PURPOSE, for testing the tests: appended bytes stay in memory until the
+    /// sync *after* the one that should have made them durable, so a sync returns before
+    /// its data is even written and a SIGKILL loses acknowledged writes. The fault suite
+    /// must fail against a member in this mode (`--unsafe-fault-acknowledge-before-fsync`).
+    pub fn with_unsafe_acknowledge_before_write(mut self) -> FileDisk {
+        self.acknowledge_before_write = true;
+        self
     }
 
     /// The root directory.
@@ -145,7 +179,13 @@ impl Disk for FileDisk {
             .create(true)
             .append(true)
             .open(self.resolve(path))?;
-        Ok(FileDiskFile { file })
+        Ok(FileDiskFile {
+            file,
+            faults: self.faults.clone(),
+            acknowledge_before_write: self.acknowledge_before_write,
+            pending: Vec::new(),
+            held: Vec::new(),
+        })
     }
 
     fn read_file(&self, path: &Path) -> io::Result<Vec<u8>> {
@@ -161,6 +201,9 @@ impl Disk for FileDisk {
     }
 
     fn sync_directory(&self, directory: &Path) -> io::Result<()> {
+        if let Some(faults) = &self.faults {
+            faults.before_sync()?;
+        }
         // On Linux a directory opened read-only can be fsynced, which persists its entries.
         fs::File::open(self.resolve(directory))?.sync_all()
     }
@@ -170,19 +213,62 @@ impl Disk for FileDisk {
 #[derive(Debug)]
 pub struct FileDiskFile {
     file: fs::File,
+    faults: Option<std::sync::Arc<dyn DiskFaults>>,
+    acknowledge_before_write: bool,
+    /// In the broken mode: bytes appended since the last sync.
+    pending: Vec<u8>,
+    /// In the broken mode: bytes the last sync claimed durable but did not write.
+    held: Vec<u8>,
+}
+
+impl FileDiskFile {
+    /// Writes everything the broken mode kept in memory (not synced).
+    fn write_kept(&mut self) -> io::Result<()> {
+        let held = std::mem::take(&mut self.held);
+        let pending = std::mem::take(&mut self.pending);
+        self.file.write_all(&held)?;
+        self.file.write_all(&pending)
+    }
+}
+
+impl Drop for FileDiskFile {
+    fn drop(&mut self) {
+        // Only a killed process loses what the broken mode kept; a closed file keeps it.
+        if self.acknowledge_before_write {
+            let _ = self.write_kept();
+        }
+    }
 }
 
 impl DiskFile for FileDiskFile {
     fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if let Some(faults) = &self.faults {
+            faults.before_write()?;
+        }
+        if self.acknowledge_before_write {
+            self.pending.extend_from_slice(bytes);
+            return Ok(());
+        }
         self.file.write_all(bytes)
     }
 
     fn truncate(&mut self, length_bytes: u64) -> io::Result<()> {
+        if self.acknowledge_before_write {
+            self.write_kept()?;
+        }
         // The file is in append mode, so the next write lands at the new end.
         self.file.set_len(length_bytes)
     }
 
     fn sync(&mut self) -> io::Result<()> {
+        if let Some(faults) = &self.faults {
+            faults.before_sync()?;
+        }
+        if self.acknowledge_before_write {
+            // Write what the previous sync claimed, and keep this batch in memory.
+            let held = std::mem::replace(&mut self.held, std::mem::take(&mut self.pending));
+            self.file.write_all(&held)?;
+        }
         // fdatasync: the file's size is data for this purpose, so appends are covered.
         self.file.sync_data()
     }

@@ -26,7 +26,7 @@ mod sim_disk;
 mod snapshot;
 mod wal;
 
-pub use disk::{Disk, DiskFile, FileDisk, FileDiskFile, TEMPORARY_SUFFIX};
+pub use disk::{Disk, DiskFaults, DiskFile, FileDisk, FileDiskFile, TEMPORARY_SUFFIX};
 pub use error::StorageError;
 pub use sim_disk::{Crash, SimDisk, SimDiskFile, SimDiskStats};
 pub use snapshot::{Snapshot, SnapshotOptions, SnapshotStore};

@@ -48,3 +48,8 @@ pub type MemberId = u64;
 
 /// The MVCC store's logical clock: it increases by one with every write.
 pub type Revision = i64;
+
+/// keel's fault-injection admin API messages (`keel chaos`).
+pub mod keelchaospb {
+    include!(concat!(env!("OUT_DIR"), "/keelchaospb.rs"));
+}
