@@ -2,6 +2,7 @@
 //! `keel dev` runs a local three-member cluster, and `keel kv …` is a small
 //! etcd-protocol client for the basics; `keel bench` measures a cluster.
 
+mod availability;
 mod bench;
 mod dev;
 mod elect;
@@ -45,6 +46,8 @@ enum Command {
     Watch(watch::WatchArguments),
     /// Measure throughput and latency of an etcd-protocol cluster (keel or etcd).
     Bench(bench::BenchArguments),
+    /// Model reliability and availability: components, quorums, repair, block diagrams.
+    Availability(availability::Arguments),
 }
 
 fn main() -> std::process::ExitCode {
@@ -70,6 +73,7 @@ fn main() -> std::process::ExitCode {
             Command::Lock(arguments) => lock::run(arguments).await,
             Command::Elect(arguments) => elect::run(arguments).await,
             Command::Operations(command) => operations::run(command).await,
+            Command::Availability(arguments) => availability::run(arguments).await,
         }
     });
     match result {
