@@ -4,7 +4,9 @@
 # (BEFORE, a `keel` binary) and of this tree's release build with every
 # member's /metrics scraped once a second (fifteen times Prometheus's default
 # rate), RUNS times each, alternating so that a change in the machine's load
-# hits both alike. Prints each run and a table of medians in Markdown.
+# hits both alike. Prints each run and a table of medians in Markdown: puts per
+# second, and the members' CPU time per put (user + system, from /proc), which
+# a busy machine disturbs less than throughput.
 #
 # Usage: [AFTER=keel-binary] bench/metrics-cost.sh BEFORE [RUNS] [SECONDS] [CLIENTS...]
 #   e.g. bench/metrics-cost.sh /tmp/keel-before 3 10 1 64
@@ -73,17 +75,37 @@ start_cluster() {
 }
 endpoints() { echo "127.0.0.1:27610,127.0.0.1:27620,127.0.0.1:27630"; }
 
+# CPU seconds (user + system) the running members have used so far: on a
+# shared machine a steadier measure of cost than throughput.
+members_cpu_seconds() {
+  local ticks=0 pid stat
+  for pid in "${member_pids[@]}"; do
+    stat=$(cat "/proc/$pid/stat")
+    stat=${stat##*) }
+    read -r -a fields <<<"$stat"
+    ticks=$((ticks + fields[11] + fields[12]))
+  done
+  python3 -c "print($ticks / $(getconf CLK_TCK))"
+}
+
 results="$work/results"
 : >"$results"
 for run in $(seq 1 "$runs"); do
   for clients in "${clients_list[@]}"; do
     for variant in before after; do
       if [ "$variant" = before ]; then start_cluster "$before" 0; else start_cluster "$after" 1; fi
-      rate=$("$after" bench --endpoints "$(endpoints)" --clients "$clients" --duration "${seconds}s" -o json put |
-        python3 -c 'import json, sys; print(round(json.load(sys.stdin)["operations_per_second"]))')
+      cpu_before=$(members_cpu_seconds)
+      report=$("$after" bench --endpoints "$(endpoints)" --clients "$clients" --duration "${seconds}s" -o json put)
+      cpu_after=$(members_cpu_seconds)
       stop_cluster
-      echo "run $run clients $clients $variant: $rate puts/s (load $(cut -d' ' -f1 /proc/loadavg))" >&2
-      echo "$clients $variant $rate" >>"$results"
+      read -r rate cpu_per_put < <(python3 -c '
+import json, sys
+report = json.loads(sys.argv[1])
+puts = max(report["operations"], 1)
+print(round(report["operations_per_second"]), round((float(sys.argv[3]) - float(sys.argv[2])) * 1e6 / puts))
+' "$report" "$cpu_before" "$cpu_after")
+      echo "run $run clients $clients $variant: $rate puts/s, $cpu_per_put server CPU us/put (load $(cut -d' ' -f1 /proc/loadavg))" >&2
+      echo "$clients $variant $rate $cpu_per_put" >>"$results"
     done
   done
 done
@@ -92,11 +114,13 @@ python3 - "$results" "$runs" "$seconds" <<'PYEOF'
 import statistics, sys
 rows = [line.split() for line in open(sys.argv[1])]
 runs, seconds = sys.argv[2], sys.argv[3]
-print(f"| clients | before: puts/s (runs) | after, scraped every 1 s: puts/s (runs) | median after / before |")
-print("|---|---|---|---|")
+print("| clients | before: puts/s, median (runs) | after, scraped every 1 s: puts/s, median (runs) | after / before | server CPU µs per put, before / after (medians) |")
+print("|---|---|---|---|---|")
 for clients in dict.fromkeys(row[0] for row in rows):
-    before = [int(r[2]) for r in rows if r[0] == clients and r[1] == "before"]
-    after = [int(r[2]) for r in rows if r[0] == clients and r[1] == "after"]
+    def column(variant, field):
+        return [int(r[field]) for r in rows if r[0] == clients and r[1] == variant]
+    before, after = column("before", 2), column("after", 2)
     mb, ma = statistics.median(before), statistics.median(after)
-    print(f"| {clients} | {mb:.0f} ({', '.join(map(str, before))}) | {ma:.0f} ({', '.join(map(str, after))}) | {ma / mb:.3f} |")
+    cb, ca = statistics.median(column("before", 3)), statistics.median(column("after", 3))
+    print(f"| {clients} | {mb:.0f} ({', '.join(map(str, before))}) | {ma:.0f} ({', '.join(map(str, after))}) | {ma / mb:.3f} | {cb:.0f} / {ca:.0f} |")
 PYEOF
