@@ -256,7 +256,7 @@ fn members_export_etcd_metrics_that_follow_traffic_and_leader_changes() {
         assert!(text.ends_with("# EOF\n"), "OpenMetrics ends with # EOF");
         // The client port serves the same endpoints, as etcd's does.
         let endpoint = observed.cluster.members[index].endpoint();
-        for path in ["/metrics", "/health"] {
+        for path in ["/metrics", "/health", "/livez", "/readyz"] {
             let answer = http_get(&endpoint, path).expect("the client port answers HTTP/1.1");
             assert_eq!(answer.status, 200, "{endpoint}{path}: {}", answer.body);
         }

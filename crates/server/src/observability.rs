@@ -3,8 +3,8 @@
 //!
 //! The router is served on `--listen-metrics-urls` (etcd's flag: its own
 //! listener, so scrapes and probes never queue behind client traffic), and is
-//! meant to be merged into the client port's HTTP router as well, where etcd
-//! serves the same paths.
+//! merged into the client port's HTTP router (beside the JSON gateway), where
+//! etcd serves the same paths.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

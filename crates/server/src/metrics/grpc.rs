@@ -48,8 +48,7 @@ const CODE_CANCELED: usize = 1;
 const CODE_UNKNOWN: usize = 2;
 
 /// The methods keel serves: (service, method, go-grpc-prometheus type). These
-/// are facts of etcd's API (`rpc.proto`, `v3lock.proto`, `v3election.proto`);
-/// Auth is not served, so it is not here.
+/// are facts of etcd's API (`rpc.proto`, `v3lock.proto`, `v3election.proto`).
 const METHODS: &[(&str, &str, &str)] = &[
     ("etcdserverpb.KV", "Range", "unary"),
     ("etcdserverpb.KV", "Put", "unary"),
@@ -75,6 +74,23 @@ const METHODS: &[(&str, &str, &str)] = &[
     ("etcdserverpb.Maintenance", "Snapshot", "server_stream"),
     ("etcdserverpb.Maintenance", "MoveLeader", "unary"),
     ("etcdserverpb.Maintenance", "Downgrade", "unary"),
+    ("etcdserverpb.Auth", "AuthEnable", "unary"),
+    ("etcdserverpb.Auth", "AuthDisable", "unary"),
+    ("etcdserverpb.Auth", "AuthStatus", "unary"),
+    ("etcdserverpb.Auth", "Authenticate", "unary"),
+    ("etcdserverpb.Auth", "UserAdd", "unary"),
+    ("etcdserverpb.Auth", "UserGet", "unary"),
+    ("etcdserverpb.Auth", "UserList", "unary"),
+    ("etcdserverpb.Auth", "UserDelete", "unary"),
+    ("etcdserverpb.Auth", "UserChangePassword", "unary"),
+    ("etcdserverpb.Auth", "UserGrantRole", "unary"),
+    ("etcdserverpb.Auth", "UserRevokeRole", "unary"),
+    ("etcdserverpb.Auth", "RoleAdd", "unary"),
+    ("etcdserverpb.Auth", "RoleGet", "unary"),
+    ("etcdserverpb.Auth", "RoleList", "unary"),
+    ("etcdserverpb.Auth", "RoleDelete", "unary"),
+    ("etcdserverpb.Auth", "RoleGrantPermission", "unary"),
+    ("etcdserverpb.Auth", "RoleRevokePermission", "unary"),
     ("v3lockpb.Lock", "Lock", "unary"),
     ("v3lockpb.Lock", "Unlock", "unary"),
     ("v3electionpb.Election", "Campaign", "unary"),
@@ -357,7 +373,8 @@ mod tests {
         let put = metrics.method("/etcdserverpb.KV/Put").expect("served");
         put.started.inc();
         put.handled(0);
-        assert!(metrics.method("/etcdserverpb.Auth/UserAdd").is_none());
+        assert!(metrics.method("/etcdserverpb.Auth/UserAdd").is_some());
+        assert!(metrics.method("/etcdserverpb.Nothing/Here").is_none());
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         assert!(text.contains(
