@@ -266,16 +266,18 @@ impl Server {
                 .map_err(|source| ServerError::Listen { address, source })?;
             peer_task.push(tokio::spawn(transport::serve_peers(
                 listener,
-                cluster,
-                transport::PeerReceiveLimits {
-                    frame_bytes_max: config.peer_frame_bytes_max,
-                    snapshot_bytes_max: config.peer_snapshot_bytes_max,
+                transport::PeerReceiver {
+                    cluster_id: cluster,
+                    limits: transport::PeerReceiveLimits {
+                        frame_bytes_max: config.peer_frame_bytes_max,
+                        snapshot_bytes_max: config.peer_snapshot_bytes_max,
+                    },
+                    input: input.clone(),
+                    allowed: allowed.clone(),
+                    membership: membership.clone(),
+                    metrics: metrics.clone(),
+                    faults: faults.clone(),
                 },
-                input.clone(),
-                allowed.clone(),
-                membership.clone(),
-                metrics.clone(),
-                faults.clone(),
             )));
         }
 

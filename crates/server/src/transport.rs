@@ -545,18 +545,23 @@ fn report_lost(message: &Message, input: &SyncSender<Input>) {
     }
 }
 
+/// What every inbound peer connection shares: who may send, where messages
+/// go, the limits, and the member's metrics and injected faults.
+#[derive(Clone)]
+pub struct PeerReceiver {
+    pub cluster_id: u64,
+    pub limits: PeerReceiveLimits,
+    pub input: SyncSender<Input>,
+    pub allowed: AllowedPeers,
+    pub membership: Arc<RwLock<keel_types::keelpb::StateMachineSnapshot>>,
+    pub metrics: Arc<MemberMetrics>,
+    /// Injected network faults (`keel chaos`), when fault injection is on.
+    pub faults: Option<Arc<FaultInjector>>,
+}
+
 /// Accepts peer connections and passes their messages to the member loop.
 /// Only current members may send; a removed member is told so and refused.
-pub async fn serve_peers(
-    listener: TcpListener,
-    cluster_id: u64,
-    limits: PeerReceiveLimits,
-    input: SyncSender<Input>,
-    allowed: AllowedPeers,
-    membership: Arc<RwLock<keel_types::keelpb::StateMachineSnapshot>>,
-    metrics: Arc<MemberMetrics>,
-    faults: Option<Arc<FaultInjector>>,
-) {
+pub async fn serve_peers(listener: TcpListener, receiver: PeerReceiver) {
     loop {
         let (stream, remote) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -566,33 +571,25 @@ pub async fn serve_peers(
                 continue;
             }
         };
-        let input = input.clone();
-        let allowed = allowed.clone();
-        let membership = membership.clone();
-        let metrics = metrics.clone();
-        let faults = faults.clone();
+        let receiver = receiver.clone();
         tokio::spawn(async move {
-            if let Err(reason) = receive_from_peer(
-                stream, cluster_id, limits, input, allowed, membership, &metrics, faults,
-            )
-            .await
-            {
+            if let Err(reason) = receive_from_peer(stream, receiver).await {
                 tracing::debug!(%remote, %reason, "peer connection closed");
             }
         });
     }
 }
 
-async fn receive_from_peer(
-    mut stream: TcpStream,
-    cluster_id: u64,
-    limits: PeerReceiveLimits,
-    input: SyncSender<Input>,
-    allowed: AllowedPeers,
-    membership: Arc<RwLock<keel_types::keelpb::StateMachineSnapshot>>,
-    metrics: &MemberMetrics,
-    faults: Option<Arc<FaultInjector>>,
-) -> Result<(), String> {
+async fn receive_from_peer(mut stream: TcpStream, receiver: PeerReceiver) -> Result<(), String> {
+    let PeerReceiver {
+        cluster_id,
+        limits,
+        input,
+        allowed,
+        membership,
+        metrics,
+        faults,
+    } = receiver;
     let _ = stream.set_nodelay(true);
     let mut hello = [0u8; 24];
     stream
@@ -650,7 +647,7 @@ async fn receive_from_peer(
             }
             if snapshot.data.len() == snapshot.expected_bytes {
                 let snapshot = incoming.take().expect("checked above");
-                log_snapshot_received(metrics, &peer, &snapshot.message, snapshot.expected_bytes);
+                log_snapshot_received(&metrics, &peer, &snapshot.message, snapshot.expected_bytes);
                 deliver_snapshot(snapshot.message, snapshot.data.freeze(), &input);
             }
             continue;
@@ -703,7 +700,7 @@ async fn receive_from_peer(
                     "receiving a snapshot"
                 );
                 if expected_bytes == 0 {
-                    log_snapshot_received(metrics, &peer, &message, 0);
+                    log_snapshot_received(&metrics, &peer, &message, 0);
                     deliver_snapshot(message, bytes::Bytes::new(), &input);
                 } else {
                     incoming = Some(IncomingSnapshot {
