@@ -13,7 +13,9 @@
 //!    proposal that arrived since the last ready shares it);
 //! 3. send `messages_after_persist` (votes and append responses must not be sent
 //!    before what they promise is on disk, §5.2 and §5.3);
-//! 4. deliver `replies` and save `snapshot_to_save`;
+//! 4. deliver `replies`, hand `snapshot_capture` to a thread that encodes,
+//!    writes and fsyncs it, and carry out `log_compaction` (its marker in the
+//!    log, then releasing the log behind it: it may go first, see [`Output`]);
 //! 5. call [`Node::advance`] and carry out its output the same way.
 //!
 //! The node reads no clock and no unseeded randomness: time arrives as ticks, and
@@ -52,8 +54,8 @@ use crate::state_machine::StateMachine;
 
 pub use config::{AutoCompactionPolicy, DeliberateBug, NodeConfig};
 pub use protocol::{
-    Event, MembershipChange, NodeStatus, Output, OwnSnapshot, Persist, Recovered, Reply,
-    RequestError, Response, StartError, WriteRequest,
+    Event, LogCompaction, MembershipChange, NodeStatus, Output, Persist, Recovered, Reply,
+    RequestError, Response, SnapshotCapture, StartError, WriteRequest,
 };
 pub use snapshots::{bootstrap_snapshot, BOOTSTRAP_INDEX};
 
@@ -89,8 +91,13 @@ pub struct Node {
     replies: Vec<Reply>,
     /// raft-rs's Ready between `ready` and `advance`.
     in_progress: Option<raft::Ready>,
-    /// The index of the newest snapshot of our own state machine.
+    /// The index of the newest capture of our own state machine (or of the
+    /// snapshot this member started from or received).
     last_snapshot_index: u64,
+    /// A capture was handed to the shell and is not yet reported durable.
+    snapshot_in_flight: bool,
+    /// A durable own snapshot whose log compaction the shell has yet to carry out.
+    log_compaction: Option<LogCompaction>,
     /// The leader's lease expiry clock.
     lessor: Lessor,
     next_lease_sequence: u32,
@@ -186,6 +193,8 @@ impl Node {
             replies: Vec::new(),
             in_progress: None,
             last_snapshot_index: snapshot_index,
+            snapshot_in_flight: false,
+            log_compaction: None,
             lessor: Lessor::default(),
             next_lease_sequence: 0,
             last_lease_checkpoint_tick: 0,
@@ -234,6 +243,7 @@ impl Node {
             Event::SnapshotSent(peer) => self
                 .raw_node
                 .report_snapshot(peer, raft::SnapshotStatus::Finish),
+            Event::SnapshotDurable(snapshot) => self.record_durable_snapshot(*snapshot),
         }
         self.jitter_election_timeout_if_reset();
         self.follow_leadership();
@@ -283,6 +293,7 @@ impl Node {
     /// True when [`Node::ready`] has work.
     pub fn has_ready(&self) -> bool {
         !self.replies.is_empty()
+            || self.log_compaction.is_some()
             || !self.proposals_waiting.is_empty()
             || (!self.reads_waiting.is_empty() && self.raw_node.raft.leader_id != raft::INVALID_ID)
             || self.raw_node.has_ready()
@@ -297,7 +308,10 @@ impl Node {
         );
         self.propose_waiting_writes();
         self.issue_read_index();
-        let mut output = Output::default();
+        let mut output = Output {
+            log_compaction: self.log_compaction.take(),
+            ..Output::default()
+        };
         if !self.raw_node.has_ready() {
             output.replies = std::mem::take(&mut self.replies);
             return output;
@@ -346,7 +360,7 @@ impl Node {
             self.raw_node.advance_apply();
         }
         self.serve_ready_reads();
-        output.snapshot_to_save = self.maybe_snapshot();
+        output.snapshot_capture = self.maybe_snapshot();
         output.replies = std::mem::take(&mut self.replies);
         self.jitter_election_timeout_if_reset();
         self.follow_leadership();

@@ -1,16 +1,23 @@
 //! The key space itself: its indexes, reads, single writes and compaction.
 //!
 //! Two ordered maps hold the state. `keys` maps each key to its history, so a range over
-//! `[key, range_end)` is one `BTreeMap::range` walk, O(log n + k) for k keys in the
+//! `[key, range_end)` is one `range` walk, O(log n + k) for k keys in the
 //! range (k counts keys whose history is retained even if they are deleted at the read
 //! revision, as etcd's index does). `revisions` maps every retained change's revision
 //! to its key, which gives revision order for the hash, the event feed and compaction
 //! without scanning every key. Keys are shared between the two maps through `Arc`.
+//!
+//! Both maps are persistent B-trees (`imbl::OrdMap`: nodes shared through `Arc`, copied
+//! on the first write after a clone), and each history sits behind an `Arc` too. So
+//! cloning a `KeySpace` costs O(1) whatever its size: that is how a snapshot or a
+//! corruption check captures the key space at one revision on the member loop and then
+//! encodes or hashes it on another thread while writes go on. A write after a clone
+//! copies the O(log n) nodes on its path once, and the history it appends to.
 
-use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::Arc;
 
+use imbl::OrdMap;
 use keel_types::etcdserverpb::range_request::{SortOrder, SortTarget};
 use keel_types::etcdserverpb::{
     CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
@@ -31,9 +38,9 @@ pub const VERSION_OVERHEAD_BYTES: u64 = 64;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeySpace {
     /// Every key with retained history, in key order.
-    pub(super) keys: BTreeMap<Arc<[u8]>, KeyHistory>,
+    pub(super) keys: OrdMap<Arc<[u8]>, Arc<KeyHistory>>,
     /// The key of every retained change, in revision order.
-    pub(super) revisions: BTreeMap<Revision, Arc<[u8]>>,
+    pub(super) revisions: OrdMap<Revision, Arc<[u8]>>,
     /// The revision of the newest committed change (1 for an empty store, as in etcd).
     pub(super) current_revision: i64,
     /// The revision of the last compaction; -1 before the first one, as in etcd.
@@ -107,8 +114,8 @@ impl KeySpace {
     /// An empty key space at revision 1 that has never been compacted.
     pub fn new() -> Self {
         KeySpace {
-            keys: BTreeMap::new(),
-            revisions: BTreeMap::new(),
+            keys: OrdMap::new(),
+            revisions: OrdMap::new(),
             current_revision: 1,
             compact_revision: -1,
             live_key_count: 0,
@@ -239,10 +246,11 @@ impl KeySpace {
             keys
         };
         for key in touched_keys {
-            let history = self
-                .keys
-                .get_mut(&key)
-                .expect("every key in the revision index has a history");
+            let history = Arc::make_mut(
+                self.keys
+                    .get_mut(&key)
+                    .expect("every key in the revision index has a history"),
+            );
             let count_at_or_before = history
                 .versions
                 .partition_point(|version| version.revision.main <= revision);
@@ -309,7 +317,10 @@ impl KeySpace {
             if !matches(key) {
                 continue;
             }
-            let history = &self.keys[key];
+            let history = self
+                .keys
+                .get(key)
+                .expect("every change in the revision index has a history");
             let version = history
                 .at_revision(*revision)
                 .expect("every change in the revision index is in its key's history");
@@ -456,7 +467,8 @@ impl KeySpace {
         };
         bounds
             .into_iter()
-            .flat_map(move |bounds| self.keys.range::<[u8], _>(bounds))
+            .flat_map(move |bounds| self.keys.range::<_, [u8]>(bounds))
+            .map(|(key, history)| (key, &**history))
     }
 
     /// A range read as of `current_revision`: the store's current revision, or inside a
@@ -638,7 +650,7 @@ impl KeySpace {
         self.approximate_bytes += version_bytes(&key, &version);
         let previous_key = self.revisions.insert(version.revision, Arc::clone(&key));
         assert!(previous_key.is_none(), "a revision is given out once");
-        let history = self.keys.entry(key).or_default();
+        let history = Arc::make_mut(self.keys.entry(key).or_default());
         if let Some(last) = history.versions.last() {
             assert!(
                 last.revision < version.revision,
@@ -656,11 +668,11 @@ impl KeySpace {
         };
         self.approximate_bytes += version_bytes(&key, &version);
         self.revisions.insert(version.revision, Arc::clone(&key));
-        self.keys.entry(key).or_default().push(version);
+        Arc::make_mut(self.keys.entry(key).or_default()).push(version);
     }
 }
 
-/// The bounds of a key range, as `BTreeMap::range` takes them.
+/// The bounds of a key range, as `OrdMap::range` takes them.
 type KeyBounds<'a> = (Bound<&'a [u8]>, Bound<&'a [u8]>);
 
 /// What one retained version counts for in [`KeySpace::approximate_bytes`].

@@ -5,10 +5,10 @@ use keel_types::etcdserverpb::{
     LeaseKeepAliveResponse, LeaseTimeToLiveResponse, RangeRequest, RangeResponse,
 };
 use keel_types::keelpb::{log_request, MemberRecord};
-use raft::eraftpb::{Entry, HardState, Message, Snapshot};
+use raft::eraftpb::{Entry, HardState, Message, Snapshot, SnapshotMetadata};
 
 use crate::mvcc::KeySpaceError;
-use crate::state_machine::{ApplyError, SnapshotDecodeError, WriteResponse};
+use crate::state_machine::{ApplyError, SnapshotDecodeError, StateMachineCapture, WriteResponse};
 
 /// A write a client asks for.
 pub type WriteRequest = log_request::Request;
@@ -75,6 +75,12 @@ pub enum Event {
     /// `ReportSnapshot(Finish)`) resumes probing it, which is what recovers a
     /// follower that received the snapshot but stopped before installing it.
     SnapshotSent(u64),
+    /// The snapshot of a [`SnapshotCapture`] is durable (written and fsynced
+    /// with its directory): the node may now hand it to raft-rs, for followers
+    /// that need it, and compact its log behind it. raft-rs's rule: a snapshot
+    /// is announced only once durable, and the log is compacted only behind a
+    /// durable snapshot.
+    SnapshotDurable(Box<Snapshot>),
 }
 
 /// A change of membership, as etcd's Cluster service asks for it.
@@ -220,13 +226,39 @@ impl Persist {
     }
 }
 
-/// A snapshot this member made of its own state machine. The shell saves it and
-/// may then drop log records before `compact_index`.
+/// A capture of this member's own state machine, taken on the member loop in
+/// O(1). The shell encodes, writes and fsyncs it away from the loop and then
+/// reports [`Event::SnapshotDurable`]; until then raft-rs does not know of it
+/// and no log entry it covers is dropped.
 #[derive(Debug)]
-pub struct OwnSnapshot {
-    /// The snapshot (metadata and state machine bytes).
-    pub snapshot: Snapshot,
-    /// Log entries before this index are no longer needed after the snapshot is durable.
+pub struct SnapshotCapture {
+    /// Index, term and configuration of the snapshot to be.
+    pub metadata: SnapshotMetadata,
+    /// The state machine as of `metadata.index`.
+    pub state: StateMachineCapture,
+}
+
+impl SnapshotCapture {
+    /// Encodes the capture into a Raft snapshot: O(key space), so the server
+    /// calls it on its snapshot thread, never on the member loop.
+    pub fn encode(&self) -> Snapshot {
+        let mut snapshot = Snapshot::default();
+        snapshot.set_metadata(self.metadata.clone());
+        snapshot.data = self.state.encode().into();
+        snapshot
+    }
+}
+
+/// The log behind a durable snapshot of this member's own state machine may go:
+/// the shell records the snapshot in its write-ahead log (its marker) and then
+/// releases log records before `compact_index`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogCompaction {
+    /// The durable snapshot's index.
+    pub snapshot_index: u64,
+    /// The term of the entry at that index.
+    pub snapshot_term: u64,
+    /// Log records before this index are covered by the snapshot.
     pub compact_index: u64,
 }
 
@@ -241,8 +273,16 @@ pub struct Output {
     pub messages_after_persist: Vec<Message>,
     /// Answers to clients.
     pub replies: Vec<Reply>,
-    /// A snapshot of the state machine to save.
-    pub snapshot_to_save: Option<OwnSnapshot>,
+    /// A capture of the state machine to encode, write and fsync off the
+    /// member loop, then report with [`Event::SnapshotDurable`]. At most one is
+    /// outstanding at a time.
+    pub snapshot_capture: Option<SnapshotCapture>,
+    /// A durable own snapshot to mark in the write-ahead log, and the log to
+    /// release behind it. The shell may carry it out at any point of the
+    /// output (it depends on nothing else in it); carrying it out first keeps
+    /// the log's snapshot markers in increasing order when the same output also
+    /// persists a newer snapshot received from the leader.
+    pub log_compaction: Option<LogCompaction>,
 }
 
 /// What a member was when it stopped, as recovered from disk by the shell.

@@ -6,7 +6,7 @@ use raft::eraftpb::{Snapshot, SnapshotMetadata};
 
 use crate::state_machine::StateMachine;
 
-use super::{Node, OwnSnapshot};
+use super::{LogCompaction, Node, SnapshotCapture};
 
 /// The index (and term) of the snapshot a founding member starts from.
 pub const BOOTSTRAP_INDEX: u64 = 1;
@@ -54,9 +54,16 @@ impl Node {
         self.last_snapshot_index = snapshot.get_metadata().index;
     }
 
-    /// Makes a snapshot of the state machine every `snapshot_entries_interval`
-    /// applied entries, and compacts the in-memory log behind it.
-    pub(super) fn maybe_snapshot(&mut self) -> Option<OwnSnapshot> {
+    /// Captures the state machine every `snapshot_entries_interval` applied
+    /// entries (or when raft-rs wants a fresher snapshot for a follower), at most
+    /// one capture at a time. Taking the capture is O(1); the shell encodes,
+    /// writes and fsyncs it off the member loop and reports
+    /// [`Event::SnapshotDurable`](super::Event::SnapshotDurable). Nothing is
+    /// compacted and raft-rs is told nothing until then.
+    pub(super) fn maybe_snapshot(&mut self) -> Option<SnapshotCapture> {
+        if self.snapshot_in_flight {
+            return None;
+        }
         let applied = self.state_machine.applied_index();
         let wanted =
             self.raw_node.store().take_snapshot_wanted() && applied > self.last_snapshot_index;
@@ -71,26 +78,56 @@ impl Node {
             ..Default::default()
         };
         metadata.set_conf_state(self.raw_node.raft.prs().conf().to_conf_state());
-        // The previous image is replaced below; letting go of it first means a member
-        // never holds two images of a large state machine at once (a transfer still
-        // in flight keeps its own reference until it ends).
+        // The previous image will be replaced by this one; letting go of it now
+        // means a member never holds two images of a large state machine at once
+        // (a transfer still in flight keeps its own reference until it ends).
+        // Until the new image is durable, raft-rs is told "temporarily
+        // unavailable" and asks again.
         self.raw_node.mut_store().release_snapshot_image();
-        let data = bytes::Bytes::from(self.state_machine.encode());
-        let compact_index = applied
+        self.last_snapshot_index = applied;
+        self.snapshot_in_flight = true;
+        Some(SnapshotCapture {
+            metadata,
+            state: self.state_machine.capture(),
+        })
+    }
+
+    /// A capture became a durable snapshot: raft-rs may now send it, and the log
+    /// behind it is compacted in memory here and on disk by the shell
+    /// (`log_compaction` of the next output). A snapshot received from the
+    /// leader while this one was being written may have overtaken it; then it
+    /// is simply not used.
+    pub(super) fn record_durable_snapshot(&mut self, snapshot: Snapshot) {
+        self.snapshot_in_flight = false;
+        let metadata = snapshot.get_metadata().clone();
+        let store = self.raw_node.store();
+        if metadata.index <= store.snapshot_metadata().index {
+            tracing::debug!(
+                index = metadata.index,
+                newer = store.snapshot_metadata().index,
+                "own snapshot overtaken by a newer one"
+            );
+            return;
+        }
+        assert!(
+            metadata.index <= store.last_index(),
+            "a snapshot at {} beyond the log's last index {}: captures are taken at the applied index",
+            metadata.index,
+            store.last_index()
+        );
+        let compact_index = metadata
+            .index
             .saturating_sub(self.config.snapshot_catch_up_entries)
-            .max(self.raw_node.store().first_index());
+            .max(store.first_index());
         self.raw_node.mut_store().install_own_snapshot(
             metadata.clone(),
-            data.clone(),
+            snapshot.data,
             compact_index,
         );
-        self.last_snapshot_index = applied;
-        let mut snapshot = Snapshot::default();
-        snapshot.set_metadata(metadata);
-        snapshot.data = data;
-        Some(OwnSnapshot {
-            snapshot,
+        self.log_compaction = Some(LogCompaction {
+            snapshot_index: metadata.index,
+            snapshot_term: metadata.term,
             compact_index,
-        })
+        });
     }
 }

@@ -91,3 +91,71 @@ fn a_keep_alive_of_a_checkpointed_lease_proposes_nothing_inside_a_ready() {
     let lease = node.state_machine().leases().get(5).expect("still granted");
     assert_eq!(lease.remaining_ttl_seconds, 0, "the checkpoint was reset");
 }
+
+/// A snapshot is a capture handed to the shell; raft-rs hears of it, and the
+/// log is compacted behind it, only once the shell reports it durable. Until
+/// then the member goes on applying writes, and the capture keeps the state
+/// as of its index.
+#[test]
+fn the_log_is_compacted_only_behind_a_snapshot_reported_durable() {
+    let mut node = single_member_leader();
+    node.config.snapshot_entries_interval = 5;
+    node.config.snapshot_catch_up_entries = 0;
+    let put = |token: u64| Event::Write {
+        token,
+        request: log_request::Request::Put(PutRequest {
+            key: format!("key{token}").into_bytes(),
+            value: b"v".to_vec(),
+            ..Default::default()
+        }),
+    };
+    let mut capture = None;
+    for token in 1..=10 {
+        node.step(put(token));
+        while node.has_ready() {
+            let output = node.ready();
+            assert!(
+                output.snapshot_capture.is_none(),
+                "captures come from advance"
+            );
+            let output = node.advance();
+            if let Some(taken) = output.snapshot_capture {
+                assert!(capture.is_none(), "one capture at a time");
+                capture = Some(taken);
+            }
+        }
+    }
+    let capture = capture.expect("a capture after five entries");
+    let index = capture.metadata.index;
+    assert_eq!(capture.state.applied_index(), index);
+    assert!(
+        node.state_machine().applied_index() > index,
+        "writes went on"
+    );
+    assert!(
+        capture.state.key_space().current_revision()
+            < node.state_machine().key_space().current_revision(),
+        "the capture did not see the later writes"
+    );
+    let first_index_before = node.raw_node.store().first_index();
+    assert!(
+        raft::Storage::snapshot(node.raw_node.store(), index, 1).is_err(),
+        "raft-rs gets no snapshot while it is being written"
+    );
+
+    let snapshot = capture.encode();
+    node.step(Event::SnapshotDurable(Box::new(snapshot)));
+    assert!(node.has_ready(), "the log compaction waits for the shell");
+    let output = node.ready();
+    let compaction = output
+        .log_compaction
+        .expect("compaction behind the snapshot");
+    assert_eq!(compaction.snapshot_index, index);
+    assert!(node.raw_node.store().first_index() > first_index_before);
+    let served = raft::Storage::snapshot(node.raw_node.store(), index, 1).expect("durable now");
+    // The writes since are past the interval again: the next capture follows.
+    assert!(node.advance().snapshot_capture.is_some());
+    assert_eq!(served.get_metadata().index, index);
+    let restored = StateMachine::decode(&served.data).expect("the image decodes");
+    assert_eq!(restored.applied_index(), index);
+}
