@@ -120,23 +120,13 @@ impl StateMachine {
 
     /// Restores a state machine from snapshot bytes written by [`StateMachine::encode`].
     pub fn decode(bytes: &[u8]) -> Result<Self, SnapshotDecodeError> {
-        let snapshot = StateMachineSnapshot::decode(bytes)?;
-        let key_space = KeySpace::from_snapshot(&snapshot)?;
+        let mut snapshot = StateMachineSnapshot::decode(bytes)?;
+        let key_space = KeySpace::take_from_snapshot(&mut snapshot)?;
+        // The versions' keys and emptied values are not needed any more.
+        snapshot.versions = Vec::new();
         // Which keys are attached to which lease is not stored: every live key
         // version carries its lease, so the index is rebuilt from them.
-        let live = key_space.range(&RangeRequest {
-            key: vec![0],
-            range_end: vec![0],
-            keys_only: true,
-            ..Default::default()
-        })?;
-        let leases = LeaseTable::from_records(
-            &snapshot.leases,
-            live.kvs
-                .iter()
-                .filter(|kv| kv.lease != 0)
-                .map(|kv| (kv.key.as_slice(), kv.lease)),
-        );
+        let leases = LeaseTable::from_records(&snapshot.leases, key_space.live_leases());
         Ok(StateMachine {
             key_space,
             members: snapshot.members,

@@ -150,6 +150,17 @@ impl KeySpace {
         self.approximate_bytes
     }
 
+    /// Every key that exists at the current revision with a lease attached, and
+    /// its lease: what the lease table's key index is rebuilt from after a restore.
+    pub fn live_leases(&self) -> impl Iterator<Item = (&[u8], i64)> + '_ {
+        self.keys.iter().filter_map(|(key, history)| {
+            history
+                .live_at(self.current_revision)
+                .filter(|version| version.lease != 0)
+                .map(|version| (&**key, version.lease))
+        })
+    }
+
     /// Reads a key or a key range, at the current revision or at `request.revision`.
     ///
     /// Follows etcd's applier exactly: when the request sorts or filters on revisions,

@@ -50,6 +50,13 @@ impl KeySpace {
     /// `versions` of a snapshot, failing with [`KeySpaceError::CorruptSnapshot`] if they
     /// do not describe a history that this module could have produced.
     pub fn from_snapshot(snapshot: &StateMachineSnapshot) -> Result<Self, KeySpaceError> {
+        Self::take_from_snapshot(&mut snapshot.clone())
+    }
+
+    /// As [`KeySpace::from_snapshot`], but moves the values out of `snapshot`
+    /// instead of copying them (they are left empty): a restart restores a
+    /// million keys without a million extra allocations and copies.
+    pub fn take_from_snapshot(snapshot: &mut StateMachineSnapshot) -> Result<Self, KeySpaceError> {
         let corrupt = |reason: String| Err(KeySpaceError::CorruptSnapshot(reason));
         let current_revision = snapshot.current_revision;
         let compact_revision = snapshot.compact_revision;
@@ -71,7 +78,15 @@ impl KeySpace {
             ..KeySpace::new()
         };
         let mut previous: Option<&KeyVersion> = None;
-        for entry in &snapshot.versions {
+        for entry in snapshot.versions.iter_mut() {
+            // The value is moved out below; the checks of the next entry look at
+            // this one's revisions, version and flags only, never at its value.
+            let value = if entry.deleted || entry.value.is_empty() {
+                Vec::new()
+            } else {
+                std::mem::take(&mut entry.value)
+            };
+            let entry: &KeyVersion = entry;
             let same_key = previous.is_some_and(|previous| previous.key == entry.key);
             let predecessor = previous.filter(|_| same_key);
             if let Err(reason) = check_entry(entry, predecessor, compact_revision, current_revision)
@@ -106,7 +121,7 @@ impl KeySpace {
                     revision,
                     create_revision: entry.create_revision,
                     version: entry.version,
-                    value: entry.value.clone(),
+                    value,
                     lease: entry.lease,
                     deleted: entry.deleted,
                 },
