@@ -507,6 +507,9 @@ impl World {
             .pop_front()
             .expect("one capture per scheduled write");
         let disk = self.member(id).disk.clone();
+        if fault.is_some() {
+            self.stats.snapshot_write_faults += 1;
+        }
         match fault {
             Some(SnapshotFault::ProcessKilledDuringWrite) => {
                 self.record(TraceEvent::Fault(format!(
