@@ -43,7 +43,8 @@ endpoints_of() {
 }
 
 start_member() {
-  local system=$1 index=$2 data=$3 cluster="" other port
+  local system=$1 index=$2 data=$3
+  local cluster="" other port
   for other in 1 2 3; do
     cluster="$cluster${cluster:+,}$system$other=http://127.0.0.1:$(($(client_port "$system" "$other") + 1))"
   done
@@ -71,11 +72,12 @@ wait_for_leader() {
 # The highest Raft term any member reports.
 raft_term() {
   etcdctl --endpoints="$1" endpoint status -w json 2>/dev/null |
-    python3 -c 'import json, sys; print(max(s["Status"]["raft_term"] for s in json.load(sys.stdin)))'
+    python3 -c 'import json, sys; print(max(s["Status"].get("raftTerm", s["Status"]["header"].get("raft_term", 0)) for s in json.load(sys.stdin)))'
 }
 
 run_once() {
-  local system=$1 run=$2 data="$work/$system-$run" index endpoints
+  local system=$1 run=$2
+  local data="$work/$system-$run" index endpoints
   mkdir -p "$data"
   for index in 1 2 3; do start_member "$system" "$index" "$data"; done
   endpoints=$(endpoints_of "$system")
@@ -105,7 +107,7 @@ run_once() {
     sizes=$(sed -n 's/.*bytes=\([0-9]*\).*/\1/p' <<<"$logged" | paste -sd, -)
   else
     sizes=$(etcdctl --endpoints="$endpoints" endpoint status -w json |
-      python3 -c 'import json, sys; print(",".join(str(s["Status"]["dbSize"]) for s in json.load(sys.stdin)))')
+      python3 -c 'import json, sys; print(",".join(str(s["Status"].get("dbSize", 0)) for s in json.load(sys.stdin)))')
   fi
   python3 - "$system" "$run" "$json" "$term_before" "$term_after" "$count" "$sizes" "$load_before" \
     "$(cut -d' ' -f1 /proc/loadavg)" <<'PYEOF'

@@ -671,15 +671,31 @@ impl KeySpace {
         history.push(version);
     }
 
-    /// Adds a version recovered from a snapshot, already checked by the caller.
-    pub(super) fn restore_version(&mut self, key: &[u8], version: StoredVersion) {
-        let key: Arc<[u8]> = match self.keys.get_key_value(key) {
-            Some((existing, _)) => Arc::clone(existing),
-            None => Arc::from(key),
-        };
-        self.approximate_bytes += version_bytes(&key, &version);
-        self.revisions.insert(version.revision, Arc::clone(&key));
-        Arc::make_mut(self.keys.entry(key).or_default()).push(version);
+    /// Installs the histories recovered from a snapshot, already checked by the
+    /// caller: `histories` in key order, `revisions` naming every change's key.
+    /// Each map is built in one pass of sorted inserts (no lookups), which is
+    /// most of what a restart of a large key space costs. Fails with the
+    /// duplicated revision if two changes share one.
+    pub(super) fn restore_histories(
+        &mut self,
+        histories: Vec<(Arc<[u8]>, KeyHistory)>,
+        mut revisions: Vec<(Revision, Arc<[u8]>)>,
+    ) -> Result<(), Revision> {
+        revisions.sort_unstable_by_key(|(revision, _)| *revision);
+        if let Some(pair) = revisions.windows(2).find(|pair| pair[0].0 == pair[1].0) {
+            return Err(pair[0].0);
+        }
+        for (key, history) in &histories {
+            for version in &history.versions {
+                self.approximate_bytes += version_bytes(key, version);
+            }
+        }
+        self.keys = histories
+            .into_iter()
+            .map(|(key, history)| (key, Arc::new(history)))
+            .collect();
+        self.revisions = revisions.into_iter().collect();
+        Ok(())
     }
 }
 

@@ -7,7 +7,9 @@
 
 use keel_types::keelpb::{KeyVersion, StateMachineSnapshot};
 
-use super::history::{Revision, StoredVersion};
+use std::sync::Arc;
+
+use super::history::{KeyHistory, Revision, StoredVersion};
 use super::{KeySpace, KeySpaceError};
 
 impl KeySpace {
@@ -77,6 +79,8 @@ impl KeySpace {
             compact_revision,
             ..KeySpace::new()
         };
+        let mut histories: Vec<(Arc<[u8]>, KeyHistory)> = Vec::new();
+        let mut revisions: Vec<(Revision, Arc<[u8]>)> = Vec::with_capacity(snapshot.versions.len());
         let mut previous: Option<&KeyVersion> = None;
         for entry in snapshot.versions.iter_mut() {
             // The value is moved out below; the checks of the next entry look at
@@ -109,27 +113,30 @@ impl KeySpace {
                 main: entry.mod_revision,
                 sub: entry.sub_revision,
             };
-            if key_space.revisions.contains_key(&revision) {
-                return corrupt(format!(
-                    "revision {}/{} is given to two changes",
-                    revision.main, revision.sub
-                ));
+            let version = StoredVersion {
+                revision,
+                create_revision: entry.create_revision,
+                version: entry.version,
+                value,
+                lease: entry.lease,
+                deleted: entry.deleted,
+            };
+            if !same_key {
+                histories.push((Arc::from(entry.key.as_slice()), KeyHistory::default()));
             }
-            key_space.restore_version(
-                &entry.key,
-                StoredVersion {
-                    revision,
-                    create_revision: entry.create_revision,
-                    version: entry.version,
-                    value,
-                    lease: entry.lease,
-                    deleted: entry.deleted,
-                },
-            );
+            let (key, history) = histories.last_mut().expect("pushed above");
+            history.push(version);
+            revisions.push((revision, Arc::clone(key)));
             previous = Some(entry);
         }
         if previous.is_some_and(|last| !last.deleted) {
             key_space.live_key_count += 1;
+        }
+        if let Err(revision) = key_space.restore_histories(histories, revisions) {
+            return corrupt(format!(
+                "revision {}/{} is given to two changes",
+                revision.main, revision.sub
+            ));
         }
         Ok(key_space)
     }
