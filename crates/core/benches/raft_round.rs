@@ -130,7 +130,7 @@ impl Cluster {
             self.replies.push(reply.token);
         }
         assert!(
-            output.snapshot_to_save.is_none(),
+            output.snapshot_capture.is_none(),
             "snapshots are off in this benchmark"
         );
     }

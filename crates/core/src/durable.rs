@@ -11,6 +11,13 @@
 //! 2. its marker is appended to the log;
 //! 3. entries and hard state are appended with one fsync;
 //! 4. only then may log segments behind a snapshot be released.
+//!
+//! This member's own snapshots are written by a [`SnapshotWriter`], on a thread
+//! of the server's (or at a later step of the simulator), while the member loop
+//! goes on appending to the log; steps 2 and 4 follow on the loop once the node
+//! hears the snapshot is durable ([`DurableState::compact_log`]). A crash in
+//! between leaves a snapshot file newer than the log's marker, which
+//! [`DurableState::open`] completes.
 
 use keel_storage::{
     Disk, HardState, LogEntry, SnapshotOptions, SnapshotStore, StorageError, Wal, WalOptions,
@@ -19,7 +26,9 @@ use keel_types::keelpb::MemberRecord;
 use protobuf::Message as _;
 use raft::eraftpb::{Entry, HardState as RaftHardState, Snapshot, SnapshotMetadata};
 
-use crate::node::{bootstrap_snapshot, OwnSnapshot, Persist, Recovered};
+use std::sync::{Arc, Mutex};
+
+use crate::node::{bootstrap_snapshot, LogCompaction, Persist, Recovered, SnapshotCapture};
 
 /// Why the durable state could not be opened or written.
 #[derive(Debug, thiserror::Error)]
@@ -37,7 +46,32 @@ pub enum DurableError {
 #[derive(Debug)]
 pub struct DurableState<D: Disk> {
     wal: Wal<D>,
-    snapshots: SnapshotStore<D>,
+    /// Shared with the [`SnapshotWriter`]; the lock keeps two saves (an own
+    /// snapshot off the loop, a received one on it) from applying retention at
+    /// the same time.
+    snapshots: Arc<Mutex<SnapshotStore<D>>>,
+}
+
+/// Writes captures of this member's own state machine as snapshot files. It
+/// shares the snapshot store with its [`DurableState`] and may run on another
+/// thread: that is what keeps encoding, writing and fsyncing a snapshot (all
+/// O(key space)) off the member loop.
+#[derive(Debug)]
+pub struct SnapshotWriter<D: Disk> {
+    snapshots: Arc<Mutex<SnapshotStore<D>>>,
+}
+
+impl<D: Disk> SnapshotWriter<D> {
+    /// Encodes `capture` and saves it durably (file and directory fsynced).
+    /// Returns the snapshot to report to the node with
+    /// [`Event::SnapshotDurable`](crate::Event::SnapshotDurable). An error
+    /// (an fsync error above all) must stop the member, as a log error does:
+    /// the node is never told about a snapshot that is not durable.
+    pub fn write(&self, capture: &SnapshotCapture) -> Result<Snapshot, DurableError> {
+        let snapshot = capture.encode();
+        save_snapshot_file(&self.snapshots, &snapshot)?;
+        Ok(snapshot)
+    }
 }
 
 impl<D: Disk + Clone> DurableState<D> {
@@ -47,8 +81,12 @@ impl<D: Disk + Clone> DurableState<D> {
     pub fn open(disk: D) -> Result<(Self, Option<Recovered>), DurableError> {
         let snapshots = SnapshotStore::open(disk.clone(), SnapshotOptions::default())?;
         let (wal, recovered_log) = Wal::open(disk, WalOptions::default())?;
-        let durable = DurableState { wal, snapshots };
-        let Some(file) = durable.snapshots.load_newest()? else {
+        let newest = snapshots.load_newest()?;
+        let durable = DurableState {
+            wal,
+            snapshots: Arc::new(Mutex::new(snapshots)),
+        };
+        let Some(file) = newest else {
             if !recovered_log.entries.is_empty() {
                 return Err(DurableError::Inconsistent(format!(
                     "the log holds {} entries but there is no snapshot, not even the \
@@ -161,24 +199,30 @@ impl<D: Disk + Clone> DurableState<D> {
         Ok(())
     }
 
-    /// Saves a snapshot of our own state machine and releases the log behind it.
-    pub fn save_own_snapshot(&mut self, own: &OwnSnapshot) -> Result<(), DurableError> {
-        self.save_snapshot(&own.snapshot)?;
-        self.wal.release_before(own.compact_index)?;
+    /// A writer for this member's own snapshots, to run off the member loop.
+    pub fn snapshot_writer(&self) -> SnapshotWriter<D> {
+        SnapshotWriter {
+            snapshots: Arc::clone(&self.snapshots),
+        }
+    }
+
+    /// Records a durable own snapshot in the log (its marker) and releases the
+    /// log behind it. A marker not newer than the log's (a snapshot received
+    /// from the leader overtook this one) is skipped: markers only move forward.
+    pub fn compact_log(&mut self, compaction: &LogCompaction) -> Result<(), DurableError> {
+        let marker_index = self.wal.snapshot_marker().map_or(0, |marker| marker.index);
+        if compaction.snapshot_index <= marker_index {
+            return Ok(());
+        }
+        self.wal
+            .save_snapshot_marker(compaction.snapshot_index, compaction.snapshot_term)?;
+        self.wal.release_before(compaction.compact_index)?;
         Ok(())
     }
 
     fn save_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), DurableError> {
+        save_snapshot_file(&self.snapshots, snapshot)?;
         let metadata = snapshot.get_metadata();
-        let metadata_bytes = metadata
-            .write_to_bytes()
-            .expect("encoding snapshot metadata cannot fail");
-        self.snapshots.save(
-            metadata.index,
-            metadata.term,
-            &metadata_bytes,
-            &snapshot.data,
-        )?;
         self.wal
             .save_snapshot_marker(metadata.index, metadata.term)?;
         Ok(())
@@ -188,6 +232,27 @@ impl<D: Disk + Clone> DurableState<D> {
     pub fn wal_stats(&self) -> keel_storage::WalStats {
         self.wal.stats()
     }
+}
+
+/// Writes `snapshot` as a file, durably.
+fn save_snapshot_file<D: Disk>(
+    snapshots: &Mutex<SnapshotStore<D>>,
+    snapshot: &Snapshot,
+) -> Result<(), DurableError> {
+    let metadata = snapshot.get_metadata();
+    let metadata_bytes = metadata
+        .write_to_bytes()
+        .expect("encoding snapshot metadata cannot fail");
+    snapshots
+        .lock()
+        .expect("a snapshot save panicked while holding the store")
+        .save(
+            metadata.index,
+            metadata.term,
+            &metadata_bytes,
+            &snapshot.data,
+        )?;
+    Ok(())
 }
 
 /// A raft entry as a log record: the whole entry, protobuf-encoded, with its
@@ -280,13 +345,31 @@ mod tests {
                 must_sync: true,
             })
             .unwrap();
-        let mut snapshot = Snapshot::default();
-        snapshot.mut_metadata().index = 6;
-        snapshot.mut_metadata().term = 1;
-        snapshot.data = bootstrap_snapshot(vec![member(1)], 7).data;
+        // The writer runs off the member loop; the log learns of the snapshot
+        // (and is released behind it) only afterwards.
+        let capture = SnapshotCapture {
+            metadata: SnapshotMetadata {
+                index: 6,
+                term: 1,
+                ..Default::default()
+            },
+            state: crate::StateMachine::new(vec![member(1)], 7).capture(),
+        };
+        let written = durable.snapshot_writer().write(&capture).unwrap();
+        assert_eq!(written.get_metadata().index, 6);
         durable
-            .save_own_snapshot(&OwnSnapshot {
-                snapshot,
+            .compact_log(&LogCompaction {
+                snapshot_index: 6,
+                snapshot_term: 1,
+                compact_index: 4,
+            })
+            .unwrap();
+        // A compaction behind an older snapshot (one a received snapshot
+        // overtook) leaves the log's marker where it is.
+        durable
+            .compact_log(&LogCompaction {
+                snapshot_index: 5,
+                snapshot_term: 1,
                 compact_index: 4,
             })
             .unwrap();

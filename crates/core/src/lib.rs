@@ -20,11 +20,11 @@ pub mod state_machine;
 
 pub use durable::{DurableError, DurableState};
 pub use node::{
-    bootstrap_snapshot, AutoCompactionPolicy, DeliberateBug, Event, MembershipChange, Node,
-    NodeConfig, NodeStatus, Output, OwnSnapshot, Persist, Recovered, Reply, RequestError, Response,
-    StartError, WriteRequest,
+    bootstrap_snapshot, AutoCompactionPolicy, DeliberateBug, Event, LogCompaction,
+    MembershipChange, Node, NodeConfig, NodeStatus, Output, Persist, Recovered, Reply,
+    RequestError, Response, SnapshotCapture, StartError, WriteRequest,
 };
-pub use state_machine::{ApplyError, StateMachine, WriteResponse};
+pub use state_machine::{ApplyError, StateMachine, StateMachineCapture, WriteResponse};
 
 /// raft-rs's message and entry types, re-exported so the shell and simulator
 /// need not depend on raft-rs directly.

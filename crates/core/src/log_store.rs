@@ -29,6 +29,10 @@ pub struct LogStore {
     /// configuration does not include the recipient yet); the node then makes
     /// a fresh one. A `Cell` because raft-rs asks through `&self`.
     snapshot_wanted: std::cell::Cell<bool>,
+    /// Set from [`LogStore::release_snapshot_image`] until the next snapshot is
+    /// installed: raft-rs is then told the snapshot is temporarily unavailable,
+    /// never handed metadata without its image.
+    snapshot_image_released: bool,
 }
 
 impl LogStore {
@@ -48,6 +52,7 @@ impl LogStore {
             snapshot_data: data,
             entries: Vec::new(),
             snapshot_wanted: std::cell::Cell::new(false),
+            snapshot_image_released: false,
         }
     }
 
@@ -127,6 +132,7 @@ impl LogStore {
         self.hard_state.commit = metadata.index;
         self.conf_state = metadata.get_conf_state().clone();
         self.snapshot_data = snapshot.data.clone();
+        self.snapshot_image_released = false;
         self.snapshot_metadata = metadata;
         self.entries.clear();
     }
@@ -156,6 +162,7 @@ impl LogStore {
         // the snapshot only has to cover everything compacted away.
         self.snapshot_metadata = metadata;
         self.snapshot_data = data;
+        self.snapshot_image_released = false;
     }
 
     /// Drops entries with index below `compact_index`.
@@ -168,10 +175,13 @@ impl LogStore {
         self.entries.drain(..drop_count);
     }
 
-    /// Lets go of the snapshot image just before [`LogStore::install_own_snapshot`]
-    /// replaces it, so that encoding the next image does not need room for two.
+    /// Lets go of the snapshot image when the next one is being made, so that
+    /// encoding it does not need room for two. Until
+    /// [`LogStore::install_own_snapshot`] (or a received snapshot) brings an
+    /// image back, raft-rs is told the snapshot is temporarily unavailable.
     pub fn release_snapshot_image(&mut self) {
         self.snapshot_data = bytes::Bytes::new();
+        self.snapshot_image_released = true;
     }
 
     /// The whole snapshot (metadata and data) as raft-rs sends it to a follower.
@@ -258,6 +268,13 @@ impl raft::Storage for LogStore {
             || conf_state.learners_next.contains(&to);
         if self.snapshot_metadata.index < request_index || !includes_recipient {
             self.snapshot_wanted.set(true);
+            return Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            ));
+        }
+        if self.snapshot_image_released {
+            // A fresh snapshot is being written off the member loop; raft-rs
+            // retries when the follower is probed again.
             return Err(raft::Error::Store(
                 StorageError::SnapshotTemporarilyUnavailable,
             ));

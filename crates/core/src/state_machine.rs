@@ -120,23 +120,13 @@ impl StateMachine {
 
     /// Restores a state machine from snapshot bytes written by [`StateMachine::encode`].
     pub fn decode(bytes: &[u8]) -> Result<Self, SnapshotDecodeError> {
-        let snapshot = StateMachineSnapshot::decode(bytes)?;
-        let key_space = KeySpace::from_snapshot(&snapshot)?;
+        let mut snapshot = StateMachineSnapshot::decode(bytes)?;
+        let key_space = KeySpace::take_from_snapshot(&mut snapshot)?;
+        // The versions' keys and emptied values are not needed any more.
+        snapshot.versions = Vec::new();
         // Which keys are attached to which lease is not stored: every live key
         // version carries its lease, so the index is rebuilt from them.
-        let live = key_space.range(&RangeRequest {
-            key: vec![0],
-            range_end: vec![0],
-            keys_only: true,
-            ..Default::default()
-        })?;
-        let leases = LeaseTable::from_records(
-            &snapshot.leases,
-            live.kvs
-                .iter()
-                .filter(|kv| kv.lease != 0)
-                .map(|kv| (kv.key.as_slice(), kv.lease)),
-        );
+        let leases = LeaseTable::from_records(&snapshot.leases, key_space.live_leases());
         Ok(StateMachine {
             key_space,
             members: snapshot.members,
@@ -172,7 +162,16 @@ impl StateMachine {
 
     /// The state machine as snapshot bytes.
     pub fn encode(&self) -> Vec<u8> {
-        let snapshot = StateMachineSnapshot {
+        self.capture().encode()
+    }
+
+    /// A consistent capture of the state machine as of its applied index, cheap
+    /// to take: the key space is a persistent structure whose clone is O(1), and
+    /// the rest is small (members, alarms, lease records, the bounded window of
+    /// recent request ids). Encoding it, the O(key space) part, can then run on
+    /// another thread while this state machine goes on applying entries.
+    pub fn capture(&self) -> StateMachineCapture {
+        let header = StateMachineSnapshot {
             applied_index: self.applied_index,
             current_revision: self.key_space.current_revision(),
             compact_revision: self.key_space.compact_revision(),
@@ -190,19 +189,10 @@ impl StateMachine {
                 .collect(),
             versions: Vec::new(),
         };
-        // The versions are appended one at a time after the other fields (protobuf
-        // decodes fields in any order and concatenates repeated ones), so encoding
-        // costs one image plus one value, not a copy of the key space and an image.
-        let mut image = Vec::with_capacity(
-            snapshot.encoded_len() + self.key_space.approximate_bytes() as usize,
-        );
-        snapshot
-            .encode(&mut image)
-            .expect("a Vec grows to fit the snapshot");
-        self.key_space.for_each_snapshot_version(|version| {
-            prost::encoding::message::encode(SNAPSHOT_VERSIONS_FIELD, &version, &mut image);
-        });
-        image
+        StateMachineCapture {
+            header,
+            key_space: self.key_space.clone(),
+        }
     }
 
     /// The key space, for reads.
@@ -426,6 +416,46 @@ impl StateMachine {
     /// Removes a member (by id).
     pub fn remove_member(&mut self, member_id: u64) {
         self.members.retain(|member| member.id != member_id);
+    }
+}
+
+/// A state machine captured at one applied index by [`StateMachine::capture`],
+/// to be encoded (or hashed) away from the member loop. It shares the key
+/// space's nodes with the live state machine until writes copy them.
+#[derive(Debug, Clone)]
+pub struct StateMachineCapture {
+    /// Every field of the snapshot except the key space's versions.
+    header: StateMachineSnapshot,
+    /// The key space as of the capture.
+    key_space: KeySpace,
+}
+
+impl StateMachineCapture {
+    /// The index of the last entry the capture reflects.
+    pub fn applied_index(&self) -> u64 {
+        self.header.applied_index
+    }
+
+    /// The key space as of the capture.
+    pub fn key_space(&self) -> &KeySpace {
+        &self.key_space
+    }
+
+    /// The capture as snapshot bytes, as [`StateMachine::decode`] reads them.
+    pub fn encode(&self) -> Vec<u8> {
+        // The versions are appended one at a time after the other fields (protobuf
+        // decodes fields in any order and concatenates repeated ones), so encoding
+        // costs one image plus one value, not a copy of the key space and an image.
+        let mut image = Vec::with_capacity(
+            self.header.encoded_len() + self.key_space.approximate_bytes() as usize,
+        );
+        self.header
+            .encode(&mut image)
+            .expect("a Vec grows to fit the snapshot");
+        self.key_space.for_each_snapshot_version(|version| {
+            prost::encoding::message::encode(SNAPSHOT_VERSIONS_FIELD, &version, &mut image);
+        });
+        image
     }
 }
 

@@ -7,16 +7,29 @@
 //! them all at once: that is group commit, with no timer and no tuning knob.
 //! The queue's bound (`input_queue_max`) is the back-pressure: when it is full,
 //! clients get "too many requests" and peer messages are dropped (Raft resends).
+//!
+//! Nothing whose cost grows with the key space runs on this thread. The key
+//! space is a persistent structure whose clone is O(1) (`keel_core::mvcc`), so
+//! the loop takes a capture and hands the O(key space) work to a helper thread:
+//! - own snapshots: encoded, written and fsynced by the snapshot thread, which
+//!   reports back through the input queue (`Input::SnapshotWritten`); the node
+//!   hears of a snapshot only once it is durable;
+//! - HashKV (the corruption check), backups (Maintenance.Snapshot) and
+//!   serializable range reads of more than one key: answered by the capture
+//!   thread from a capture taken between two batches, so each is one
+//!   consistent revision.
+//!
+//! What still runs here, and why, is listed in ARCHITECTURE.md.
 
 use std::collections::BTreeMap;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
 use std::time::Instant;
 
-use keel_core::eraftpb::Message;
+use keel_core::eraftpb::{Message, Snapshot};
 use keel_core::{
     DurableError, DurableState, Event, Node, NodeStatus, Output, Reply, RequestError, Response,
-    WriteRequest,
+    SnapshotCapture, WriteRequest,
 };
 use keel_types::etcdserverpb::{RangeRequest, RangeResponse};
 use keel_types::keelpb::MemberRecord;
@@ -31,6 +44,14 @@ use crate::transport::PeerSenders;
 /// Inputs processed between two Ready batches, so a flood of requests cannot
 /// starve ticks and disk writes.
 const INPUTS_PER_BATCH_MAX: usize = 4_096;
+
+/// Jobs waiting for the capture thread (hashes, backups, range reads). When it
+/// is full, a range read is answered on the loop instead and a hash or backup
+/// fails with "too many requests", so the loop never waits for it.
+const CAPTURE_JOBS_MAX: usize = 256;
+
+/// Work for the capture thread: it owns a capture and answers a client.
+type CaptureJob = Box<dyn FnOnce() + Send>;
 
 /// What a waiting client gets back.
 pub type ReplySender = oneshot::Sender<Result<Response, RequestError>>;
@@ -137,6 +158,9 @@ pub enum Input {
     SnapshotFailed(u64),
     /// A snapshot was written in full to a peer's connection.
     SnapshotSent(u64),
+    /// The snapshot thread finished writing an own snapshot: durable, or failed
+    /// (which stops the member, as any storage failure does).
+    SnapshotWritten(Result<Box<Snapshot>, DurableError>),
     /// Stop the loop.
     Shutdown,
 }
@@ -208,6 +232,17 @@ pub fn run(
     view: MembershipView,
     metrics: Arc<MemberMetrics>,
 ) -> Result<StopReason, DurableError> {
+    let snapshot_sender = spawn_snapshot_thread(&durable, input_sender.clone());
+    let (capture_sender, capture_jobs) = std::sync::mpsc::sync_channel(CAPTURE_JOBS_MAX);
+    std::thread::Builder::new()
+        .name("keel-capture".to_owned())
+        .spawn(move || {
+            while let Ok(job) = capture_jobs.recv() {
+                let job: CaptureJob = job;
+                job();
+            }
+        })
+        .expect("the capture thread starts");
     revision.send_replace(node.status().revision);
     let mut known_members = node.members().to_vec();
     peers.follow_membership(&known_members);
@@ -227,16 +262,22 @@ pub fn run(
         let mut handled = 0;
         let mut next_input = first;
         while let Some(input) = next_input.take() {
-            if let Input::Shutdown = input {
-                return Ok(StopReason::Shutdown);
+            match input {
+                Input::Shutdown => return Ok(StopReason::Shutdown),
+                Input::SnapshotWritten(result) => {
+                    // A write error is a storage failure like a log error:
+                    // the member stops, and the node never hears of it.
+                    node.step(Event::SnapshotDurable(result?));
+                }
+                input => handle_input(
+                    &mut node,
+                    input,
+                    &mut waiting,
+                    &mut next_token,
+                    &mut removed,
+                    &capture_sender,
+                ),
             }
-            handle_input(
-                &mut node,
-                input,
-                &mut waiting,
-                &mut next_token,
-                &mut removed,
-            );
             handled += 1;
             if handled < INPUTS_PER_BATCH_MAX {
                 next_input = inputs.try_recv().ok();
@@ -261,11 +302,25 @@ pub fn run(
             let started = Instant::now();
             let output = node.ready();
             let mut apply = started.elapsed();
-            carry_out(output, &mut durable, &peers, &input_sender, &mut waiting)?;
+            carry_out(
+                output,
+                &mut durable,
+                &peers,
+                &input_sender,
+                &mut waiting,
+                &snapshot_sender,
+            )?;
             let advancing = Instant::now();
             let output = node.advance();
             apply += advancing.elapsed();
-            carry_out(output, &mut durable, &peers, &input_sender, &mut waiting)?;
+            carry_out(
+                output,
+                &mut durable,
+                &peers,
+                &input_sender,
+                &mut waiting,
+                &snapshot_sender,
+            )?;
             observer.ready_carried_out(apply, started.elapsed());
         }
         let current = node.state_machine().key_space().current_revision();
@@ -296,12 +351,61 @@ pub fn run(
     }
 }
 
+/// Starts the thread that encodes, writes and fsyncs the node's snapshot
+/// captures, and returns where to send them. The node has at most one capture
+/// outstanding, so a queue of one never makes the loop wait.
+fn spawn_snapshot_thread(
+    durable: &Durable,
+    input_sender: SyncSender<Input>,
+) -> SyncSender<SnapshotCapture> {
+    let writer = durable.snapshot_writer();
+    let (sender, captures) = std::sync::mpsc::sync_channel::<SnapshotCapture>(1);
+    std::thread::Builder::new()
+        .name("keel-snapshot".to_owned())
+        .spawn(move || {
+            while let Ok(capture) = captures.recv() {
+                let started = Instant::now();
+                let result = writer.write(&capture).map(Box::new);
+                match &result {
+                    Ok(snapshot) => tracing::info!(
+                        index = capture.metadata.index,
+                        bytes = snapshot.data.len(),
+                        milliseconds = started.elapsed().as_millis() as u64,
+                        "snapshot written off the member loop"
+                    ),
+                    Err(error) => tracing::error!(%error, "writing a snapshot failed"),
+                }
+                // A blocking send: the report must not be lost, and the loop
+                // drains the queue continually.
+                if input_sender.send(Input::SnapshotWritten(result)).is_err() {
+                    return;
+                }
+            }
+        })
+        .expect("the snapshot thread starts");
+    sender
+}
+
+/// Runs `job` on the capture thread, or gives it back when that thread's queue
+/// is full (or gone).
+fn submit_capture_job(
+    capture_sender: &SyncSender<CaptureJob>,
+    job: CaptureJob,
+) -> Result<(), CaptureJob> {
+    match capture_sender.try_send(job) {
+        Ok(()) => Ok(()),
+        Err(std::sync::mpsc::TrySendError::Full(job))
+        | Err(std::sync::mpsc::TrySendError::Disconnected(job)) => Err(job),
+    }
+}
+
 fn handle_input(
     node: &mut Node,
     input: Input,
     waiting: &mut Waiting,
     next_token: &mut u64,
     removed: &mut bool,
+    capture_sender: &SyncSender<CaptureJob>,
 ) {
     match input {
         Input::Peer(message) => node.step(Event::Message(message)),
@@ -322,21 +426,46 @@ fn handle_input(
             });
         }
         Input::LocalRead { request, reply } => {
-            let _ = reply.send(node.range_local(&request));
+            // A single key costs O(log n): answered here, without a hop. A
+            // range costs O(keys in it) (etcd counts them all even with a
+            // limit): answered from a capture on the capture thread.
+            if request.range_end.is_empty() {
+                let _ = reply.send(node.range_local(&request));
+                return;
+            }
+            let key_space = node.state_machine().key_space().clone();
+            let header = node.header(0);
+            let job: CaptureJob = Box::new(move || {
+                let result = key_space.range(&request).map(|mut response| {
+                    let revision = response.header.as_ref().map_or(0, |h| h.revision);
+                    response.header =
+                        Some(keel_types::etcdserverpb::ResponseHeader { revision, ..header });
+                    response
+                });
+                let _ = reply.send(result);
+            });
+            if let Err(job) = submit_capture_job(capture_sender, job) {
+                job();
+            }
         }
         Input::Status { reply } => {
             let _ = reply.send((node.status(), node.members().to_vec()));
         }
         Input::HashKv { revision, reply } => {
-            let result = node
-                .state_machine()
-                .key_space()
-                .hash_kv(revision)
-                .map(|mut response| {
-                    response.header = Some(node.header(0));
+            // The hash walks the whole key space: it runs on the capture thread
+            // over the key space as of this moment, one consistent revision.
+            let key_space = node.state_machine().key_space().clone();
+            let header = node.header(0);
+            let job: CaptureJob = Box::new(move || {
+                let result = key_space.hash_kv(revision).map(|mut response| {
+                    response.header = Some(header);
                     response
                 });
-            let _ = reply.send(result);
+                let _ = reply.send(result);
+            });
+            if submit_capture_job(capture_sender, job).is_err() {
+                tracing::warn!("capture thread busy: HashKV refused");
+            }
         }
         Input::Events {
             start_revision,
@@ -390,14 +519,21 @@ fn handle_input(
             });
         }
         Input::Backup { reply } => {
-            let bytes = keel_core::backup::encode(&node.state_machine().encode());
-            let _ = reply.send((node.header(0), bytes));
+            let capture = node.state_machine().capture();
+            let header = node.header(0);
+            let job: CaptureJob = Box::new(move || {
+                let bytes = keel_core::backup::encode(&capture.encode());
+                let _ = reply.send((header, bytes));
+            });
+            if submit_capture_job(capture_sender, job).is_err() {
+                tracing::warn!("capture thread busy: backup refused");
+            }
         }
         Input::RemovedFromCluster => *removed = true,
         Input::Unreachable(peer) => node.step(Event::Unreachable(peer)),
         Input::SnapshotFailed(peer) => node.step(Event::SnapshotFailed(peer)),
         Input::SnapshotSent(peer) => node.step(Event::SnapshotSent(peer)),
-        Input::Shutdown => unreachable!("handled by the loop"),
+        Input::Shutdown | Input::SnapshotWritten(_) => unreachable!("handled by the loop"),
     }
 }
 
@@ -407,7 +543,13 @@ fn carry_out(
     peers: &PeerSenders,
     input_sender: &SyncSender<Input>,
     waiting: &mut Waiting,
+    snapshot_sender: &SyncSender<SnapshotCapture>,
 ) -> Result<(), DurableError> {
+    // First: a received snapshot in this output's `persist` may be newer, and
+    // the log's snapshot markers only move forward.
+    if let Some(compaction) = &output.log_compaction {
+        durable.compact_log(compaction)?;
+    }
     for message in output.messages {
         peers.send(message, input_sender);
     }
@@ -416,8 +558,12 @@ fn carry_out(
         peers.send(message, input_sender);
     }
     waiting.deliver(output.replies);
-    if let Some(own) = output.snapshot_to_save {
-        durable.save_own_snapshot(&own)?;
+    if let Some(capture) = output.snapshot_capture {
+        // Never blocks: the node keeps at most one capture outstanding, and the
+        // thread takes it before reporting the previous one.
+        snapshot_sender
+            .send(capture)
+            .expect("the snapshot thread runs as long as the loop");
     }
     Ok(())
 }

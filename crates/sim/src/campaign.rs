@@ -84,7 +84,7 @@ impl CampaignSummary {
         text.push_str(&format!(
             "\n  exercised: {} ops ({} unknown outcome, {} answered lease requests), {} stops, \
              {} restarts, {} persist failures, {} snapshots sent and installed, {} made, {} \
-             messages dropped of {}, {} leader terms, {} faults",
+             snapshot writes hit by faults, {} messages dropped of {}, {} leader terms, {} faults",
             totals.operations,
             totals.operations_unknown,
             totals.lease_operations_answered,
@@ -93,6 +93,7 @@ impl CampaignSummary {
             totals.persist_failures,
             totals.snapshots_installed,
             totals.snapshots_made,
+            totals.snapshot_write_faults,
             totals.messages_dropped,
             totals.messages_sent,
             totals.leader_terms,

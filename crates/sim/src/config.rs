@@ -143,6 +143,10 @@ pub struct FaultConfig {
     pub clock_stall: bool,
     /// Process pauses (a long GC or SIGSTOP): the member does nothing for a while.
     pub pause: bool,
+    /// Faults aimed at a member's next own snapshot, which is written off its member
+    /// loop: the process dies while it is written, an fsync of it fails, or the power
+    /// goes mid-write or just after it (before the loop heard it was durable).
+    pub snapshot_write: bool,
 }
 
 impl FaultConfig {
@@ -162,6 +166,7 @@ impl FaultConfig {
             clock_drift: false,
             clock_stall: false,
             pause: false,
+            snapshot_write: false,
         }
     }
 
@@ -183,6 +188,7 @@ impl FaultConfig {
             clock_drift: on(random),
             clock_stall: on(random),
             pause: on(random),
+            snapshot_write: on(random),
         }
     }
 
@@ -198,6 +204,7 @@ impl FaultConfig {
             || self.clock_drift
             || self.clock_stall
             || self.pause
+            || self.snapshot_write
     }
 }
 

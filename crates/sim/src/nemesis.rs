@@ -25,11 +25,17 @@
 //!   can expire early because of one.
 //! - **pause**: the member's process is frozen (a long GC, SIGSTOP): no ticks, no
 //!   messages handled; what arrives waits until it resumes.
+//! - **snapshot write fault**: aimed at a member's next own snapshot, which its
+//!   snapshot thread writes off the member loop: the process is killed while it is
+//!   written (the capture is lost), one of its fsyncs fails (the member stops), the
+//!   power goes at one of its fsyncs (a torn temporary file, a rename not durable), or
+//!   the power goes right after it is durable but before the member loop heard of it.
+//!   (Process kills and power losses at random times also hit writes in flight.)
 
 use crate::config::{MILLISECOND_NS, SECOND_NS, TICK_INTERVAL_NS_MAX, TICK_INTERVAL_NS_MIN};
 use crate::shell::StopKind;
 use crate::trace::TraceEvent;
-use crate::world::{Action, Phase, World};
+use crate::world::{Action, Phase, SnapshotFault, World};
 
 /// The kinds of fault the nemesis chooses from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +50,7 @@ enum FaultKind {
     ClockDrift,
     ClockStall,
     Pause,
+    SnapshotWrite,
 }
 
 impl World {
@@ -60,6 +67,7 @@ impl World {
             (faults.clock_drift, FaultKind::ClockDrift),
             (faults.clock_stall, FaultKind::ClockStall),
             (faults.pause, FaultKind::Pause),
+            (faults.snapshot_write, FaultKind::SnapshotWrite),
         ]
         .into_iter()
         .filter(|(on, _)| *on)
@@ -132,6 +140,21 @@ impl World {
                     "member {id}: clock stalls for {} ms, missed ticks skipped",
                     stall_ns / MILLISECOND_NS
                 )));
+            }
+            FaultKind::SnapshotWrite => {
+                if let Some(id) = self.random_running_member() {
+                    let successes_before = self.random.below(2);
+                    let fault = match self.random.below(4) {
+                        0 => SnapshotFault::ProcessKilledDuringWrite,
+                        1 => SnapshotFault::FsyncError { successes_before },
+                        2 => SnapshotFault::PowerLossMidWrite { successes_before },
+                        _ => SnapshotFault::PowerLossAfterWrite,
+                    };
+                    self.member_mut(id).snapshot_fault = Some(fault);
+                    self.record(TraceEvent::Fault(format!(
+                        "member {id}: its next snapshot write meets {fault:?}"
+                    )));
+                }
             }
             FaultKind::Pause => {
                 if let Some(id) = self.random_running_member() {

@@ -41,6 +41,9 @@ pub struct RunStats {
     pub snapshots_made: u64,
     /// Persist calls that failed (fsync errors).
     pub persist_failures: u64,
+    /// Faults the nemesis aimed at an own snapshot written off the member loop that
+    /// hit one (a kill during the write, an fsync error or power loss during or after it).
+    pub snapshot_write_faults: u64,
     /// Terms that had a leader.
     pub leader_terms: u64,
     /// Faults the nemesis injected.
@@ -65,6 +68,7 @@ impl RunStats {
         self.snapshots_installed += other.snapshots_installed;
         self.snapshots_made += other.snapshots_made;
         self.persist_failures += other.persist_failures;
+        self.snapshot_write_faults += other.snapshot_write_faults;
         self.leader_terms += other.leader_terms;
         self.faults += other.faults;
     }

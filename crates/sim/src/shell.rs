@@ -1,11 +1,18 @@
 //! The simulator's shell around each `keel_core::Node`: what `server/member.rs` does
 //! with threads, sockets and files, done here on the simulated clock, network and disk.
 //!
-//! It follows the core's Ready protocol exactly (see `keel_core::node`): send
-//! `messages`, make `persist` durable with `DurableState` (the same code the server
-//! runs), send `messages_after_persist`, deliver replies, save the node's own snapshot,
-//! then `advance` and do the same with its output. A persist error stops the member, as
-//! the server stops, and the world restarts it later from its disk.
+//! It follows the core's Ready protocol exactly (see `keel_core::node`): carry out a
+//! log compaction behind a durable own snapshot, send `messages`, make `persist`
+//! durable with `DurableState` (the same code the server runs), send
+//! `messages_after_persist`, deliver replies, hand a snapshot capture to the simulated
+//! snapshot thread, then `advance` and do the same with its output. A persist error
+//! stops the member, as the server stops, and the world restarts it later from its disk.
+//!
+//! The snapshot thread is modelled as the server runs it, off the member loop: a
+//! capture is written (with the server's `SnapshotWriter`) at a later simulated time,
+//! while the member goes on handling events, and the node is told with
+//! `Event::SnapshotDurable` only after the write succeeded. A crash before then loses
+//! the capture; the nemesis also aims faults at that write (`SnapshotFault`).
 //!
 //! The transport's duties are modelled too: a message that cannot reach a stopped member
 //! or crosses a cut link is reported to its sender as `Unreachable`, a lost `MsgSnapshot`
@@ -27,7 +34,7 @@ use crate::invariants::monotonic::Counters;
 use crate::network::SendPlan;
 use crate::trace::{Digest, MessageSummary, TraceEvent, TransportReport};
 use crate::violation::Violation;
-use crate::world::{Action, DeferredWrite, Running, World, CLUSTER_ID};
+use crate::world::{Action, DeferredWrite, Running, SnapshotFault, World, CLUSTER_ID};
 
 /// The most Ready rounds one event may cause. A few are normal (a Ready, its advance,
 /// the reads it made servable); thousands mean the node never runs out of work.
@@ -148,6 +155,7 @@ impl World {
             node,
             durable,
             deferred: Vec::new(),
+            snapshot_writes: std::collections::VecDeque::new(),
             ticks_since_flush: 0,
             fingerprinted_applied: None,
         }));
@@ -416,8 +424,22 @@ impl World {
             persist,
             messages_after_persist,
             replies,
-            snapshot_to_save,
+            snapshot_capture,
+            log_compaction,
         } = output;
+        let acknowledge_before_fsync =
+            self.config.options.shell_bug == ShellBug::AcknowledgeBeforeFsync;
+        if let Some(compaction) = log_compaction {
+            let running = self.member_mut(id).running.as_mut().expect("running");
+            if acknowledge_before_fsync {
+                running
+                    .deferred
+                    .push(DeferredWrite::LogCompaction(compaction));
+            } else if let Err(error) = running.durable.compact_log(&compaction) {
+                self.persist_failed(id, &error);
+                return false;
+            }
+        }
         if let Some(snapshot) = &persist.snapshot {
             self.stats.snapshots_installed += 1;
             let metadata = snapshot.get_metadata();
@@ -439,8 +461,6 @@ impl World {
         for message in messages {
             self.send(id, message);
         }
-        let acknowledge_before_fsync =
-            self.config.options.shell_bug == ShellBug::AcknowledgeBeforeFsync;
         let running = self.member_mut(id).running.as_mut().expect("running");
         if acknowledge_before_fsync {
             if !persist.is_empty() {
@@ -456,17 +476,87 @@ impl World {
         for reply in replies {
             self.deliver_reply(reply);
         }
-        if let Some(own) = snapshot_to_save {
-            self.stats.snapshots_made += 1;
+        if let Some(capture) = snapshot_capture {
             let running = self.member_mut(id).running.as_mut().expect("running");
-            if acknowledge_before_fsync {
-                running.deferred.push(DeferredWrite::OwnSnapshot(own));
-            } else if let Err(error) = running.durable.save_own_snapshot(&own) {
-                self.persist_failed(id, &error);
-                return false;
-            }
+            running.snapshot_writes.push_back(capture);
+            // Encoding and writing a large state machine takes a while; the member
+            // goes on meanwhile.
+            let delay = self.random.between(1, 400) * crate::config::MILLISECOND_NS;
+            let incarnation = self.member(id).incarnation;
+            self.agenda.schedule_after(
+                delay,
+                Action::SnapshotWritten {
+                    member: id,
+                    incarnation,
+                },
+            );
         }
         true
+    }
+
+    /// The simulated snapshot thread finishes writing member `id`'s oldest capture,
+    /// unless a fault the nemesis aimed at it gets there first.
+    pub(crate) fn on_snapshot_written(&mut self, id: u64, incarnation: u64) {
+        if !self.member(id).is_boot(incarnation) {
+            return;
+        }
+        let fault = self.member_mut(id).snapshot_fault.take();
+        let running = self.member_mut(id).running.as_mut().expect("running");
+        let capture = running
+            .snapshot_writes
+            .pop_front()
+            .expect("one capture per scheduled write");
+        let disk = self.member(id).disk.clone();
+        if fault.is_some() {
+            self.stats.snapshot_write_faults += 1;
+        }
+        match fault {
+            Some(SnapshotFault::ProcessKilledDuringWrite) => {
+                self.record(TraceEvent::Fault(format!(
+                    "member {id}: killed while writing its snapshot at {}",
+                    capture.metadata.index
+                )));
+                self.stop_member(id, StopKind::ProcessExit);
+                return self.schedule_restart(id);
+            }
+            Some(SnapshotFault::FsyncError { successes_before })
+            | Some(SnapshotFault::PowerLossMidWrite { successes_before }) => {
+                disk.fail_fsync_after(successes_before, 1);
+            }
+            Some(SnapshotFault::PowerLossAfterWrite) | None => {}
+        }
+        let running = self.member_mut(id).running.as_mut().expect("running");
+        let result = running.durable.snapshot_writer().write(&capture);
+        let snapshot = match (result, fault) {
+            (Err(_), Some(SnapshotFault::PowerLossMidWrite { .. })) => {
+                self.record(TraceEvent::Fault(format!(
+                    "member {id}: power lost while writing its snapshot at {}",
+                    capture.metadata.index
+                )));
+                self.stop_member(id, StopKind::PowerLoss { torn: true });
+                return self.schedule_restart(id);
+            }
+            (Err(error), _) => {
+                self.persist_failed(id, &error);
+                return;
+            }
+            (Ok(snapshot), Some(SnapshotFault::PowerLossAfterWrite)) => {
+                self.record(TraceEvent::Fault(format!(
+                    "member {id}: power lost after writing its snapshot at {}, before the \
+                     member heard of it",
+                    snapshot.get_metadata().index
+                )));
+                self.stop_member(id, StopKind::PowerLoss { torn: true });
+                return self.schedule_restart(id);
+            }
+            (Ok(snapshot), _) => snapshot,
+        };
+        self.stats.snapshots_made += 1;
+        let running = self.member_mut(id).running.as_mut().expect("running");
+        running
+            .node
+            .step(Event::SnapshotDurable(Box::new(snapshot)));
+        self.drive(id);
     }
 
     /// Writes what the buggy shell deferred. Returns false if the member stopped.
@@ -477,7 +567,7 @@ impl World {
             let running = self.member_mut(id).running.as_mut().expect("running");
             let result = match &write {
                 DeferredWrite::Persist(persist) => running.durable.persist(persist),
-                DeferredWrite::OwnSnapshot(own) => running.durable.save_own_snapshot(own),
+                DeferredWrite::LogCompaction(compaction) => running.durable.compact_log(compaction),
             };
             if let Err(error) = result {
                 self.persist_failed(id, &error);

@@ -97,6 +97,9 @@ pub(crate) enum Action {
     RestoreLinks,
     /// A member's clock runs at its nominal rate again.
     RestoreClock { member: u64 },
+    /// A member's snapshot thread finishes writing its oldest capture (only for the
+    /// boot that took it: a crash loses the capture and the write with it).
+    SnapshotWritten { member: u64, incarnation: u64 },
     /// An administrator compacts the key space's history.
     Compact,
     /// The fault phase ends: heal everything.
@@ -120,7 +123,7 @@ pub(crate) enum Phase {
 #[derive(Debug)]
 pub(crate) enum DeferredWrite {
     Persist(keel_core::Persist),
-    OwnSnapshot(keel_core::OwnSnapshot),
+    LogCompaction(keel_core::LogCompaction),
 }
 
 /// A running member process.
@@ -129,6 +132,9 @@ pub(crate) struct Running {
     pub(crate) durable: DurableState<SimDisk>,
     /// Writes not yet made durable (only under the acknowledge-before-fsync bug).
     pub(crate) deferred: Vec<DeferredWrite>,
+    /// Captures handed to the simulated snapshot thread, oldest first; each has a
+    /// `SnapshotWritten` on the agenda.
+    pub(crate) snapshot_writes: std::collections::VecDeque<keel_core::SnapshotCapture>,
     pub(crate) ticks_since_flush: u64,
     /// The applied index whose state was last fingerprinted.
     pub(crate) fingerprinted_applied: Option<u64>,
@@ -151,6 +157,24 @@ pub(crate) struct SimMember {
     pub(crate) paused_until_ns: u64,
     /// A restart is on the agenda.
     pub(crate) restart_pending: bool,
+    /// A fault the nemesis aimed at this member's next own snapshot write.
+    pub(crate) snapshot_fault: Option<SnapshotFault>,
+}
+
+/// What goes wrong with a member's next own snapshot write (see the nemesis).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SnapshotFault {
+    /// The process dies while the snapshot thread writes: the capture is lost.
+    ProcessKilledDuringWrite,
+    /// One of the write's fsyncs (the file's, or its directory's after the rename)
+    /// fails; the member stops as for any fsync error.
+    FsyncError { successes_before: u64 },
+    /// The machine loses power at one of the write's fsyncs: what was not yet
+    /// durable is lost or torn (a partial temporary file, a rename not yet durable).
+    PowerLossMidWrite { successes_before: u64 },
+    /// The write completes, then the power goes before the member loop hears of it:
+    /// a durable snapshot file newer than the log's snapshot marker.
+    PowerLossAfterWrite,
 }
 
 impl SimMember {
@@ -221,6 +245,7 @@ impl World {
                 clock_stalled_until_ns: 0,
                 paused_until_ns: 0,
                 restart_pending: false,
+                snapshot_fault: None,
             })
             .collect();
         let mut clients: Vec<Client> = (1..=config.client_count as u64)
@@ -384,6 +409,10 @@ impl World {
             Action::RestoreClock { member } => {
                 self.member_mut(member).tick_interval_ns = TICK_INTERVAL_NS;
             }
+            Action::SnapshotWritten {
+                member,
+                incarnation,
+            } => self.on_snapshot_written(member, incarnation),
             Action::Compact => self.on_compact(),
             Action::EndFaultPhase => self.end_fault_phase(),
             Action::PhaseCheck => self.on_phase_check(),
@@ -403,6 +432,7 @@ impl World {
             member.paused_until_ns = 0;
             // No more fsync failures: a healthy disk from now on.
             member.disk.fail_fsync_after(0, 0);
+            member.snapshot_fault = None;
             if !member.is_running() {
                 self.start_member(id);
             }

@@ -55,7 +55,10 @@ impl KeySpace {
 
         let mut hash = crc32c::crc32c(KEY_BUCKET_NAME);
         for (revision, key) in self.revisions.range(..=Revision::last_of(hash_revision)) {
-            let history = &self.keys[key];
+            let history = self
+                .keys
+                .get(key)
+                .expect("every change in the revision index has a history");
             let version = history
                 .at_revision(*revision)
                 .expect("every change in the revision index is in its key's history");

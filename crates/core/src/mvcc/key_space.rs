@@ -1,16 +1,23 @@
 //! The key space itself: its indexes, reads, single writes and compaction.
 //!
 //! Two ordered maps hold the state. `keys` maps each key to its history, so a range over
-//! `[key, range_end)` is one `BTreeMap::range` walk, O(log n + k) for k keys in the
+//! `[key, range_end)` is one `range` walk, O(log n + k) for k keys in the
 //! range (k counts keys whose history is retained even if they are deleted at the read
 //! revision, as etcd's index does). `revisions` maps every retained change's revision
 //! to its key, which gives revision order for the hash, the event feed and compaction
 //! without scanning every key. Keys are shared between the two maps through `Arc`.
+//!
+//! Both maps are persistent B-trees (`imbl::OrdMap`: nodes shared through `Arc`, copied
+//! on the first write after a clone), and each history sits behind an `Arc` too. So
+//! cloning a `KeySpace` costs O(1) whatever its size: that is how a snapshot or a
+//! corruption check captures the key space at one revision on the member loop and then
+//! encodes or hashes it on another thread while writes go on. A write after a clone
+//! copies the O(log n) nodes on its path once, and the history it appends to.
 
-use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::Arc;
 
+use imbl::OrdMap;
 use keel_types::etcdserverpb::range_request::{SortOrder, SortTarget};
 use keel_types::etcdserverpb::{
     CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
@@ -31,9 +38,9 @@ pub const VERSION_OVERHEAD_BYTES: u64 = 64;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeySpace {
     /// Every key with retained history, in key order.
-    pub(super) keys: BTreeMap<Arc<[u8]>, KeyHistory>,
+    pub(super) keys: OrdMap<Arc<[u8]>, Arc<KeyHistory>>,
     /// The key of every retained change, in revision order.
-    pub(super) revisions: BTreeMap<Revision, Arc<[u8]>>,
+    pub(super) revisions: OrdMap<Revision, Arc<[u8]>>,
     /// The revision of the newest committed change (1 for an empty store, as in etcd).
     pub(super) current_revision: i64,
     /// The revision of the last compaction; -1 before the first one, as in etcd.
@@ -107,8 +114,8 @@ impl KeySpace {
     /// An empty key space at revision 1 that has never been compacted.
     pub fn new() -> Self {
         KeySpace {
-            keys: BTreeMap::new(),
-            revisions: BTreeMap::new(),
+            keys: OrdMap::new(),
+            revisions: OrdMap::new(),
             current_revision: 1,
             compact_revision: -1,
             live_key_count: 0,
@@ -141,6 +148,17 @@ impl KeySpace {
     /// reports as its database size. It shrinks on compaction.
     pub fn approximate_bytes(&self) -> u64 {
         self.approximate_bytes
+    }
+
+    /// Every key that exists at the current revision with a lease attached, and
+    /// its lease: what the lease table's key index is rebuilt from after a restore.
+    pub fn live_leases(&self) -> impl Iterator<Item = (&[u8], i64)> + '_ {
+        self.keys.iter().filter_map(|(key, history)| {
+            history
+                .live_at(self.current_revision)
+                .filter(|version| version.lease != 0)
+                .map(|version| (&**key, version.lease))
+        })
     }
 
     /// Reads a key or a key range, at the current revision or at `request.revision`.
@@ -239,10 +257,11 @@ impl KeySpace {
             keys
         };
         for key in touched_keys {
-            let history = self
-                .keys
-                .get_mut(&key)
-                .expect("every key in the revision index has a history");
+            let history = Arc::make_mut(
+                self.keys
+                    .get_mut(&key)
+                    .expect("every key in the revision index has a history"),
+            );
             let count_at_or_before = history
                 .versions
                 .partition_point(|version| version.revision.main <= revision);
@@ -309,7 +328,10 @@ impl KeySpace {
             if !matches(key) {
                 continue;
             }
-            let history = &self.keys[key];
+            let history = self
+                .keys
+                .get(key)
+                .expect("every change in the revision index has a history");
             let version = history
                 .at_revision(*revision)
                 .expect("every change in the revision index is in its key's history");
@@ -456,7 +478,8 @@ impl KeySpace {
         };
         bounds
             .into_iter()
-            .flat_map(move |bounds| self.keys.range::<[u8], _>(bounds))
+            .flat_map(move |bounds| self.keys.range::<_, [u8]>(bounds))
+            .map(|(key, history)| (key, &**history))
     }
 
     /// A range read as of `current_revision`: the store's current revision, or inside a
@@ -638,7 +661,7 @@ impl KeySpace {
         self.approximate_bytes += version_bytes(&key, &version);
         let previous_key = self.revisions.insert(version.revision, Arc::clone(&key));
         assert!(previous_key.is_none(), "a revision is given out once");
-        let history = self.keys.entry(key).or_default();
+        let history = Arc::make_mut(self.keys.entry(key).or_default());
         if let Some(last) = history.versions.last() {
             assert!(
                 last.revision < version.revision,
@@ -648,19 +671,35 @@ impl KeySpace {
         history.push(version);
     }
 
-    /// Adds a version recovered from a snapshot, already checked by the caller.
-    pub(super) fn restore_version(&mut self, key: &[u8], version: StoredVersion) {
-        let key: Arc<[u8]> = match self.keys.get_key_value(key) {
-            Some((existing, _)) => Arc::clone(existing),
-            None => Arc::from(key),
-        };
-        self.approximate_bytes += version_bytes(&key, &version);
-        self.revisions.insert(version.revision, Arc::clone(&key));
-        self.keys.entry(key).or_default().push(version);
+    /// Installs the histories recovered from a snapshot, already checked by the
+    /// caller: `histories` in key order, `revisions` naming every change's key.
+    /// Each map is built in one pass of sorted inserts (no lookups), which is
+    /// most of what a restart of a large key space costs. Fails with the
+    /// duplicated revision if two changes share one.
+    pub(super) fn restore_histories(
+        &mut self,
+        histories: Vec<(Arc<[u8]>, KeyHistory)>,
+        mut revisions: Vec<(Revision, Arc<[u8]>)>,
+    ) -> Result<(), Revision> {
+        revisions.sort_unstable_by_key(|(revision, _)| *revision);
+        if let Some(pair) = revisions.windows(2).find(|pair| pair[0].0 == pair[1].0) {
+            return Err(pair[0].0);
+        }
+        for (key, history) in &histories {
+            for version in &history.versions {
+                self.approximate_bytes += version_bytes(key, version);
+            }
+        }
+        self.keys = histories
+            .into_iter()
+            .map(|(key, history)| (key, Arc::new(history)))
+            .collect();
+        self.revisions = revisions.into_iter().collect();
+        Ok(())
     }
 }
 
-/// The bounds of a key range, as `BTreeMap::range` takes them.
+/// The bounds of a key range, as `OrdMap::range` takes them.
 type KeyBounds<'a> = (Bound<&'a [u8]>, Bound<&'a [u8]>);
 
 /// What one retained version counts for in [`KeySpace::approximate_bytes`].

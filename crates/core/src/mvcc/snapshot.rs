@@ -7,7 +7,9 @@
 
 use keel_types::keelpb::{KeyVersion, StateMachineSnapshot};
 
-use super::history::{Revision, StoredVersion};
+use std::sync::Arc;
+
+use super::history::{KeyHistory, Revision, StoredVersion};
 use super::{KeySpace, KeySpaceError};
 
 impl KeySpace {
@@ -50,6 +52,13 @@ impl KeySpace {
     /// `versions` of a snapshot, failing with [`KeySpaceError::CorruptSnapshot`] if they
     /// do not describe a history that this module could have produced.
     pub fn from_snapshot(snapshot: &StateMachineSnapshot) -> Result<Self, KeySpaceError> {
+        Self::take_from_snapshot(&mut snapshot.clone())
+    }
+
+    /// As [`KeySpace::from_snapshot`], but moves the values out of `snapshot`
+    /// instead of copying them (they are left empty): a restart restores a
+    /// million keys without a million extra allocations and copies.
+    pub fn take_from_snapshot(snapshot: &mut StateMachineSnapshot) -> Result<Self, KeySpaceError> {
         let corrupt = |reason: String| Err(KeySpaceError::CorruptSnapshot(reason));
         let current_revision = snapshot.current_revision;
         let compact_revision = snapshot.compact_revision;
@@ -70,8 +79,18 @@ impl KeySpace {
             compact_revision,
             ..KeySpace::new()
         };
+        let mut histories: Vec<(Arc<[u8]>, KeyHistory)> = Vec::new();
+        let mut revisions: Vec<(Revision, Arc<[u8]>)> = Vec::with_capacity(snapshot.versions.len());
         let mut previous: Option<&KeyVersion> = None;
-        for entry in &snapshot.versions {
+        for entry in snapshot.versions.iter_mut() {
+            // The value is moved out below; the checks of the next entry look at
+            // this one's revisions, version and flags only, never at its value.
+            let value = if entry.deleted || entry.value.is_empty() {
+                Vec::new()
+            } else {
+                std::mem::take(&mut entry.value)
+            };
+            let entry: &KeyVersion = entry;
             let same_key = previous.is_some_and(|previous| previous.key == entry.key);
             let predecessor = previous.filter(|_| same_key);
             if let Err(reason) = check_entry(entry, predecessor, compact_revision, current_revision)
@@ -94,27 +113,30 @@ impl KeySpace {
                 main: entry.mod_revision,
                 sub: entry.sub_revision,
             };
-            if key_space.revisions.contains_key(&revision) {
-                return corrupt(format!(
-                    "revision {}/{} is given to two changes",
-                    revision.main, revision.sub
-                ));
+            let version = StoredVersion {
+                revision,
+                create_revision: entry.create_revision,
+                version: entry.version,
+                value,
+                lease: entry.lease,
+                deleted: entry.deleted,
+            };
+            if !same_key {
+                histories.push((Arc::from(entry.key.as_slice()), KeyHistory::default()));
             }
-            key_space.restore_version(
-                &entry.key,
-                StoredVersion {
-                    revision,
-                    create_revision: entry.create_revision,
-                    version: entry.version,
-                    value: entry.value.clone(),
-                    lease: entry.lease,
-                    deleted: entry.deleted,
-                },
-            );
+            let (key, history) = histories.last_mut().expect("pushed above");
+            history.push(version);
+            revisions.push((revision, Arc::clone(key)));
             previous = Some(entry);
         }
         if previous.is_some_and(|last| !last.deleted) {
             key_space.live_key_count += 1;
+        }
+        if let Err(revision) = key_space.restore_histories(histories, revisions) {
+            return corrupt(format!(
+                "revision {}/{} is given to two changes",
+                revision.main, revision.sub
+            ));
         }
         Ok(key_space)
     }

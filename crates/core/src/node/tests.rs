@@ -1,0 +1,161 @@
+//! Unit tests of the node's Ready protocol and its lease keep-alives.
+
+use keel_types::etcdserverpb::PutRequest;
+use keel_types::keelpb::{log_request, MemberRecord};
+
+use super::*;
+
+/// A one-member cluster that has elected itself.
+fn single_member_leader() -> Node {
+    let member = MemberRecord {
+        id: 1,
+        name: "one".into(),
+        peer_urls: vec!["test://one".into()],
+        ..Default::default()
+    };
+    let recovered = Recovered {
+        snapshot: bootstrap_snapshot(vec![member], 7),
+        hard_state: None,
+        entries: Vec::new(),
+    };
+    let logger = slog::Logger::root(slog::Discard, slog::o!());
+    let mut node = Node::new(NodeConfig::with_member_id(1), recovered, &logger).unwrap();
+    node.campaign();
+    drain(&mut node);
+    assert!(node.status().is_leader);
+    node
+}
+
+/// Takes Readies as a shell would (a single member persists and sends nothing).
+fn drain(node: &mut Node) -> Vec<Reply> {
+    let mut replies = Vec::new();
+    while node.has_ready() {
+        replies.extend(node.ready().replies);
+        replies.extend(node.advance().replies);
+    }
+    replies
+}
+
+/// A write waits in the node until the next Ready, so `has_ready` must say
+/// so at once: the shell asks for a Ready only when it does, and a write
+/// missed here would wait for the next tick (once 100 ms per put).
+#[test]
+fn a_waiting_write_makes_the_node_ready_at_once() {
+    let mut node = single_member_leader();
+    assert!(!node.has_ready());
+    node.step(Event::Write {
+        token: 42,
+        request: log_request::Request::Put(PutRequest {
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+            ..Default::default()
+        }),
+    });
+    assert!(node.has_ready(), "a proposal is waiting");
+    let replies = drain(&mut node);
+    assert_eq!(replies.len(), 1);
+    assert_eq!(replies[0].token, 42);
+    assert!(matches!(replies[0].result, Ok(Response::Write(_))));
+}
+
+/// A keep-alive for a lease with a checkpoint is answered once a reset of
+/// the checkpoint commits. Its read index can apply while a Ready is being
+/// taken; proposing the reset right there gave raft-rs entries between
+/// `ready` and `advance`, and it panicked (found by bench/compare.sh).
+#[test]
+fn a_keep_alive_of_a_checkpointed_lease_proposes_nothing_inside_a_ready() {
+    let mut node = single_member_leader();
+    node.step(Event::Write {
+        token: 1,
+        request: log_request::Request::LeaseGrant(keel_types::etcdserverpb::LeaseGrantRequest {
+            ttl: 60,
+            id: 5,
+        }),
+    });
+    assert_eq!(drain(&mut node).len(), 1);
+    // Past the checkpoint interval: the remaining TTL goes into the log.
+    for _ in 0..=node.config.lease_checkpoint_interval_ticks {
+        node.step(Event::Tick);
+        drain(&mut node);
+    }
+    let lease = node.state_machine().leases().get(5).expect("granted");
+    assert_ne!(lease.remaining_ttl_seconds, 0, "a checkpoint was applied");
+
+    node.step(Event::LeaseKeepAlive { token: 2, id: 5 });
+    let replies = drain(&mut node);
+    assert_eq!(replies.len(), 1);
+    match &replies[0].result {
+        Ok(Response::LeaseKeepAlive(response)) => assert_eq!(response.ttl, 60),
+        other => panic!("unexpected answer {other:?}"),
+    }
+    let lease = node.state_machine().leases().get(5).expect("still granted");
+    assert_eq!(lease.remaining_ttl_seconds, 0, "the checkpoint was reset");
+}
+
+/// A snapshot is a capture handed to the shell; raft-rs hears of it, and the
+/// log is compacted behind it, only once the shell reports it durable. Until
+/// then the member goes on applying writes, and the capture keeps the state
+/// as of its index.
+#[test]
+fn the_log_is_compacted_only_behind_a_snapshot_reported_durable() {
+    let mut node = single_member_leader();
+    node.config.snapshot_entries_interval = 5;
+    node.config.snapshot_catch_up_entries = 0;
+    let put = |token: u64| Event::Write {
+        token,
+        request: log_request::Request::Put(PutRequest {
+            key: format!("key{token}").into_bytes(),
+            value: b"v".to_vec(),
+            ..Default::default()
+        }),
+    };
+    let mut capture = None;
+    for token in 1..=10 {
+        node.step(put(token));
+        while node.has_ready() {
+            let output = node.ready();
+            assert!(
+                output.snapshot_capture.is_none(),
+                "captures come from advance"
+            );
+            let output = node.advance();
+            if let Some(taken) = output.snapshot_capture {
+                assert!(capture.is_none(), "one capture at a time");
+                capture = Some(taken);
+            }
+        }
+    }
+    let capture = capture.expect("a capture after five entries");
+    let index = capture.metadata.index;
+    assert_eq!(capture.state.applied_index(), index);
+    assert!(
+        node.state_machine().applied_index() > index,
+        "writes went on"
+    );
+    assert!(
+        capture.state.key_space().current_revision()
+            < node.state_machine().key_space().current_revision(),
+        "the capture did not see the later writes"
+    );
+    let first_index_before = node.raw_node.store().first_index();
+    assert!(
+        raft::Storage::snapshot(node.raw_node.store(), index, 1).is_err(),
+        "raft-rs gets no snapshot while it is being written"
+    );
+
+    let snapshot = capture.encode();
+    node.step(Event::SnapshotDurable(Box::new(snapshot)));
+    assert!(node.has_ready(), "the log compaction waits for the shell");
+    let output = node.ready();
+    let compaction = output
+        .log_compaction
+        .expect("compaction behind the snapshot");
+    assert_eq!(compaction.snapshot_index, index);
+    assert!(node.raw_node.store().first_index() > first_index_before);
+    let served = raft::Storage::snapshot(node.raw_node.store(), index, 1).expect("durable now");
+    // The writes since are past the interval again: the next capture follows.
+    assert!(node.advance().snapshot_capture.is_some());
+    assert_eq!(served.get_metadata().index, index);
+    let restored = StateMachine::decode(&served.data).expect("the image decodes");
+    assert_eq!(restored.applied_index(), index);
+}
