@@ -1,0 +1,11 @@
+//! `keel agent`, the node daemon of keel's fault-tolerance layer: it registers
+//! its node and its services in the store (attached to the node's lease), runs
+//! health checks, and serves discovery (Consul's `/v1` HTTP API and DNS) from
+//! one shared watch of `/keel/`. Decisions (definitions, the check state
+//! machine, what to write) are pure functions; the tokio parts only read,
+//! write and run probes. It is a client of the store and never reaches into
+//! `core`.
+
+pub mod check_state;
+pub mod definition;
+pub mod probe;
