@@ -6,6 +6,8 @@
 //! write and run probes. It is a client of the store and never reaches into
 //! `core`.
 
+pub mod catalog;
 pub mod check_state;
 pub mod definition;
+pub mod local;
 pub mod probe;
