@@ -6,6 +6,9 @@
 //! what to write) are pure functions; the tokio parts only read, write and run
 //! probes. It is a client of the store and never reaches into `core`.
 
+pub mod agent;
+pub mod api;
+pub mod api_client;
 pub mod catalog;
 pub mod check_state;
 pub mod definition;

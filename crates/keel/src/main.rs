@@ -2,6 +2,7 @@
 //! `keel dev` runs a local three-member cluster, and `keel kv …` is a small
 //! etcd-protocol client for the basics; `keel bench` measures a cluster.
 
+mod agent_command;
 mod bench;
 mod dev;
 mod elect;
@@ -9,6 +10,7 @@ mod kv;
 mod lease_command;
 mod lock;
 mod operations;
+mod registry_command;
 mod server_command;
 mod watch;
 
@@ -44,6 +46,12 @@ enum Command {
     Watch(watch::WatchArguments),
     /// Measure throughput and latency of an etcd-protocol cluster (keel or etcd).
     Bench(bench::BenchArguments),
+    /// Run the node agent: registration, health checks, Consul's /v1 HTTP API, DNS.
+    Agent(Box<agent_command::AgentArguments>),
+    /// Register, deregister, list services and show their health (via an agent).
+    Service(registry_command::ServiceArguments),
+    /// List nodes with their status and resources (via an agent).
+    Node(registry_command::NodeArguments),
 }
 
 fn main() -> std::process::ExitCode {
@@ -69,6 +77,9 @@ fn main() -> std::process::ExitCode {
             Command::Lock(arguments) => lock::run(arguments).await,
             Command::Elect(arguments) => elect::run(arguments).await,
             Command::Operations(command) => operations::run(command).await,
+            Command::Agent(arguments) => agent_command::run(*arguments).await,
+            Command::Service(arguments) => registry_command::run_service(arguments).await,
+            Command::Node(arguments) => registry_command::run_node(arguments).await,
         }
     });
     match result {
