@@ -3,12 +3,14 @@
 //! etcd-protocol client for the basics; `keel bench` measures a cluster.
 
 mod agent_command;
+mod availability;
 mod bench;
 mod dev;
 mod elect;
 mod kv;
 mod lease_command;
 mod lock;
+mod logging;
 mod operations;
 mod registry_command;
 mod server_command;
@@ -52,6 +54,8 @@ enum Command {
     Service(registry_command::ServiceArguments),
     /// List nodes with their status and resources (via an agent).
     Node(registry_command::NodeArguments),
+    /// Model reliability and availability: components, quorums, repair, block diagrams.
+    Availability(availability::Arguments),
 }
 
 fn main() -> std::process::ExitCode {
@@ -80,6 +84,7 @@ fn main() -> std::process::ExitCode {
             Command::Agent(arguments) => agent_command::run(*arguments).await,
             Command::Service(arguments) => registry_command::run_service(arguments).await,
             Command::Node(arguments) => registry_command::run_node(arguments).await,
+            Command::Availability(arguments) => availability::run(arguments).await,
         }
     });
     match result {

@@ -23,6 +23,10 @@ pub struct ServerArguments {
     /// URLs advertised to clients.
     #[arg(long, default_value = "http://localhost:2379")]
     advertise_client_urls: String,
+    /// URLs to serve /metrics, /health, /livez and /readyz on (plain HTTP),
+    /// comma-separated; none by default, as etcd.
+    #[arg(long)]
+    listen_metrics_urls: Option<String>,
     /// URLs to listen on for peer traffic.
     #[arg(long, default_value = "http://localhost:2380")]
     listen_peer_urls: String,
@@ -82,9 +86,9 @@ pub struct ServerArguments {
     /// Most operations allowed in one transaction.
     #[arg(long, default_value_t = 128)]
     max_txn_ops: usize,
-    /// Log level: error, warn, info, debug or trace.
-    #[arg(long, default_value = "info")]
-    log_level: String,
+    /// --log-level and --log-format.
+    #[command(flatten)]
+    log: crate::logging::LogArguments,
     /// Accepted for etcd compatibility; keel always logs structured lines to stderr.
     #[arg(long, default_value = "zap")]
     logger: String,
@@ -143,6 +147,12 @@ impl ServerArguments {
             .collect::<Result<_, _>>()?;
         config.advertise_client_urls =
             parse_url_list("advertise-client-urls", &self.advertise_client_urls)?;
+        if let Some(urls) = &self.listen_metrics_urls {
+            config.listen_metrics_addresses = parse_url_list("listen-metrics-urls", urls)?
+                .iter()
+                .map(|url| parse_url_address(url))
+                .collect::<Result<_, _>>()?;
+        }
         config.initial_advertise_peer_urls = parse_url_list(
             "initial-advertise-peer-urls",
             &self.initial_advertise_peer_urls,
@@ -194,20 +204,7 @@ impl ServerArguments {
 
 /// Runs a member until SIGINT or SIGTERM, then stops it cleanly.
 pub async fn run(arguments: ServerArguments) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| {
-            tracing_subscriber::EnvFilter::try_new(format!(
-                "{},raft=warn,h2=warn,tower=warn,hyper=warn",
-                arguments.log_level
-            ))
-        })
-        .context("--log-level")?;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour codes only for a person watching; a log file stays greppable.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    crate::logging::init(&arguments.log)?;
     let config = arguments.to_config()?;
     let mut server = Server::start(config).await?;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -43,6 +43,9 @@ pub struct ServerConfig {
     pub listen_client_addresses: Vec<SocketAddr>,
     /// URLs clients are told to use (`--advertise-client-urls`).
     pub advertise_client_urls: Vec<String>,
+    /// Addresses to serve `/metrics`, `/health`, `/livez` and `/readyz` on,
+    /// over plain HTTP (`--listen-metrics-urls`); none by default, as etcd.
+    pub listen_metrics_addresses: Vec<SocketAddr>,
     /// Addresses to serve peers on (`--listen-peer-urls`).
     pub listen_peer_addresses: Vec<SocketAddr>,
     /// URLs peers use to reach this member (`--initial-advertise-peer-urls`).
@@ -98,6 +101,7 @@ impl ServerConfig {
             data_dir,
             listen_client_addresses: vec![client],
             advertise_client_urls: vec![format!("http://{client}")],
+            listen_metrics_addresses: Vec::new(),
             listen_peer_addresses: vec![peer],
             initial_advertise_peer_urls: vec![peer_url.clone()],
             initial_cluster: vec![(name.to_string(), vec![peer_url])],

@@ -327,6 +327,16 @@ fn header_of(status: &NodeStatus) -> ResponseHeader {
     }
 }
 
+/// The Cluster service's header: etcd's ClusterServer leaves the revision
+/// out (membership is not part of the key space), and so its answers, over
+/// gRPC and the JSON gateway alike, carry none.
+fn cluster_header_of(status: &NodeStatus) -> ResponseHeader {
+    ResponseHeader {
+        revision: 0,
+        ..header_of(status)
+    }
+}
+
 fn member_of(record: &MemberRecord) -> Member {
     Member {
         id: record.id,
@@ -358,7 +368,7 @@ impl cluster_server::Cluster for Services {
             .map_err(|error| status_of(&error))?;
         let (status, _) = self.status().await?;
         Ok(tonic::Response::new(MemberAddResponse {
-            header: Some(header_of(&status)),
+            header: Some(cluster_header_of(&status)),
             member: Some(member_of(&member)),
             members: members.iter().map(member_of).collect(),
         }))
@@ -376,7 +386,7 @@ impl cluster_server::Cluster for Services {
             .map_err(|error| status_of(&error))?;
         let (status, _) = self.status().await?;
         Ok(tonic::Response::new(MemberRemoveResponse {
-            header: Some(header_of(&status)),
+            header: Some(cluster_header_of(&status)),
             members: members.iter().map(member_of).collect(),
         }))
     }
@@ -399,7 +409,7 @@ impl cluster_server::Cluster for Services {
         }
         let (status, members) = self.status().await?;
         Ok(tonic::Response::new(MemberUpdateResponse {
-            header: Some(header_of(&status)),
+            header: Some(cluster_header_of(&status)),
             members: members.iter().map(member_of).collect(),
         }))
     }
@@ -417,7 +427,7 @@ impl cluster_server::Cluster for Services {
             Ok((_, members)) => {
                 let (status, _) = self.status().await?;
                 Ok(tonic::Response::new(MemberPromoteResponse {
-                    header: Some(header_of(&status)),
+                    header: Some(cluster_header_of(&status)),
                     members: members.iter().map(member_of).collect(),
                 }))
             }
@@ -442,7 +452,7 @@ impl cluster_server::Cluster for Services {
     ) -> Result<tonic::Response<MemberListResponse>, Status> {
         let (status, members) = self.status().await?;
         Ok(tonic::Response::new(MemberListResponse {
-            header: Some(header_of(&status)),
+            header: Some(cluster_header_of(&status)),
             members: members.iter().map(member_of).collect(),
         }))
     }

@@ -12,7 +12,7 @@ use keel_types::etcdserverpb::{
     LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
 };
 use tokio::sync::{mpsc, oneshot};
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Status, Streaming};
 
 use crate::api::etcdserverpb::lease_client::LeaseClient;
@@ -100,11 +100,44 @@ impl LeaseService {
     }
 }
 
+impl LeaseService {
+    /// Answers a stream of keep-alives, one at a time and in order, as etcd
+    /// does; the answers end after the last request's, or at the first error.
+    /// The gRPC method and the JSON gateway both serve keep-alives with this.
+    pub fn keep_alive_stream<S>(&self, mut incoming: S, forwarded: bool) -> KeepAliveStream
+    where
+        S: Stream<Item = Result<LeaseKeepAliveRequest, Status>> + Send + Unpin + 'static,
+    {
+        let (sender, receiver) = mpsc::channel(KEEP_ALIVE_QUEUE_MAX);
+        let service = self.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(keep_alive)) = incoming.next().await {
+                let result = match service
+                    .ask_leader(LeaderQuery::KeepAlive(keep_alive.id), forwarded)
+                    .await
+                {
+                    Ok(Response::LeaseKeepAlive(response)) => Ok(response),
+                    Ok(_) => Err(Status::internal(
+                        "a keep-alive was answered with something else",
+                    )),
+                    Err(status) => Err(status),
+                };
+                let failed = result.is_err();
+                if sender.send(result).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver))
+    }
+}
+
 fn is_forwarded<T>(request: &Request<T>) -> bool {
     request.metadata().contains_key(FORWARDED_METADATA_KEY)
 }
 
-type KeepAliveStream =
+/// The answers to a stream of keep-alives.
+pub type KeepAliveStream =
     Pin<Box<dyn Stream<Item = Result<LeaseKeepAliveResponse, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
@@ -144,31 +177,9 @@ impl lease_server::Lease for LeaseService {
         request: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<tonic::Response<KeepAliveStream>, Status> {
         let forwarded = is_forwarded(&request);
-        let mut incoming = request.into_inner();
-        let (sender, receiver) = mpsc::channel(KEEP_ALIVE_QUEUE_MAX);
-        let service = self.clone();
-        tokio::spawn(async move {
-            // One keep-alive at a time per stream, in order, as etcd does.
-            while let Ok(Some(keep_alive)) = incoming.message().await {
-                let result = match service
-                    .ask_leader(LeaderQuery::KeepAlive(keep_alive.id), forwarded)
-                    .await
-                {
-                    Ok(Response::LeaseKeepAlive(response)) => Ok(response),
-                    Ok(_) => Err(Status::internal(
-                        "a keep-alive was answered with something else",
-                    )),
-                    Err(status) => Err(status),
-                };
-                let failed = result.is_err();
-                if sender.send(result).await.is_err() || failed {
-                    return;
-                }
-            }
-        });
-        Ok(tonic::Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(receiver),
-        )))
+        Ok(tonic::Response::new(
+            self.keep_alive_stream(request.into_inner(), forwarded),
+        ))
     }
 
     async fn lease_time_to_live(

@@ -2,17 +2,24 @@
 //!
 //! `server` opens the data directory (write-ahead log and snapshots), recovers
 //! the core `Node` from it, runs the member loop on its own thread, connects to
-//! peers over TCP and serves etcd's v3 gRPC API to clients. The core decides;
+//! peers over TCP and serves etcd's v3 gRPC API to clients, and its JSON
+//! gateway over HTTP/1.1 on the same port. The core decides;
 //! this crate only carries out its decisions and feeds it what happens.
 
+pub mod auth;
 pub mod authority_repair;
 pub mod config;
 pub mod corruption;
 pub mod election;
+pub mod gateway;
 pub mod grpc;
+pub mod health;
 pub mod lease;
 pub mod lock;
 pub mod member;
+pub mod member_observer;
+pub mod metrics;
+pub mod observability;
 pub mod transport;
 pub mod watch;
 
@@ -35,7 +42,7 @@ pub mod api {
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 
 use keel_core::{DurableError, DurableState, Node, NodeConfig};
 use keel_storage::FileDisk;
@@ -76,6 +83,13 @@ pub enum ServerError {
         /// The cause.
         source: std::io::Error,
     },
+    /// Another process holds the data directory's lock: two members on one
+    /// write-ahead log would truncate and overwrite each other's records.
+    #[error("data directory {path} is in use by another keel process (it holds {path}/{DATA_DIRECTORY_LOCK_FILE}); stop it, or choose another --data-dir")]
+    DataDirectoryInUse {
+        /// The data directory.
+        path: String,
+    },
     /// The gRPC server failed.
     #[error("serving clients: {0}")]
     Serve(#[from] tonic::transport::Error),
@@ -86,21 +100,63 @@ pub struct Server {
     input: mpsc::SyncSender<Input>,
     member_thread: Option<std::thread::JoinHandle<Result<StopReason, DurableError>>>,
     client_addresses: Vec<SocketAddr>,
+    metrics_addresses: Vec<SocketAddr>,
     serve_tasks: Vec<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
     peer_task: Vec<tokio::task::JoinHandle<()>>,
+    http_tasks: Vec<tokio::task::JoinHandle<()>>,
     member_stopped: tokio::sync::watch::Receiver<Option<StopReason>>,
+    /// Held (an exclusive advisory lock) for as long as the member runs; the
+    /// operating system releases it when the process exits, even on kill -9.
+    _data_directory_lock: std::fs::File,
+}
+
+/// The file in a data directory whose lock says a process is using it.
+pub const DATA_DIRECTORY_LOCK_FILE: &str = "lock";
+
+/// Creates `data_dir` if needed and takes its exclusive lock, without waiting:
+/// a second member (or a restore) on a data directory in use is refused at
+/// once, before it reads the write-ahead log, whose torn-tail repair would
+/// otherwise cut records the running member is still writing.
+pub fn lock_data_directory(data_dir: &Path) -> Result<std::fs::File, ServerError> {
+    std::fs::create_dir_all(data_dir).map_err(|source| ServerError::Recovery {
+        path: data_dir.display().to_string(),
+        reason: format!("cannot create the data directory: {source}"),
+    })?;
+    let path = data_dir.join(DATA_DIRECTORY_LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| ServerError::Recovery {
+            path: path.display().to_string(),
+            reason: format!("cannot open the lock file: {source}"),
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(ServerError::DataDirectoryInUse {
+            path: data_dir.display().to_string(),
+        }),
+        Err(std::fs::TryLockError::Error(source)) => Err(ServerError::Recovery {
+            path: path.display().to_string(),
+            reason: format!("cannot lock: {source}"),
+        }),
+    }
 }
 
 impl Server {
     /// Recovers the member from its data directory and starts serving.
     pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
         config.validate()?;
+        let data_directory_lock = lock_data_directory(&config.data_dir)?;
         let member_directory = config.data_dir.join("member");
         std::fs::create_dir_all(&member_directory).map_err(|source| ServerError::Recovery {
             path: config.data_dir.display().to_string(),
             reason: format!("cannot create the data directory: {source}"),
         })?;
-        let disk = FileDisk::new(&member_directory);
+        let metrics = Arc::new(metrics::MemberMetrics::new(grpc::ETCD_COMPATIBLE_VERSION));
+        let disk =
+            metrics::disk::MeteredDisk::new(FileDisk::new(&member_directory), metrics.clone());
         let (mut durable, recovered) = DurableState::open(disk)
             .map_err(|error| recovery_error(&member_directory, error.to_string()))?;
         let recovered = match recovered {
@@ -116,6 +172,7 @@ impl Server {
             }
         };
         let member_id = own_member_id(&config, &recovered);
+        metrics.identify(member_id);
         let mut node_config = NodeConfig::with_member_id(member_id);
         node_config.election_ticks = config.election_ticks();
         node_config.heartbeat_ticks = 1;
@@ -167,6 +224,7 @@ impl Server {
             member_id,
             config.peer_queue_messages_max,
             input.clone(),
+            metrics.clone(),
         );
         let view = member::MembershipView {
             allowed: Default::default(),
@@ -192,6 +250,7 @@ impl Server {
                 input.clone(),
                 allowed.clone(),
                 membership.clone(),
+                metrics.clone(),
             )));
         }
 
@@ -199,6 +258,7 @@ impl Server {
         let loop_input = input.clone();
         let (stopped_sender, member_stopped) = tokio::sync::watch::channel(None);
         let (revision_sender, revision_receiver) = tokio::sync::watch::channel(0i64);
+        let loop_metrics = metrics.clone();
         let member_thread = std::thread::Builder::new()
             .name(format!("keel-member-{}", config.name))
             .spawn(move || {
@@ -211,6 +271,7 @@ impl Server {
                     tick_interval,
                     revision_sender,
                     view,
+                    loop_metrics,
                 );
                 let reason = match &result {
                     Ok(reason) => *reason,
@@ -239,6 +300,12 @@ impl Server {
                 interval,
             )));
         }
+        // /metrics, /health, /livez and /readyz: on every client port, as etcd
+        // serves them, and on --listen-metrics-urls.
+        let observability_router = observability::router(observability::Observability::new(
+            metrics.clone(),
+            services.clone(),
+        ));
         let mut client_addresses = Vec::new();
         for &address in &config.listen_client_addresses {
             let listener = TcpListener::bind(address)
@@ -248,15 +315,10 @@ impl Server {
                 .local_addr()
                 .map_err(|source| ServerError::Listen { address, source })?;
             client_addresses.push(bound);
-            // Nagle's algorithm would hold a response's second HTTP/2 frame
-            // until the client's delayed ACK (40 ms): measured reads took 44 ms.
-            let incoming = tokio_stream::StreamExt::map(
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                |accepted| accepted.map(authority_repair::AuthorityRepair::new),
-            );
             let decoding_limit = config.request_bytes_max + GRPC_OVERHEAD_BYTES;
             let router = tonic::transport::Server::builder()
                 .tcp_nodelay(true)
+                .layer(metrics::grpc::GrpcMetricsLayer::new(metrics.grpc.clone()))
                 .add_service(
                     api::etcdserverpb::kv_server::KvServer::new(services.clone())
                         .max_decoding_message_size(decoding_limit)
@@ -291,8 +353,36 @@ impl Server {
                 .add_service(
                     api::etcdserverpb::maintenance_server::MaintenanceServer::new(services.clone())
                         .max_decoding_message_size(decoding_limit),
+                )
+                .add_service(
+                    api::etcdserverpb::auth_server::AuthServer::new(auth::AuthService)
+                        .max_decoding_message_size(decoding_limit),
                 );
-            serve_tasks.push(tokio::spawn(router.serve_with_incoming(incoming)));
+            let http = gateway::http_router(gateway::GatewayServices {
+                services: services.clone(),
+                lease: lease::LeaseService::new(services.clone()),
+                watch: watch_service.clone(),
+                auth: auth::AuthService,
+                request_body_bytes_max: gateway::request_body_bytes_max(config.request_bytes_max),
+            })
+            .merge(observability_router.clone());
+            serve_tasks.push(tokio::spawn(gateway::multiplex::serve_client_port(
+                listener, router, http,
+            )));
+        }
+        let mut metrics_addresses = Vec::new();
+        let mut http_tasks = Vec::new();
+        for &address in &config.listen_metrics_addresses {
+            let listener = observability::bind(address).await?;
+            metrics_addresses.push(
+                listener
+                    .local_addr()
+                    .map_err(|source| ServerError::Listen { address, source })?,
+            );
+            http_tasks.push(tokio::spawn(observability::serve(
+                listener,
+                observability_router.clone(),
+            )));
         }
         serve_tasks.push(tokio::spawn(publish_attributes(
             services.clone(),
@@ -308,21 +398,30 @@ impl Server {
             member_id = format!("{member_id:x}"),
             cluster_id = format!("{cluster:x}"),
             clients = ?client_addresses,
+            metrics = ?metrics_addresses,
             "member started"
         );
         Ok(Server {
             input,
             member_thread: Some(member_thread),
             client_addresses,
+            metrics_addresses,
             serve_tasks,
             peer_task,
+            http_tasks,
             member_stopped,
+            _data_directory_lock: data_directory_lock,
         })
     }
 
     /// The addresses clients can reach this member on.
     pub fn client_addresses(&self) -> &[SocketAddr] {
         &self.client_addresses
+    }
+
+    /// The addresses `/metrics` and the health endpoints are served on.
+    pub fn metrics_addresses(&self) -> &[SocketAddr] {
+        &self.metrics_addresses
     }
 
     /// Waits until the member loop stops by itself (removal or a storage
@@ -344,6 +443,9 @@ impl Server {
             task.abort();
         }
         for task in self.peer_task.drain(..) {
+            task.abort();
+        }
+        for task in self.http_tasks.drain(..) {
             task.abort();
         }
         let _ = self.input.try_send(Input::Shutdown);
@@ -394,6 +496,7 @@ async fn publish_attributes(
 /// Refuses to touch a data directory that already holds a member.
 pub fn restore_backup(config: &ServerConfig, backup: &[u8]) -> Result<(), ServerError> {
     config.validate()?;
+    let _data_directory_lock = lock_data_directory(&config.data_dir)?;
     let member_directory = config.data_dir.join("member");
     if member_directory.exists() {
         return Err(recovery_error(
@@ -494,5 +597,24 @@ fn recovery_error(path: &Path, reason: String) -> ServerError {
     ServerError::Recovery {
         path: path.display().to_string(),
         reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_data_directory_in_use_is_refused_and_free_again_after() {
+        let directory = tempfile::tempdir().expect("a temporary directory");
+        let held = lock_data_directory(directory.path()).expect("the first lock");
+        match lock_data_directory(directory.path()) {
+            Err(ServerError::DataDirectoryInUse { path }) => {
+                assert_eq!(path, directory.path().display().to_string())
+            }
+            other => panic!("a second lock must be refused, got {other:?}"),
+        }
+        drop(held);
+        lock_data_directory(directory.path()).expect("free once the holder let go");
     }
 }

@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keel_core::eraftpb::Message;
@@ -17,11 +18,13 @@ use keel_core::{
     DurableError, DurableState, Event, Node, NodeStatus, Output, Reply, RequestError, Response,
     WriteRequest,
 };
-use keel_storage::FileDisk;
 use keel_types::etcdserverpb::{RangeRequest, RangeResponse};
 use keel_types::keelpb::MemberRecord;
 use tokio::sync::oneshot;
 
+use crate::member_observer::MemberObserver;
+use crate::metrics::disk::MeteredDisk;
+use crate::metrics::MemberMetrics;
 use crate::transport::PeerSenders;
 
 /// Inputs processed between two Ready batches, so a flood of requests cannot
@@ -137,8 +140,8 @@ pub enum Input {
     Shutdown,
 }
 
-/// Durable state the member loop writes to.
-pub type Durable = DurableState<FileDisk>;
+/// Durable state the member loop writes to, on a disk timed into the metrics.
+pub type Durable = DurableState<MeteredDisk>;
 
 /// True when `key` is in `[start, range_end)` with etcd's conventions: an
 /// empty `range_end` means the single key `start`; `[0]` means every key from
@@ -202,13 +205,15 @@ pub fn run(
     tick_interval: Duration,
     revision: tokio::sync::watch::Sender<i64>,
     view: MembershipView,
+    metrics: Arc<MemberMetrics>,
 ) -> Result<StopReason, DurableError> {
     revision.send_replace(node.status().revision);
     let mut known_members = node.members().to_vec();
     peers.follow_membership(&known_members);
     view.update(node.status().cluster_id, &known_members);
+    let mut observer = MemberObserver::new(metrics.clone(), &node);
     let mut removed = false;
-    let mut waiting: BTreeMap<u64, ReplySender> = BTreeMap::new();
+    let mut waiting = Waiting::new(metrics);
     let mut next_token: u64 = 0;
     let mut next_tick = Instant::now() + tick_interval;
     loop {
@@ -236,6 +241,9 @@ pub fn run(
                 next_input = inputs.try_recv().ok();
             }
         }
+        if handled > 0 {
+            observer.batch_taken(handled);
+        }
         let now = Instant::now();
         if now >= next_tick {
             node.step(Event::Tick);
@@ -247,10 +255,16 @@ pub fn run(
             }
         }
         while node.has_ready() {
+            // Committed entries are applied inside `ready` and `advance`.
+            let started = Instant::now();
             let output = node.ready();
+            let mut apply = started.elapsed();
             carry_out(output, &mut durable, &peers, &input_sender, &mut waiting)?;
+            let advancing = Instant::now();
             let output = node.advance();
+            apply += advancing.elapsed();
             carry_out(output, &mut durable, &peers, &input_sender, &mut waiting)?;
+            observer.ready_carried_out(apply, started.elapsed());
         }
         let current = node.state_machine().key_space().current_revision();
         revision.send_if_modified(|published| {
@@ -259,6 +273,7 @@ pub fn run(
             changed
         });
         if node.members() != known_members.as_slice() {
+            observer.membership_changed(node.status().term, &known_members, node.members());
             known_members = node.members().to_vec();
             peers.follow_membership(&known_members);
             view.update(node.status().cluster_id, &known_members);
@@ -271,6 +286,7 @@ pub fn run(
             view.corrupt
                 .store(corrupt, std::sync::atomic::Ordering::Relaxed);
         }
+        observer.batch_done(&node, waiting.proposals);
         if removed || node.is_removed_and_done() {
             tracing::warn!("this member has been removed from the cluster; stopping");
             return Ok(StopReason::Removed);
@@ -281,7 +297,7 @@ pub fn run(
 fn handle_input(
     node: &mut Node,
     input: Input,
-    waiting: &mut BTreeMap<u64, ReplySender>,
+    waiting: &mut Waiting,
     next_token: &mut u64,
     removed: &mut bool,
 ) {
@@ -289,7 +305,7 @@ fn handle_input(
         Input::Peer(message) => node.step(Event::Message(message)),
         Input::Write { request, reply } => {
             *next_token += 1;
-            waiting.insert(*next_token, reply);
+            waiting.insert_proposal(*next_token, reply);
             node.step(Event::Write {
                 token: *next_token,
                 request,
@@ -357,7 +373,7 @@ fn handle_input(
         }
         Input::ChangeMembership { change, reply } => {
             *next_token += 1;
-            waiting.insert(*next_token, reply);
+            waiting.insert_proposal(*next_token, reply);
             node.step(Event::ChangeMembership {
                 token: *next_token,
                 change,
@@ -388,7 +404,7 @@ fn carry_out(
     durable: &mut Durable,
     peers: &PeerSenders,
     input_sender: &SyncSender<Input>,
-    waiting: &mut BTreeMap<u64, ReplySender>,
+    waiting: &mut Waiting,
 ) -> Result<(), DurableError> {
     for message in output.messages {
         peers.send(message, input_sender);
@@ -397,18 +413,59 @@ fn carry_out(
     for message in output.messages_after_persist {
         peers.send(message, input_sender);
     }
-    deliver(output.replies, waiting);
+    waiting.deliver(output.replies);
     if let Some(own) = output.snapshot_to_save {
         durable.save_own_snapshot(&own)?;
     }
     Ok(())
 }
 
-fn deliver(replies: Vec<Reply>, waiting: &mut BTreeMap<u64, ReplySender>) {
-    for reply in replies {
-        if let Some(sender) = waiting.remove(&reply.token) {
-            // The client may have gone away; its answer is simply dropped.
-            let _ = sender.send(reply.result);
+/// Clients waiting for an answer from the node, by token, and how many of
+/// them wait for a proposal (etcd's `proposals_pending`).
+struct Waiting {
+    replies: BTreeMap<u64, (ReplySender, bool)>,
+    proposals: usize,
+    metrics: Arc<MemberMetrics>,
+}
+
+impl Waiting {
+    fn new(metrics: Arc<MemberMetrics>) -> Waiting {
+        Waiting {
+            replies: BTreeMap::new(),
+            proposals: 0,
+            metrics,
+        }
+    }
+
+    fn insert(&mut self, token: u64, reply: ReplySender) {
+        self.replies.insert(token, (reply, false));
+    }
+
+    fn insert_proposal(&mut self, token: u64, reply: ReplySender) {
+        self.proposals += 1;
+        self.replies.insert(token, (reply, true));
+    }
+
+    fn deliver(&mut self, replies: Vec<Reply>) {
+        for reply in replies {
+            if let Some((sender, proposal)) = self.replies.remove(&reply.token) {
+                if proposal {
+                    self.proposals -= 1;
+                    // As etcd counts them: proposals that did not get through
+                    // consensus, not requests the state machine refused.
+                    if matches!(
+                        reply.result,
+                        Err(RequestError::NoLeader
+                            | RequestError::Timeout
+                            | RequestError::LeaderChanged
+                            | RequestError::Dropped)
+                    ) {
+                        self.metrics.proposals_failed.inc();
+                    }
+                }
+                // The client may have gone away; its answer is simply dropped.
+                let _ = sender.send(reply.result);
+            }
         }
     }
 }

@@ -37,6 +37,7 @@ use tokio::sync::mpsc;
 
 use crate::config::parse_url_address;
 use crate::member::Input;
+use crate::metrics::{member_label, MemberMetrics, PeerMetrics};
 use keel_types::keelpb::MemberRecord;
 
 const HELLO_MAGIC: &[u8; 4] = b"KEEL";
@@ -79,7 +80,8 @@ pub struct PeerSenders {
     own_id: u64,
     queue_messages_max: usize,
     input: SyncSender<Input>,
-    senders: BTreeMap<u64, (SocketAddr, mpsc::Sender<Message>)>,
+    senders: BTreeMap<u64, (SocketAddr, mpsc::Sender<Message>, Arc<PeerMetrics>)>,
+    metrics: Arc<MemberMetrics>,
 }
 
 impl PeerSenders {
@@ -90,6 +92,7 @@ impl PeerSenders {
         own_id: u64,
         queue_messages_max: usize,
         input: SyncSender<Input>,
+        metrics: Arc<MemberMetrics>,
     ) -> Self {
         PeerSenders {
             runtime,
@@ -98,6 +101,7 @@ impl PeerSenders {
             queue_messages_max,
             input,
             senders: BTreeMap::new(),
+            metrics,
         }
     }
 
@@ -123,12 +127,13 @@ impl PeerSenders {
             wanted.insert(member.id, address);
         }
         self.senders
-            .retain(|id, (address, _)| wanted.get(id) == Some(address));
+            .retain(|id, (address, _, _)| wanted.get(id) == Some(address));
         for (id, address) in wanted {
             if self.senders.contains_key(&id) {
                 continue;
             }
             let (sender, receiver) = mpsc::channel(self.queue_messages_max);
+            let peer = self.metrics.peer(id);
             self.runtime.spawn(run_sender(
                 self.cluster_id,
                 self.own_id,
@@ -136,8 +141,9 @@ impl PeerSenders {
                 address,
                 receiver,
                 self.input.clone(),
+                peer.clone(),
             ));
-            self.senders.insert(id, (address, sender));
+            self.senders.insert(id, (address, sender, peer));
         }
     }
 
@@ -145,7 +151,7 @@ impl PeerSenders {
     pub fn send(&self, message: Message, input: &SyncSender<Input>) {
         let to = message.to;
         let is_snapshot = message.get_msg_type() == MessageType::MsgSnapshot;
-        let Some((_, sender)) = self.senders.get(&to) else {
+        let Some((_, sender, peer)) = self.senders.get(&to) else {
             tracing::debug!(to, "message for an unknown peer dropped");
             if is_snapshot {
                 let _ = input.try_send(Input::SnapshotFailed(to));
@@ -153,6 +159,7 @@ impl PeerSenders {
             return;
         };
         if sender.try_send(message).is_err() {
+            peer.sent_failures.inc();
             let _ = input.try_send(Input::Unreachable(to));
             if is_snapshot {
                 let _ = input.try_send(Input::SnapshotFailed(to));
@@ -210,6 +217,7 @@ async fn run_sender(
     address: SocketAddr,
     mut receiver: mpsc::Receiver<Message>,
     input: SyncSender<Input>,
+    peer: Arc<PeerMetrics>,
 ) {
     let mut backoff = Duration::from_millis(50);
     loop {
@@ -223,10 +231,12 @@ async fn run_sender(
             Err(error) => {
                 tracing::debug!(peer_id, %address, %error, "peer unreachable");
                 report_lost(&first, &input);
+                peer.sent_failures.inc();
                 let _ = input.try_send(Input::Unreachable(peer_id));
                 // Drop what queued up meanwhile: Raft will resend what matters.
                 while let Ok(message) = receiver.try_recv() {
                     report_lost(&message, &input);
+                    peer.sent_failures.inc();
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -296,7 +306,7 @@ async fn run_sender(
                     .expect("a chunk is due only during a transfer");
                 let end = (outgoing.sent_bytes + SNAPSHOT_CHUNK_BYTES).min(outgoing.data.len());
                 let chunk = outgoing.data.slice(outgoing.sent_bytes..end);
-                if write_frame(&mut writer, FRAME_SNAPSHOT_CHUNK, &[&chunk])
+                if write_frame(&mut writer, FRAME_SNAPSHOT_CHUNK, &[&chunk], &peer)
                     .await
                     .is_err()
                 {
@@ -308,6 +318,15 @@ async fn run_sender(
                     if writer.flush().await.is_err() {
                         break true;
                     }
+                    peer.snapshot_sends.inc();
+                    tracing::info!(
+                        member = %member_label(own_id),
+                        term = outgoing.term,
+                        peer = %member_label(peer_id),
+                        index = outgoing.index,
+                        bytes = outgoing.data.len(),
+                        "snapshot sent"
+                    );
                     snapshot = None;
                     report_snapshot_sent(peer_id, &input);
                 }
@@ -318,12 +337,15 @@ async fn run_sender(
                 let bytes = message
                     .write_to_bytes()
                     .expect("encoding a raft message cannot fail");
-                if write_frame(&mut writer, FRAME_MESSAGE, &[&bytes])
+                if write_frame(&mut writer, FRAME_MESSAGE, &[&bytes], &peer)
                     .await
                     .is_err()
                 {
                     report_lost(&message, &input);
                     break true;
+                }
+                if message.get_msg_type() == MessageType::MsgHeartbeat {
+                    peer.heartbeat_sent();
                 }
                 continue;
             }
@@ -343,6 +365,7 @@ async fn run_sender(
                 &mut writer,
                 FRAME_SNAPSHOT_HEADER,
                 &[&data_length, &header_bytes],
+                &peer,
             )
             .await
             .is_err()
@@ -350,9 +373,12 @@ async fn run_sender(
                 report_lost(&header, &input);
                 break true;
             }
+            let index = header.get_snapshot().get_metadata().index;
             tracing::info!(
-                peer = format!("{peer_id:x}"),
-                index = header.get_snapshot().get_metadata().index,
+                member = %member_label(own_id),
+                term = header.term,
+                peer = %member_label(peer_id),
+                index,
                 bytes = data.len(),
                 "sending a snapshot"
             );
@@ -360,11 +386,14 @@ async fn run_sender(
                 if writer.flush().await.is_err() {
                     break true;
                 }
+                peer.snapshot_sends.inc();
                 report_snapshot_sent(peer_id, &input);
             } else {
                 snapshot = Some(OutgoingSnapshot {
                     data,
                     sent_bytes: 0,
+                    term: header.term,
+                    index,
                 });
             }
         };
@@ -385,13 +414,18 @@ struct OutgoingSnapshot {
     data: bytes::Bytes,
     /// How much of `data` is on the wire.
     sent_bytes: usize,
+    /// The sender's term and the snapshot's index, for the log.
+    term: u64,
+    index: u64,
 }
 
-/// Writes one frame whose payload is the concatenation of `parts`.
+/// Writes one frame whose payload is the concatenation of `parts`, counted
+/// in the peer's sent bytes.
 async fn write_frame<W: tokio::io::AsyncWrite + Unpin>(
     writer: &mut W,
     kind: u8,
     parts: &[&[u8]],
+    peer: &PeerMetrics,
 ) -> std::io::Result<()> {
     let length = 1 + parts.iter().map(|part| part.len()).sum::<usize>();
     let length = u32::try_from(length).map_err(|_| std::io::Error::other("frame too large"))?;
@@ -406,8 +440,14 @@ async fn write_frame<W: tokio::io::AsyncWrite + Unpin>(
     for part in parts {
         writer.write_all(part).await?;
     }
+    peer.sent_bytes
+        .inc_by(u64::from(length) + FRAME_HEADER_BYTES as u64);
     Ok(())
 }
+
+/// Bytes of a frame before its kind byte (length and checksum); the length
+/// counts the kind byte and the payload.
+const FRAME_HEADER_BYTES: usize = 8;
 
 /// raft-rs sends this peer nothing more until it hears the snapshot's fate;
 /// report it once all of it is on the wire, as etcd's transport does, so that a
@@ -484,6 +524,7 @@ pub async fn serve_peers(
     input: SyncSender<Input>,
     allowed: AllowedPeers,
     membership: Arc<RwLock<keel_types::keelpb::StateMachineSnapshot>>,
+    metrics: Arc<MemberMetrics>,
 ) {
     loop {
         let (stream, remote) = match listener.accept().await {
@@ -497,9 +538,12 @@ pub async fn serve_peers(
         let input = input.clone();
         let allowed = allowed.clone();
         let membership = membership.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
-            if let Err(reason) =
-                receive_from_peer(stream, cluster_id, limits, input, allowed, membership).await
+            if let Err(reason) = receive_from_peer(
+                stream, cluster_id, limits, input, allowed, membership, &metrics,
+            )
+            .await
             {
                 tracing::debug!(%remote, %reason, "peer connection closed");
             }
@@ -514,6 +558,7 @@ async fn receive_from_peer(
     input: SyncSender<Input>,
     allowed: AllowedPeers,
     membership: Arc<RwLock<keel_types::keelpb::StateMachineSnapshot>>,
+    metrics: &MemberMetrics,
 ) -> Result<(), String> {
     let _ = stream.set_nodelay(true);
     let mut hello = [0u8; 24];
@@ -522,6 +567,7 @@ async fn receive_from_peer(
         .await
         .map_err(|error| format!("no hello: {error}"))?;
     let sender = check_hello(&hello, cluster_id, &mut stream, &allowed, &membership).await?;
+    let peer = metrics.peer(sender);
     let mut reader = tokio::io::BufReader::with_capacity(64 * 1024, stream);
     let mut header = [0u8; 9];
     let mut buffer = Vec::new();
@@ -540,6 +586,8 @@ async fn receive_from_peer(
             ));
         }
         let payload_length = length - 1;
+        peer.received_bytes
+            .inc_by((FRAME_HEADER_BYTES + length) as u64);
         if kind == FRAME_SNAPSHOT_CHUNK {
             // Read straight into the snapshot's buffer: no second copy.
             let Some(snapshot) = incoming.as_mut() else {
@@ -562,6 +610,7 @@ async fn receive_from_peer(
             }
             if snapshot.data.len() == snapshot.expected_bytes {
                 let snapshot = incoming.take().expect("checked above");
+                log_snapshot_received(metrics, &peer, &snapshot.message, snapshot.expected_bytes);
                 deliver_snapshot(snapshot.message, snapshot.data.freeze(), &input);
             }
             continue;
@@ -577,6 +626,9 @@ async fn receive_from_peer(
         match kind {
             FRAME_MESSAGE => {
                 let message = decode_message(&buffer, sender)?;
+                if message.get_msg_type() == MessageType::MsgHeartbeatResponse {
+                    peer.heartbeat_response_received();
+                }
                 // A full input queue means the member is overloaded: drop, Raft resends.
                 let _ = input.try_send(Input::Peer(Box::new(message)));
             }
@@ -603,12 +655,15 @@ async fn receive_from_peer(
                 }
                 let expected_bytes = expected_bytes as usize;
                 tracing::info!(
-                    sender = format!("{sender:x}"),
+                    member = %member_label(metrics.member_id()),
+                    term = message.term,
+                    sender = %member_label(sender),
                     index = message.get_snapshot().get_metadata().index,
                     bytes = expected_bytes,
                     "receiving a snapshot"
                 );
                 if expected_bytes == 0 {
+                    log_snapshot_received(metrics, &peer, &message, 0);
                     deliver_snapshot(message, bytes::Bytes::new(), &input);
                 } else {
                     incoming = Some(IncomingSnapshot {
@@ -649,6 +704,24 @@ fn decode_message(bytes: &[u8], sender: u64) -> Result<Message, String> {
         ));
     }
     Ok(message)
+}
+
+/// One line per snapshot received in full, with member and term.
+fn log_snapshot_received(
+    metrics: &MemberMetrics,
+    peer: &PeerMetrics,
+    message: &Message,
+    bytes: usize,
+) {
+    peer.snapshot_receives.inc();
+    tracing::info!(
+        member = %member_label(metrics.member_id()),
+        term = message.term,
+        sender = %member_label(message.from),
+        index = message.get_snapshot().get_metadata().index,
+        bytes,
+        "snapshot received"
+    );
 }
 
 fn deliver_snapshot(mut message: Message, data: bytes::Bytes, input: &SyncSender<Input>) {

@@ -5,22 +5,27 @@
 //! in this project from etcd's published API reference so that etcd clients work
 //! against keel unchanged. `keelpb` holds keel's own records: what a proposal
 //! looks like inside a Raft log entry, and the state machine snapshot format.
+//! etcd's messages also carry generated serde impls in protobuf's JSON mapping
+//! (pbjson), which the JSON gateway speaks.
 
 #![allow(missing_docs, clippy::all)]
 
 /// etcd's MVCC key-value and event messages (`mvccpb`).
 pub mod mvccpb {
     include!(concat!(env!("OUT_DIR"), "/mvccpb.rs"));
+    include!(concat!(env!("OUT_DIR"), "/mvccpb.serde.rs"));
 }
 
 /// etcd's authentication messages (`authpb`).
 pub mod authpb {
     include!(concat!(env!("OUT_DIR"), "/authpb.rs"));
+    include!(concat!(env!("OUT_DIR"), "/authpb.serde.rs"));
 }
 
 /// etcd's v3 request and response messages (`etcdserverpb`).
 pub mod etcdserverpb {
     include!(concat!(env!("OUT_DIR"), "/etcdserverpb.rs"));
+    include!(concat!(env!("OUT_DIR"), "/etcdserverpb.serde.rs"));
 }
 
 /// etcd's lock service messages (`v3lockpb`).
