@@ -122,13 +122,22 @@ pub async fn run(arguments: DevArguments) -> anyhow::Result<()> {
             return Err(error);
         }
     }
+    let mut agents =
+        match crate::dev_agents::start(&executable, &arguments.data_dir, &endpoints).await {
+            Ok(agents) => agents,
+            Err(error) => {
+                stop(&mut members).await;
+                return Err(error);
+            }
+        };
+    crate::dev_agents::print(&agents);
     println!();
     println!("try:");
     println!("  etcdctl --endpoints={endpoints} put greeting hello");
     println!("  etcdctl --endpoints={endpoints} get greeting");
     println!("  etcdctl --endpoints={endpoints} endpoint status -w table");
     println!(
-        "logs: {}/keel*.log; Ctrl-C stops all three",
+        "logs: {}/keel*.log and agent*.log; Ctrl-C stops them all",
         arguments.data_dir.display()
     );
 
@@ -142,6 +151,7 @@ pub async fn run(arguments: DevArguments) -> anyhow::Result<()> {
         _ = terminate.recv() => {}
         status = wait_any(&mut members) => exited = Some(status),
     }
+    crate::dev_agents::stop(&mut agents).await;
     if let Some((name, status)) = exited {
         stop(&mut members).await;
         anyhow::bail!("member {name} exited unexpectedly ({status}); see its log");

@@ -6,6 +6,7 @@ mod agent_command;
 mod availability;
 mod bench;
 mod dev;
+mod dev_agents;
 mod elect;
 mod kv;
 mod lease_command;
