@@ -199,7 +199,8 @@ pub fn endpoint_url(endpoint: &str) -> Result<String, ClientError> {
 impl Client {
     /// A client of the members at `endpoints` (`host:port` or
     /// `http://host:port`). Nothing is dialled yet: each endpoint connects on
-    /// first use, so a client can be made while the cluster is down.
+    /// first use, so a client can be made while the cluster is down. Call it
+    /// inside a tokio runtime: each channel's connection task is spawned on it.
     pub async fn connect<I, S>(endpoints: I, config: ClientConfig) -> Result<Client, ClientError>
     where
         I: IntoIterator<Item = S>,
@@ -438,6 +439,9 @@ impl Client {
         let mut tried = vec![false; self.inner.endpoints.len()];
         let mut attempts = 0u32;
         let mut outcome_unknown = false;
+        // The last failure of an endpoint: when every breaker is open, it
+        // says why better than "no endpoint available" does.
+        let mut last_endpoint_error: Option<ClientError> = None;
         loop {
             if policy.route == Route::Leader {
                 self.discover_leader_if_unknown().await;
@@ -446,7 +450,12 @@ impl Client {
             let now = Instant::now();
             let remaining = deadline.map(|deadline| deadline.saturating_duration_since(now));
             let (failure, error) = match self.acquire_endpoint(policy.route, &tried) {
-                None => (Failure::NotSent, ClientError::NoEndpointAvailable),
+                None => (
+                    Failure::NotSent,
+                    last_endpoint_error
+                        .clone()
+                        .unwrap_or(ClientError::NoEndpointAvailable),
+                ),
                 Some(index) => {
                     tried[index] = true;
                     let endpoint = &self.inner.endpoints[index];
@@ -484,6 +493,7 @@ impl Client {
                         Err(status) => {
                             let (failure, error) = classify(&endpoint.url, &status);
                             self.record_outcome(index, policy.route, Err(failure));
+                            last_endpoint_error = Some(error.clone());
                             (failure, error)
                         }
                     }
@@ -556,15 +566,18 @@ impl Client {
                 .map(|breaker| !breaker.would_allow(now))
                 .collect()
         };
-        self.statuses(timeout, &skip).await;
+        self.statuses(timeout, &skip, true).await;
     }
 
     /// Asks every endpoint not in `skip` for its Status, at once, each within
-    /// `timeout`; learns member ids and the leader from the answers.
+    /// `timeout`; learns member ids and the leader from the answers. With
+    /// `stop_at_leader`, returns as soon as the leader is known, so a member
+    /// that is slow to answer (paused, overloaded) delays no write.
     async fn statuses(
         &self,
         timeout: Duration,
         skip: &[bool],
+        stop_at_leader: bool,
     ) -> Vec<Option<Result<StatusResponse, ClientError>>> {
         let mut tasks = tokio::task::JoinSet::new();
         for (index, endpoint) in self.inner.endpoints.iter().enumerate() {
@@ -603,6 +616,13 @@ impl Client {
                 Err((failure, _)) => self.record_outcome(index, Route::Any, Err(*failure)),
             }
             results[index] = Some(result.map_err(|(_, error)| error));
+            if stop_at_leader {
+                self.learn_leader(&results);
+                if self.state().leader.is_some() {
+                    // The remaining tasks are aborted when the set drops.
+                    break;
+                }
+            }
         }
         self.learn_leader(&results);
         results
@@ -649,7 +669,7 @@ impl Client {
     pub async fn endpoint_statuses(&self) -> Vec<EndpointStatus> {
         let skip = vec![false; self.inner.endpoints.len()];
         let results = self
-            .statuses(self.inner.config.attempt_timeout, &skip)
+            .statuses(self.inner.config.attempt_timeout, &skip, false)
             .await;
         let now = Instant::now();
         let state = self.state();

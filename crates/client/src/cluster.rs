@@ -3,6 +3,7 @@
 //! hash, snapshot) go through [`Client::channel`] with the generated stubs in
 //! [`crate::api`].
 
+use keel_types::etcdserverpb::alarm_request::AlarmAction;
 use keel_types::etcdserverpb::{
     AlarmRequest, AlarmResponse, MemberAddRequest, MemberAddResponse, MemberListRequest,
     MemberListResponse, MemberPromoteRequest, MemberPromoteResponse, MemberRemoveRequest,
@@ -103,9 +104,15 @@ impl Client {
         .await
     }
 
-    /// An Alarm request as given (list, activate, deactivate).
+    /// An Alarm request as given (list, activate, deactivate). Listing is a
+    /// read, retried like one.
     pub async fn alarm(&self, request: AlarmRequest) -> Result<AlarmResponse, ClientError> {
-        self.call(Policy::WRITE, |channel| {
+        let policy = if request.action == AlarmAction::Get as i32 {
+            Policy::READ
+        } else {
+            Policy::WRITE
+        };
+        self.call(policy, |channel| {
             let mut client = self.maintenance_client(channel);
             async move { client.alarm(request).await }
         })

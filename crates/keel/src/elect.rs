@@ -13,14 +13,11 @@
 //! changes, until Ctrl-C.
 
 use anyhow::Context;
-use keel_server::api::v3electionpb::election_client::ElectionClient;
-use keel_types::v3electionpb::{
-    CampaignRequest, LeaderKey, LeaderRequest, ProclaimRequest, ResignRequest,
-};
-use tonic::transport::Channel;
+use keel_client::Client;
+use keel_types::v3electionpb::LeaderKey;
 
-use crate::kv::connect;
-use crate::lease_command::{status_error, Interrupts, KeptLease, Output};
+use crate::kv::{client, client_error};
+use crate::lease_command::{Interrupts, KeptLease, Output};
 
 /// Lines of standard input read ahead of their proclamation.
 const PROCLAIM_QUEUE_MAX: usize = 16;
@@ -62,18 +59,16 @@ pub async fn run(arguments: Arguments) -> anyhow::Result<()> {
 
 async fn campaign(arguments: &Arguments, value: String, output: Output) -> anyhow::Result<()> {
     let mut interrupts = Interrupts::listen()?;
-    let channel = connect(&arguments.endpoints).await?;
-    let lease = KeptLease::grant(channel.clone(), arguments.ttl).await?;
-    let mut client = ElectionClient::new(channel);
-    let request = CampaignRequest {
-        name: arguments.name.clone().into_bytes(),
-        lease: lease.id,
-        value: value.clone().into_bytes(),
-    };
+    let client = client(&arguments.endpoints).await?;
+    let lease = KeptLease::grant(&client, arguments.ttl).await?;
     // Dropping the Campaign call cancels it, and the server leaves the queue;
     // revoking the lease removes the candidate key anyway.
     let campaigned = tokio::select! {
-        campaigned = client.campaign(request) => campaigned,
+        campaigned = client.campaign(
+            arguments.name.clone().into_bytes(),
+            lease.id,
+            value.clone().into_bytes(),
+        ) => campaigned,
         () = interrupts.received() => {
             lease.revoke().await?;
             anyhow::bail!("interrupted while campaigning in {:?}", arguments.name);
@@ -83,22 +78,20 @@ async fn campaign(arguments: &Arguments, value: String, output: Output) -> anyho
         }
     };
     let leader = match campaigned {
-        Ok(response) => response.into_inner().leader.unwrap_or_default(),
-        Err(status) => {
+        Ok(leader) => leader,
+        Err(error) => {
             let _ = lease.revoke().await;
-            return Err(status_error(status))
+            return Err(client_error(error))
                 .with_context(|| format!("campaigning in {:?}", arguments.name));
         }
     };
     print_leader(output, "elected", &leader.key, value.as_bytes(), leader.rev);
-    let result = lead(&mut client, &lease, &leader, output, &mut interrupts).await;
+    let result = lead(&client, &lease, &leader, output, &mut interrupts).await;
     if result.is_ok() {
         client
-            .resign(ResignRequest {
-                leader: Some(leader.clone()),
-            })
+            .resign(leader.clone())
             .await
-            .map_err(status_error)
+            .map_err(client_error)
             .context("resigning")?;
         if output == Output::Table {
             println!("resigned");
@@ -112,7 +105,7 @@ async fn campaign(arguments: &Arguments, value: String, output: Output) -> anyho
 
 /// Leads until Ctrl-C, proclaiming each line of standard input.
 async fn lead(
-    client: &mut ElectionClient<Channel>,
+    client: &Client,
     lease: &KeptLease,
     leader: &LeaderKey,
     output: Output,
@@ -127,12 +120,9 @@ async fn lead(
             line = lines.recv(), if input_open => match line {
                 Some(value) => {
                     client
-                        .proclaim(ProclaimRequest {
-                            leader: Some(leader.clone()),
-                            value: value.clone().into_bytes(),
-                        })
+                        .proclaim(leader.clone(), value.clone().into_bytes())
                         .await
-                        .map_err(status_error)
+                        .map_err(client_error)
                         .context("proclaiming")?;
                     print_leader(output, "proclaimed", &leader.key, value.as_bytes(), leader.rev);
                 }
@@ -159,24 +149,24 @@ fn standard_input_lines() -> tokio::sync::mpsc::Receiver<String> {
 
 async fn observe(arguments: &Arguments, output: Output) -> anyhow::Result<()> {
     let mut interrupts = Interrupts::listen()?;
-    let channel = connect(&arguments.endpoints).await?;
-    let mut client = ElectionClient::new(channel);
+    let client = client(&arguments.endpoints).await?;
+    // The observer resumes on another member if its stream breaks.
     let mut leaders = client
-        .observe(LeaderRequest {
-            name: arguments.name.clone().into_bytes(),
-        })
+        .observe(arguments.name.clone().into_bytes())
         .await
-        .map_err(status_error)
-        .with_context(|| format!("observing {:?}", arguments.name))?
-        .into_inner();
+        .map_err(client_error)
+        .with_context(|| format!("observing {:?}", arguments.name))?;
     loop {
         let leader = tokio::select! {
             () = interrupts.received() => return Ok(()),
-            leader = leaders.message() => leader.map_err(status_error).context("observing")?,
+            leader = leaders.next() => leader,
         };
         let Some(leader) = leader else {
-            anyhow::bail!("the server ended the observation of {:?}", arguments.name);
+            anyhow::bail!("the observation of {:?} ended", arguments.name);
         };
+        let leader = leader
+            .map_err(client_error)
+            .with_context(|| format!("observing {:?}", arguments.name))?;
         if let Some(kv) = leader.kv {
             print_leader(output, "leader", &kv.key, &kv.value, kv.create_revision);
         }

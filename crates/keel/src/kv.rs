@@ -1,8 +1,9 @@
-//! `keel kv put|get|del`: the basics of etcdctl, over the same gRPC API.
-//! Human-readable output by default, `-o json` for scripts.
+//! `keel kv put|get|del`: the basics of etcdctl, over the same gRPC API,
+//! through keel-client (failover between the endpoints, retries of what is
+//! safe to retry). Human-readable output by default, `-o json` for scripts.
 
 use anyhow::Context;
-use keel_server::api::etcdserverpb::kv_client::KvClient;
+use keel_client::{Client, ClientConfig, ClientError};
 use keel_types::etcdserverpb::{DeleteRangeRequest, PutRequest, RangeRequest};
 use serde::Serialize;
 use tonic::transport::Channel;
@@ -67,19 +68,32 @@ struct JsonKeyValue {
 }
 
 /// The end of the range holding every key that starts with `prefix`, as etcd computes it.
-pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
+pub use keel_client::prefix_end;
+
+/// A keel-client over the comma-separated `--endpoints`. Nothing is dialled
+/// until the first request, which fails over between the endpoints.
+pub async fn client(endpoints: &str) -> anyhow::Result<Client> {
+    let endpoints: Vec<&str> = endpoints
+        .split(',')
+        .map(str::trim)
+        .filter(|endpoint| !endpoint.is_empty())
+        .collect();
+    if endpoints.is_empty() {
+        anyhow::bail!("--endpoints is empty");
     }
-    // Every byte was 0xff (or the prefix is empty): the range runs to the end.
-    vec![0]
+    Client::connect(endpoints, ClientConfig::default())
+        .await
+        .map_err(|error| anyhow::anyhow!("--endpoints: {error}"))
 }
 
-/// Connects to the first endpoint that accepts a connection.
+/// A client error as the commands print it: etcd's message when a member
+/// answered (as etcdctl prints it), otherwise what went wrong.
+pub fn client_error(error: ClientError) -> anyhow::Error {
+    anyhow::anyhow!("{}", error.message())
+}
+
+/// Connects to the first endpoint that accepts a connection (for `keel
+/// bench`, which measures raw gRPC on purpose, and per-member operations).
 pub async fn connect(endpoints: &str) -> anyhow::Result<Channel> {
     let mut last_error = None;
     for endpoint in endpoints
@@ -113,18 +127,17 @@ pub async fn run(arguments: KvArguments) -> anyhow::Result<()> {
         "table" | "simple" => false,
         other => anyhow::bail!("-o must be \"table\" or \"json\", not {other:?}"),
     };
-    let mut client = KvClient::new(connect(&arguments.endpoints).await?);
+    let client = client(&arguments.endpoints).await?;
     match arguments.command {
         KvCommand::Put { key, value } => {
             let response = client
-                .put(PutRequest {
+                .put_request(PutRequest {
                     key: key.into_bytes(),
                     value: value.into_bytes(),
                     ..Default::default()
                 })
                 .await
-                .map_err(|status| anyhow::anyhow!("{}", status.message()))?
-                .into_inner();
+                .map_err(client_error)?;
             let revision = response.header.map_or(0, |header| header.revision);
             if json {
                 println!("{}", serde_json::json!({ "revision": revision }));
@@ -151,8 +164,7 @@ pub async fn run(arguments: KvArguments) -> anyhow::Result<()> {
                     ..Default::default()
                 })
                 .await
-                .map_err(|status| anyhow::anyhow!("{}", status.message()))?
-                .into_inner();
+                .map_err(client_error)?;
             let revision = response.header.as_ref().map_or(0, |header| header.revision);
             if json {
                 let kvs: Vec<JsonKeyValue> = response
@@ -210,8 +222,7 @@ pub async fn run(arguments: KvArguments) -> anyhow::Result<()> {
                     ..Default::default()
                 })
                 .await
-                .map_err(|status| anyhow::anyhow!("{}", status.message()))?
-                .into_inner();
+                .map_err(client_error)?;
             let revision = response.header.map_or(0, |header| header.revision);
             if json {
                 println!(

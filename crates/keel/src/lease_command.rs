@@ -9,27 +9,15 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use keel_server::api::etcdserverpb::lease_client::LeaseClient;
-use keel_types::etcdserverpb::{
-    LeaseGrantRequest, LeaseKeepAliveRequest, LeaseLeasesRequest, LeaseRevokeRequest,
-    LeaseTimeToLiveRequest,
-};
-use tokio::sync::{mpsc, watch};
-use tokio::time::Instant;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
+use keel_client::{Client, LeaseKeeper};
 
-use crate::kv::connect;
+use crate::kv::{client, client_error};
 
 /// Keep-alives are sent this many times per TTL, as etcd's client does (every
 /// third of the TTL), so that two can be lost before the lease expires.
 const KEEP_ALIVES_PER_TTL: u32 = 3;
 /// The shortest interval between keep-alives, so a 1 s TTL does not flood the server.
 const KEEP_ALIVE_INTERVAL_MIN: Duration = Duration::from_millis(300);
-/// How long to wait before opening a new keep-alive stream after one failed.
-const KEEP_ALIVE_RETRY_INTERVAL: Duration = Duration::from_millis(250);
-/// Keep-alive requests queued on one stream before the sender waits.
-const KEEP_ALIVE_QUEUE_MAX: usize = 4;
 
 /// Options of `keel lease`.
 #[derive(Debug, clap::Args)]
@@ -103,26 +91,13 @@ impl Output {
     }
 }
 
-/// A gRPC status as an error with etcd's message (what etcdctl prints).
-pub fn status_error(status: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{}", status.message())
-}
-
 /// Runs one `keel lease` command.
 pub async fn run(arguments: Arguments) -> anyhow::Result<()> {
     let output = Output::parse(&arguments.output)?;
-    let channel = connect(&arguments.endpoints).await?;
-    let mut client = LeaseClient::new(channel.clone());
+    let client = client(&arguments.endpoints).await?;
     match arguments.command {
         LeaseCommand::Grant { ttl } => {
-            let response = client
-                .lease_grant(LeaseGrantRequest { ttl, id: 0 })
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            if !response.error.is_empty() {
-                anyhow::bail!("{}", response.error);
-            }
+            let response = client.lease_grant(ttl, 0).await.map_err(client_error)?;
             match output {
                 Output::Table => println!(
                     "lease {:016x} granted with TTL({}s)",
@@ -141,11 +116,7 @@ pub async fn run(arguments: Arguments) -> anyhow::Result<()> {
         }
         LeaseCommand::Revoke { id } => {
             let id = parse_lease_id(&id)?;
-            let response = client
-                .lease_revoke(LeaseRevokeRequest { id })
-                .await
-                .map_err(status_error)?
-                .into_inner();
+            let response = client.lease_revoke(id).await.map_err(client_error)?;
             match output {
                 Output::Table => println!("lease {id:016x} revoked"),
                 Output::Json => println!(
@@ -159,15 +130,14 @@ pub async fn run(arguments: Arguments) -> anyhow::Result<()> {
             }
         }
         LeaseCommand::KeepAlive { id, once } => {
-            keep_alive_command(channel, parse_lease_id(&id)?, once, output).await?
+            keep_alive_command(&client, parse_lease_id(&id)?, once, output).await?
         }
         LeaseCommand::Ttl { id, keys } => {
             let id = parse_lease_id(&id)?;
             let response = client
-                .lease_time_to_live(LeaseTimeToLiveRequest { id, keys })
+                .lease_time_to_live(id, keys)
                 .await
-                .map_err(status_error)?
-                .into_inner();
+                .map_err(client_error)?;
             let key_names: Vec<String> = response
                 .keys
                 .iter()
@@ -200,11 +170,7 @@ pub async fn run(arguments: Arguments) -> anyhow::Result<()> {
             }
         }
         LeaseCommand::List => {
-            let response = client
-                .lease_leases(LeaseLeasesRequest {})
-                .await
-                .map_err(status_error)?
-                .into_inner();
+            let response = client.lease_leases().await.map_err(client_error)?;
             let ids: Vec<i64> = response.leases.iter().map(|lease| lease.id).collect();
             match output {
                 Output::Table => {
@@ -234,30 +200,19 @@ pub async fn run(arguments: Arguments) -> anyhow::Result<()> {
 /// `keel lease keep-alive`: prints every acknowledgement; fails when the lease
 /// is gone (the server answers TTL 0), as `etcdctl lease keep-alive` does.
 async fn keep_alive_command(
-    channel: Channel,
+    client: &Client,
     id: i64,
     once: bool,
     output: Output,
 ) -> anyhow::Result<()> {
     let mut interrupts = Interrupts::listen()?;
-    let mut client = LeaseClient::new(channel);
-    let (requests, receiver) = mpsc::channel(KEEP_ALIVE_QUEUE_MAX);
-    let mut responses = client
-        .lease_keep_alive(ReceiverStream::new(receiver))
-        .await
-        .map_err(status_error)?
-        .into_inner();
     let mut interval: Option<Duration> = None;
     loop {
-        if requests.send(LeaseKeepAliveRequest { id }).await.is_err() {
-            anyhow::bail!("the keep-alive stream closed");
-        }
+        // Each keep-alive is retried by the client on another member if its
+        // stream breaks (a keep-alive is safe to repeat).
         let response = tokio::select! {
-            response = responses.message() => response.map_err(status_error)?,
+            response = client.lease_keep_alive_once(id) => response.map_err(client_error)?,
             () = interrupts.received() => return Ok(()),
-        };
-        let Some(response) = response else {
-            anyhow::bail!("the server closed the keep-alive stream");
         };
         if response.ttl <= 0 {
             match output {
@@ -323,155 +278,62 @@ impl Interrupts {
     }
 }
 
-/// A lease granted for a session (a lock or an election) and kept alive by a
-/// background task until it is revoked or dropped.
+/// A lease granted for a session (a lock or an election) and kept alive by
+/// keel-client's [`LeaseKeeper`] until it is revoked or dropped.
 ///
-/// The task knows the lease is lost when the server answers a keep-alive with
+/// The keeper knows the lease is lost when a member answers a keep-alive with
 /// TTL 0 (expired or revoked) and also, by its own clock, when no keep-alive
 /// has been acknowledged for a whole TTL: a process that was paused (SIGSTOP,
 /// a long stall) past its TTL learns at once on waking that its lease, and so
-/// its lock, may be gone, without waiting for the server's answer.
+/// its lock, may be gone, without waiting for the server's answer. Keep-alives
+/// fail over between the endpoints.
 pub struct KeptLease {
     /// The lease id.
     pub id: i64,
     /// The TTL the server granted, in seconds.
     pub ttl_seconds: i64,
-    channel: Channel,
-    /// Why the lease was lost; `None` while it is held.
-    lost: watch::Receiver<Option<String>>,
-    task: tokio::task::JoinHandle<()>,
+    client: Client,
+    keeper: LeaseKeeper,
 }
 
 impl KeptLease {
     /// Grants a lease of `ttl_seconds` and starts keeping it alive.
-    pub async fn grant(channel: Channel, ttl_seconds: i64) -> anyhow::Result<KeptLease> {
-        let mut client = LeaseClient::new(channel.clone());
-        let granted_at = Instant::now();
+    pub async fn grant(client: &Client, ttl_seconds: i64) -> anyhow::Result<KeptLease> {
         let response = client
-            .lease_grant(LeaseGrantRequest {
-                ttl: ttl_seconds,
-                id: 0,
-            })
+            .lease_grant(ttl_seconds, 0)
             .await
-            .map_err(status_error)
-            .context("granting the session's lease")?
-            .into_inner();
-        if !response.error.is_empty() {
-            anyhow::bail!("granting the session's lease: {}", response.error);
-        }
-        let (lost_sender, lost) = watch::channel(None);
-        let task = tokio::spawn(keep_alive_task(
-            channel.clone(),
-            response.id,
-            response.ttl,
-            granted_at,
-            lost_sender,
-        ));
+            .map_err(client_error)
+            .context("granting the session's lease")?;
+        let keeper = client
+            .keep_alive(response.id)
+            .await
+            .map_err(client_error)
+            .context("keeping the session's lease alive")?;
         Ok(KeptLease {
             id: response.id,
             ttl_seconds: response.ttl,
-            channel,
-            lost,
-            task,
+            client: client.clone(),
+            keeper,
         })
     }
 
     /// Completes when the lease is lost, with the reason.
     pub async fn lost(&self) -> String {
-        let mut lost = self.lost.clone();
-        let reason = match lost.wait_for(Option::is_some).await {
-            Ok(reason) => reason.clone().unwrap_or_default(),
-            Err(_) => "the keep-alive task stopped".to_string(),
-        };
-        reason
+        match self.keeper.lost().await {
+            keel_client::ClientError::LeaseLost { reason, .. } => reason,
+            other => other.to_string(),
+        }
     }
 
     /// Stops keeping the lease alive and revokes it, which deletes every key
     /// attached to it (the lock or candidate key among them).
     pub async fn revoke(self) -> anyhow::Result<()> {
-        self.task.abort();
-        let mut client = LeaseClient::new(self.channel.clone());
-        match client
-            .lease_revoke(LeaseRevokeRequest { id: self.id })
-            .await
-        {
+        self.keeper.stop();
+        match self.client.lease_revoke(self.id).await {
             Ok(_) => Ok(()),
             // Already gone (expired): nothing left to release.
-            Err(status) if status.code() == tonic::Code::NotFound => Ok(()),
-            Err(status) => Err(status_error(status)).context("revoking the session's lease"),
+            Err(error) if error.is_not_found() => Ok(()),
+            Err(error) => Err(client_error(error)).context("revoking the session's lease"),
         }
     }
-}
-
-impl Drop for KeptLease {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// Keeps lease `id` alive until it is lost, then says why on `lost`.
-async fn keep_alive_task(
-    channel: Channel,
-    id: i64,
-    ttl_seconds: i64,
-    granted_at: Instant,
-    lost: watch::Sender<Option<String>>,
-) {
-    let ttl = Duration::from_secs(ttl_seconds.max(1) as u64);
-    let interval = keep_alive_interval(ttl_seconds);
-    // The lease is known to live until this instant: a TTL after the last
-    // keep-alive the server acknowledged (counted from when it was sent).
-    let mut expires_at = granted_at + ttl;
-    let reason = 'session: loop {
-        let mut client = LeaseClient::new(channel.clone());
-        let (requests, receiver) = mpsc::channel(KEEP_ALIVE_QUEUE_MAX);
-        let stream = tokio::select! {
-            stream = client.lease_keep_alive(ReceiverStream::new(receiver)) => stream,
-            () = tokio::time::sleep_until(expires_at) => {
-                break 'session format!("no keep-alive was acknowledged within the lease's TTL ({ttl_seconds}s)");
-            }
-        };
-        let mut responses = match stream {
-            Ok(response) => response.into_inner(),
-            Err(_) => {
-                tokio::time::sleep(KEEP_ALIVE_RETRY_INTERVAL).await;
-                continue;
-            }
-        };
-        loop {
-            let sent_at = Instant::now();
-            if sent_at >= expires_at {
-                break 'session format!(
-                    "no keep-alive was acknowledged within the lease's TTL ({ttl_seconds}s)"
-                );
-            }
-            if requests.send(LeaseKeepAliveRequest { id }).await.is_err() {
-                break;
-            }
-            let response = tokio::select! {
-                response = responses.message() => response,
-                () = tokio::time::sleep_until(expires_at) => {
-                    break 'session format!(
-                        "no keep-alive was acknowledged within the lease's TTL ({ttl_seconds}s)"
-                    );
-                }
-            };
-            match response {
-                Ok(Some(response)) if response.ttl <= 0 => {
-                    break 'session "the lease expired or was revoked".to_string();
-                }
-                Ok(Some(response)) => {
-                    expires_at = sent_at + Duration::from_secs(response.ttl as u64);
-                }
-                // The stream broke (a leader change, a lost connection): open
-                // another one, as long as the lease may still be alive.
-                Ok(None) | Err(_) => {
-                    tokio::time::sleep(KEEP_ALIVE_RETRY_INTERVAL).await;
-                    break;
-                }
-            }
-            tokio::time::sleep(interval).await;
-        }
-    };
-    let _ = lost.send(Some(reason));
 }

@@ -21,13 +21,10 @@
 //! exits with an error even if the command succeeded.
 
 use anyhow::Context;
-use keel_server::api::etcdserverpb::kv_client::KvClient;
-use keel_server::api::v3lockpb::lock_client::LockClient;
-use keel_types::etcdserverpb::RangeRequest;
-use keel_types::v3lockpb::{LockRequest, UnlockRequest};
+use keel_client::Client;
 
-use crate::kv::connect;
-use crate::lease_command::{status_error, Interrupts, KeptLease, Output};
+use crate::kv::{client, client_error};
+use crate::lease_command::{Interrupts, KeptLease, Output};
 
 /// Exit code when the command was killed by a signal, as shells report it: 128
 /// plus the signal number.
@@ -64,17 +61,12 @@ pub struct Arguments {
 pub async fn run(arguments: Arguments) -> anyhow::Result<()> {
     let output = Output::parse(&arguments.output)?;
     let mut interrupts = Interrupts::listen()?;
-    let channel = connect(&arguments.endpoints).await?;
-    let lease = KeptLease::grant(channel.clone(), arguments.ttl).await?;
-    let mut lock_client = LockClient::new(channel.clone());
-    let request = LockRequest {
-        name: arguments.name.clone().into_bytes(),
-        lease: lease.id,
-    };
+    let client = client(&arguments.endpoints).await?;
+    let lease = KeptLease::grant(&client, arguments.ttl).await?;
     // Dropping the Lock call (on Ctrl-C or a lost lease) cancels it, and the
     // server then leaves the queue; revoking the lease removes the key anyway.
     let locked = tokio::select! {
-        locked = lock_client.lock(request) => locked,
+        locked = client.lock(arguments.name.clone().into_bytes(), lease.id) => locked,
         () = interrupts.received() => {
             lease.revoke().await?;
             anyhow::bail!("interrupted while waiting for lock {:?}", arguments.name);
@@ -84,15 +76,15 @@ pub async fn run(arguments: Arguments) -> anyhow::Result<()> {
         }
     };
     let key = match locked {
-        Ok(response) => response.into_inner().key,
-        Err(status) => {
+        Ok(response) => response.key,
+        Err(error) => {
             let _ = lease.revoke().await;
-            return Err(status_error(status))
+            return Err(client_error(error))
                 .with_context(|| format!("locking {:?}", arguments.name));
         }
     };
     let key_text = String::from_utf8_lossy(&key).into_owned();
-    let token = match fencing_token(&channel, &key).await {
+    let token = match fencing_token(&client, &key).await {
         Ok(token) => token,
         Err(error) => {
             let _ = lease.revoke().await;
@@ -123,7 +115,7 @@ pub async fn run(arguments: Arguments) -> anyhow::Result<()> {
                 anyhow::bail!("lock {key_text} lost: {reason}");
             }
         }
-        unlock(&mut lock_client, &key).await;
+        unlock(&client, &key).await;
         lease.revoke().await?;
         match output {
             Output::Table => println!("released {key_text}"),
@@ -160,10 +152,10 @@ pub async fn run(arguments: Arguments) -> anyhow::Result<()> {
     // The keep-alive task may not have noticed a loss yet (a process paused
     // past its TTL races its command on waking): ask the cluster whether the
     // lock key is still the one this holder created.
-    if lost.is_none() && fencing_token(&channel, &key).await.ok() != Some(token) {
+    if lost.is_none() && fencing_token(&client, &key).await.ok() != Some(token) {
         lost = Some("the lock key is gone".to_string());
     }
-    unlock(&mut lock_client, &key).await;
+    unlock(&client, &key).await;
     lease.revoke().await?;
     let status = status.with_context(|| format!("running {:?}", arguments.command.join(" ")))?;
     let code = match (
@@ -186,21 +178,13 @@ pub async fn run(arguments: Arguments) -> anyhow::Result<()> {
 
 /// The fencing token: the lock key's create revision, read back (a holder
 /// that waited got the header of a later read, not of its key's creation).
-async fn fencing_token(channel: &tonic::transport::Channel, key: &[u8]) -> anyhow::Result<i64> {
-    let mut client = KvClient::new(channel.clone());
-    let response = client
-        .range(RangeRequest {
-            key: key.to_vec(),
-            ..Default::default()
-        })
+async fn fencing_token(client: &Client, key: &[u8]) -> anyhow::Result<i64> {
+    let kv = client
+        .get(key.to_vec())
         .await
-        .map_err(status_error)
-        .context("reading the lock key")?
-        .into_inner();
-    response
-        .kvs
-        .first()
-        .map(|kv| kv.create_revision)
+        .map_err(client_error)
+        .context("reading the lock key")?;
+    kv.map(|kv| kv.create_revision)
         .context("lock lost on init: the lock key is already gone")
 }
 
@@ -218,11 +202,11 @@ fn forward_termination(child: &tokio::process::Child) {
 
 /// Releases the lock; a failure is only reported, as revoking the lease next
 /// releases it too.
-async fn unlock(client: &mut LockClient<tonic::transport::Channel>, key: &[u8]) {
-    if let Err(status) = client.unlock(UnlockRequest { key: key.to_vec() }).await {
+async fn unlock(client: &Client, key: &[u8]) {
+    if let Err(error) = client.unlock(key.to_vec()).await {
         eprintln!(
             "keel: unlock failed ({}); revoking the lease releases it",
-            status.message()
+            error.message()
         );
     }
 }

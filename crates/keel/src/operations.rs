@@ -27,6 +27,10 @@ use tonic::transport::Channel;
 /// transfer for an election, so this is generous.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long one attempt at one member may take through keel-client before
+/// a read moves to another member (a write then fails: it may have happened).
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long connecting to one member may take (as `kv::connect` allows).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -81,9 +85,24 @@ impl ClientOptions {
             .collect()
     }
 
-    /// A channel to the first endpoint that accepts a connection.
+    /// A channel to the first endpoint that accepts a connection (for the
+    /// snapshot stream, which comes whole from one member).
     async fn connect(&self) -> anyhow::Result<Channel> {
         crate::kv::connect(&self.endpoints).await
+    }
+
+    /// A keel-client over the endpoints, for calls any member answers: it
+    /// fails over between them. Each attempt may take [`ATTEMPT_TIMEOUT`],
+    /// the whole request [`REQUEST_TIMEOUT`].
+    async fn client(&self) -> anyhow::Result<keel_client::Client> {
+        let config = keel_client::ClientConfig {
+            attempt_timeout: ATTEMPT_TIMEOUT,
+            request_timeout: REQUEST_TIMEOUT,
+            ..keel_client::ClientConfig::default()
+        };
+        keel_client::Client::connect(self.endpoint_list(), config)
+            .await
+            .map_err(|error| anyhow::anyhow!("--endpoints: {error}"))
     }
 }
 
@@ -121,6 +140,11 @@ async fn request<T>(
         Ok(Err(status)) => Err(anyhow::anyhow!("{}", status.message())),
         Err(_) => anyhow::bail!("no answer within {} s", REQUEST_TIMEOUT.as_secs()),
     }
+}
+
+/// A keel-client answer, or the member's message (what etcdctl prints).
+fn answer<T>(result: Result<T, keel_client::ClientError>) -> anyhow::Result<T> {
+    result.map_err(crate::kv::client_error)
 }
 
 /// Parses a member id the way etcdctl does: hexadecimal, with or without `0x`.

@@ -1,17 +1,15 @@
 //! `keel defrag`, `keel alarm list|disarm` and `keel move-leader`: the rest
 //! of etcd's Maintenance service, with etcdctl's behaviour and messages.
 
-use keel_server::api::etcdserverpb::cluster_client::ClusterClient;
+use keel_client::Client;
 use keel_server::api::etcdserverpb::maintenance_client::MaintenanceClient;
 use keel_types::etcdserverpb::alarm_request::AlarmAction;
 use keel_types::etcdserverpb::{
-    AlarmMember, AlarmRequest, AlarmType, DefragmentRequest, MemberListRequest, MoveLeaderRequest,
-    StatusRequest,
+    AlarmMember, AlarmRequest, AlarmType, DefragmentRequest, MoveLeaderRequest,
 };
 use serde::Serialize;
-use tonic::transport::Channel;
 
-use super::{connect_url, member_id_hex, parse_member_id, request, ClientOptions, Output};
+use super::{answer, connect_url, member_id_hex, parse_member_id, request, ClientOptions, Output};
 
 /// Options of `keel defrag`.
 #[derive(Debug, clap::Args)]
@@ -57,10 +55,8 @@ struct DefragOutcome {
 }
 
 /// Client URLs of every member, for `--cluster`.
-async fn cluster_endpoints(channel: Channel) -> anyhow::Result<Vec<String>> {
-    let members = request(ClusterClient::new(channel).member_list(MemberListRequest::default()))
-        .await?
-        .members;
+async fn cluster_endpoints(client: &Client) -> anyhow::Result<Vec<String>> {
+    let members = answer(client.member_list(false).await)?.members;
     Ok(members
         .into_iter()
         .filter_map(|member| member.client_ur_ls.into_iter().next())
@@ -71,7 +67,7 @@ async fn cluster_endpoints(channel: Channel) -> anyhow::Result<Vec<String>> {
 /// one member is busy with it at any moment.
 pub async fn defrag(arguments: DefragArguments) -> anyhow::Result<()> {
     let endpoints = if arguments.cluster {
-        cluster_endpoints(arguments.client.connect().await?).await?
+        cluster_endpoints(&arguments.client.client().await?).await?
     } else {
         arguments.client.endpoint_list()
     };
@@ -149,13 +145,16 @@ fn print_alarms(output: Output, alarms: &[AlarmMember]) {
 
 /// Runs `keel alarm list|disarm`.
 pub async fn alarm(arguments: AlarmArguments) -> anyhow::Result<()> {
-    let mut client = MaintenanceClient::new(arguments.client.connect().await?);
-    let raised = request(client.alarm(AlarmRequest {
-        action: AlarmAction::Get as i32,
-        member_id: 0,
-        alarm: AlarmType::None as i32,
-    }))
-    .await?
+    let client = arguments.client.client().await?;
+    let raised = answer(
+        client
+            .alarm(AlarmRequest {
+                action: AlarmAction::Get as i32,
+                member_id: 0,
+                alarm: AlarmType::None as i32,
+            })
+            .await,
+    )?
     .alarms;
     match arguments.command {
         AlarmCommand::List => print_alarms(arguments.client.output, &raised),
@@ -164,12 +163,15 @@ pub async fn alarm(arguments: AlarmArguments) -> anyhow::Result<()> {
             // alarm raised after the list was read stays raised (and visible).
             let mut disarmed = Vec::with_capacity(raised.len());
             for alarm in raised {
-                request(client.alarm(AlarmRequest {
-                    action: AlarmAction::Deactivate as i32,
-                    member_id: alarm.member_id,
-                    alarm: alarm.alarm,
-                }))
-                .await?;
+                answer(
+                    client
+                        .alarm(AlarmRequest {
+                            action: AlarmAction::Deactivate as i32,
+                            member_id: alarm.member_id,
+                            alarm: alarm.alarm,
+                        })
+                        .await,
+                )?;
                 disarmed.push(alarm);
             }
             print_alarms(arguments.client.output, &disarmed);
@@ -182,17 +184,12 @@ pub async fn alarm(arguments: AlarmArguments) -> anyhow::Result<()> {
 /// only the leader can (etcdctl does the same).
 pub async fn move_leader(arguments: MoveLeaderArguments) -> anyhow::Result<()> {
     let target = parse_member_id(&arguments.target)?;
-    let channel = arguments.client.connect().await?;
-    let members =
-        request(ClusterClient::new(channel.clone()).member_list(MemberListRequest::default()))
-            .await?
-            .members;
+    let client = arguments.client.client().await?;
+    let members = answer(client.member_list(false).await)?.members;
     if !members.iter().any(|member| member.id == target) {
         anyhow::bail!("no member has ID {}", member_id_hex(target));
     }
-    let leader = request(MaintenanceClient::new(channel).status(StatusRequest {}))
-        .await?
-        .leader;
+    let leader = answer(client.status().await)?.leader;
     if leader == 0 {
         anyhow::bail!("the cluster has no leader now; try again after an election");
     }

@@ -6,15 +6,11 @@
 //! cluster from the peers in `--initial-cluster` and must be started with
 //! `--initial-cluster-state existing`.
 
-use keel_server::api::etcdserverpb::cluster_client::ClusterClient;
-use keel_types::etcdserverpb::{
-    Member, MemberAddRequest, MemberListRequest, MemberPromoteRequest, MemberRemoveRequest,
-    MemberUpdateRequest, ResponseHeader,
-};
+use keel_types::etcdserverpb::{Member, ResponseHeader};
 use serde::Serialize;
 
 use super::{
-    member_id_hex, parse_member_id, print_table, request, shell_word, ClientOptions, Output,
+    answer, member_id_hex, parse_member_id, print_table, shell_word, ClientOptions, Output,
 };
 
 /// Options of `keel member`.
@@ -96,10 +92,10 @@ fn cluster_id(header: Option<ResponseHeader>) -> u64 {
 /// Runs one `keel member` command.
 pub async fn run(arguments: Arguments) -> anyhow::Result<()> {
     let output = arguments.client.output;
-    let mut client = ClusterClient::new(arguments.client.connect().await?);
+    let client = arguments.client.client().await?;
     match arguments.command {
         MemberCommand::List => {
-            let response = request(client.member_list(MemberListRequest::default())).await?;
+            let response = answer(client.member_list(false).await)?;
             print_members(output, cluster_id(response.header), &response.members);
         }
         MemberCommand::Add {
@@ -108,11 +104,7 @@ pub async fn run(arguments: Arguments) -> anyhow::Result<()> {
             learner,
         } => {
             let peer_urls = keel_server::config::parse_url_list("peer-urls", &peer_urls)?;
-            let response = request(client.member_add(MemberAddRequest {
-                peer_ur_ls: peer_urls,
-                is_learner: learner,
-            }))
-            .await?;
+            let response = answer(client.member_add(peer_urls, learner).await)?;
             let added = response
                 .member
                 .ok_or_else(|| anyhow::anyhow!("the server did not return the added member"))?;
@@ -151,21 +143,18 @@ pub async fn run(arguments: Arguments) -> anyhow::Result<()> {
         }
         MemberCommand::Remove { id } => {
             let id = parse_member_id(&id)?;
-            let response = request(client.member_remove(MemberRemoveRequest { id })).await?;
+            let response = answer(client.member_remove(id).await)?;
             print_changed(output, ("removed", "from"), id, cluster_id(response.header));
         }
         MemberCommand::Update { id, peer_urls } => {
             let id = parse_member_id(&id)?;
-            let response = request(client.member_update(MemberUpdateRequest {
-                id,
-                peer_ur_ls: keel_server::config::parse_url_list("peer-urls", &peer_urls)?,
-            }))
-            .await?;
+            let peer_urls = keel_server::config::parse_url_list("peer-urls", &peer_urls)?;
+            let response = answer(client.member_update(id, peer_urls).await)?;
             print_changed(output, ("updated", "in"), id, cluster_id(response.header));
         }
         MemberCommand::Promote { id } => {
             let id = parse_member_id(&id)?;
-            let response = request(client.member_promote(MemberPromoteRequest { id })).await?;
+            let response = answer(client.member_promote(id).await)?;
             print_changed(output, ("promoted", "in"), id, cluster_id(response.header));
         }
     }

@@ -9,12 +9,13 @@
 
 use std::time::Duration;
 
-use keel_server::api::etcdserverpb::cluster_client::ClusterClient;
 use keel_server::api::etcdserverpb::maintenance_client::MaintenanceClient;
-use keel_types::etcdserverpb::{Member, MemberListRequest, StatusRequest, StatusResponse};
+use keel_types::etcdserverpb::{Member, StatusRequest, StatusResponse};
 use serde::Serialize;
 
-use super::{connect_url, human_bytes, member_id_hex, print_table, request, ClientOptions, Output};
+use super::{
+    answer, connect_url, human_bytes, member_id_hex, print_table, request, ClientOptions, Output,
+};
 
 /// How long one member gets to accept a connection and answer, so that a
 /// dead or partitioned member delays the table by at most this much.
@@ -118,10 +119,10 @@ async fn ask(url: &str) -> anyhow::Result<StatusResponse> {
 
 /// Runs `keel status`.
 pub async fn run(arguments: Arguments) -> anyhow::Result<()> {
-    let channel = arguments.client.connect().await?;
-    let members = request(ClusterClient::new(channel).member_list(MemberListRequest::default()))
-        .await?
-        .members;
+    // The membership comes from any member (keel-client fails over); each
+    // member's status then from that member itself.
+    let client = arguments.client.client().await?;
+    let members = answer(client.member_list(false).await)?.members;
     // Every member is asked at once, so the table takes as long as the
     // slowest member rather than the sum of all of them.
     let tasks: Vec<_> = members
