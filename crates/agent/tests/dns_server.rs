@@ -300,3 +300,72 @@ async fn tcp_connections_beyond_the_limit_are_closed_and_served_again_after() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// dnsperf (Debian's, installed by scripts/test) sends a stream of A and SRV
+/// queries; every answer must be NOERROR. In the suite it is paced at 2,000
+/// queries per second for two seconds and none may be lost; with `KEEL_DNS_BENCH_SECONDS`
+/// set it runs unpaced that long and prints the throughput for
+/// docs/BENCHMARKS.md:
+///
+/// ```text
+/// KEEL_DNS_BENCH_SECONDS=10 cargo test --release -p keel-agent --test dns_server dnsperf -- --nocapture
+/// ```
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dnsperf_gets_an_answer_to_every_query() {
+    let port = 26403;
+    let _server = start_server(port, 8).await;
+    let queries = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        queries.path(),
+        "web.service.keel SRV\nweb.service.keel A\nprimary.web.service.keel SRV\nn1.node.keel A\n",
+    )
+    .unwrap();
+    let bench_seconds = std::env::var("KEEL_DNS_BENCH_SECONDS").ok();
+    let mut command = Command::new("dnsperf");
+    command
+        .args(["-s", "127.0.0.1", "-p", &port.to_string(), "-d"])
+        .arg(queries.path());
+    match &bench_seconds {
+        Some(seconds) => command.args(["-l", seconds, "-c", "4", "-q", "200"]),
+        None => command.args(["-l", "2", "-Q", "2000"]),
+    };
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .unwrap()
+        .expect("dnsperf runs (Debian's dnsperf; scripts/test installs it)");
+    let report = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "dnsperf failed: {report}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    if bench_seconds.is_some() {
+        println!("{report}");
+    }
+    let field = |name: &str| -> String {
+        report
+            .lines()
+            .find_map(|line| line.trim().strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name:?} in dnsperf's report: {report}"))
+            .trim()
+            .to_string()
+    };
+    let completed: u64 = field("Queries completed:")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(completed > 0, "{report}");
+    assert_eq!(
+        field("Response codes:"),
+        format!("NOERROR {completed} (100.00%)"),
+        "{report}"
+    );
+    // Paced well below what the server serves, no query may go unanswered.
+    // Unpaced, dnsperf outruns the socket buffers and a few are dropped, as
+    // UDP allows.
+    if bench_seconds.is_none() {
+        assert!(field("Queries lost:").starts_with("0 "), "{report}");
+    }
+}
