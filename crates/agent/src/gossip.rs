@@ -913,6 +913,19 @@ mod tests {
         assert_eq!(members[0].http_addr, published.http_addr);
     }
 
+    #[tokio::test]
+    async fn a_taken_gossip_port_is_an_error_naming_the_address() {
+        let addr: SocketAddr = "127.0.0.1:26295".parse().unwrap();
+        let _first = Gossip::start(GossipConfig::new("first", addr))
+            .await
+            .unwrap();
+        match Gossip::start(GossipConfig::new("second", addr)).await {
+            Err(GossipError::Start { addr: reported, .. }) => assert_eq!(reported, addr),
+            Err(other) => panic!("wrong error: {other}"),
+            Ok(_) => panic!("two instances bound one port"),
+        }
+    }
+
     #[test]
     fn bad_configurations_are_refused_naming_the_field() {
         let addr: SocketAddr = "127.0.0.1:26290".parse().unwrap();
