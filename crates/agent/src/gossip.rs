@@ -21,7 +21,7 @@
 //!   turn alive nodes suspect; it waits for fresh heartbeats instead. A paused
 //!   agent therefore does not, on resuming, call the healthy ones suspect.
 //!
-//! The status decisions are a pure function ([`MemberTracker::observe`]) of
+//! The status decisions are a pure function (`MemberTracker::observe`) of
 //! what chitchat reports and a time, so they are unit-tested without sockets.
 
 use std::collections::{BTreeMap, HashMap};
