@@ -136,8 +136,9 @@ pub struct DnsServer {
 }
 
 impl DnsServer {
-    /// Binds UDP and TCP at `config.addr` (port 0 picks a free port, the
-    /// same for both when it can) and starts answering from `catalog`.
+    /// Binds UDP and TCP at `config.addr` (port 0 picks a free UDP port,
+    /// and TCP binds the same one) and starts answering from `catalog`.
+    /// Must be called inside a tokio runtime, which runs the server tasks.
     pub async fn start(
         config: DnsConfig,
         catalog: Arc<dyn Catalog>,
@@ -850,6 +851,34 @@ mod tests {
             (share - 0.75).abs() < 0.015,
             "heavy first in {share} of rounds"
         );
+    }
+
+    #[tokio::test]
+    async fn a_taken_dns_port_is_an_error_naming_protocol_and_address() {
+        let addr: SocketAddr = "127.0.0.1:26404".parse().unwrap();
+        let _first = DnsServer::start(DnsConfig::new(addr), Arc::new(catalog()))
+            .await
+            .unwrap();
+        match DnsServer::start(DnsConfig::new(addr), Arc::new(catalog())).await {
+            Err(DnsError::Bind {
+                protocol,
+                addr: reported,
+                ..
+            }) => {
+                assert_eq!((protocol, reported), ("UDP", addr));
+            }
+            Err(other) => panic!("wrong error: {other}"),
+            Ok(_) => panic!("two servers bound one port"),
+        }
+        let mut config = DnsConfig::new("127.0.0.1:0".parse().unwrap());
+        config.answers_max = 0;
+        assert!(matches!(
+            DnsServer::start(config, Arc::new(catalog())).await,
+            Err(DnsError::InvalidConfig {
+                field: "answers_max",
+                ..
+            })
+        ));
     }
 
     #[test]

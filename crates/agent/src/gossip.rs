@@ -21,7 +21,7 @@
 //!   turn alive nodes suspect; it waits for fresh heartbeats instead. A paused
 //!   agent therefore does not, on resuming, call the healthy ones suspect.
 //!
-//! The status decisions are a pure function ([`MemberTracker::observe`]) of
+//! The status decisions are a pure function (`MemberTracker::observe`) of
 //! what chitchat reports and a time, so they are unit-tested without sockets.
 
 use std::collections::{BTreeMap, HashMap};
@@ -49,13 +49,14 @@ use crate::resources::Usage;
 pub const GOSSIP_INTERVAL: Duration = Duration::from_millis(500);
 
 /// The phi above which a node is suspect. Chitchat's phi is the silence since
-/// a node's last heartbeat divided by the mean interval between heartbeats
-/// this agent observed (heartbeats arrive directly and relayed, so a few per
-/// gossip round). 12 puts suspicion 2–3 s after a kill -9 (measured, see
-/// docs/BENCHMARKS.md), yet tolerates a peer whose heartbeats stop for over
-/// a second because it or the network is slow: a false suspicion costs more
-/// than a late one, and the node lease remains the authoritative verdict.
-pub const PHI_THRESHOLD: f64 = 12.0;
+/// a node's last heartbeat divided by the mean interval between the heartbeats
+/// this agent observed; heartbeats arrive directly and relayed, about two per
+/// gossip round, so 8 means about four rounds (2 s) of silence. Measured (see
+/// docs/BENCHMARKS.md): suspect on every other agent 2–4 s after a kill -9,
+/// with 5 agents or 50. Lower makes a peer starved of CPU for a second
+/// suspect on a loaded machine; a false suspicion costs more than a late one,
+/// and the node lease remains the authoritative verdict.
+pub const PHI_THRESHOLD: f64 = 8.0;
 
 /// How many heartbeat intervals the detector averages per node: about a
 /// minute of history at a few heartbeats per round, so the mean follows a
@@ -236,6 +237,9 @@ struct Shared {
     self_id: ChitchatId,
     phi_threshold: f64,
     tracker: StdMutex<MemberTracker>,
+    /// Each node's published values, parsed, with the max version they
+    /// were parsed at. Locked only inside the chitchat lock.
+    published_cache: StdMutex<HashMap<ChitchatId, (u64, Published)>>,
 }
 
 impl Gossip {
@@ -258,8 +262,9 @@ impl Gossip {
                 phi_threshold: config.phi_threshold,
                 sampling_window_size: HEARTBEAT_SAMPLES_MAX,
                 max_interval: HEARTBEAT_INTERVAL_SAMPLE_MAX,
-                // The prior mean for the first samples: one gossip round.
-                initial_interval: config.gossip_interval,
+                // The prior mean before there are samples: heartbeats are
+                // observed about twice per gossip round (measured).
+                initial_interval: config.gossip_interval / 2,
                 dead_node_grace_period: config.dead_node_grace_period,
             },
             // Nothing is ever deleted from a node's key-values.
@@ -288,6 +293,7 @@ impl Gossip {
             self_id,
             phi_threshold: config.phi_threshold,
             tracker: StdMutex::new(MemberTracker::new(Instant::now())),
+            published_cache: StdMutex::new(HashMap::new()),
         });
         let (members_sender, members_receiver) = watch::channel(Arc::new(Vec::new()));
         let refresh_task = tokio::spawn(refresh_loop(shared.clone(), members_sender));
@@ -358,21 +364,37 @@ impl Shared {
     async fn refresh(&self, from_refresh_loop: bool) -> Vec<GossipMember> {
         let observations = {
             let chitchat = self.chitchat.lock().await;
+            let mut published_cache = self
+                .published_cache
+                .lock()
+                .expect("the published cache never panics");
             let live: std::collections::HashSet<&ChitchatId> = chitchat.live_nodes().collect();
-            chitchat
+            let observations = chitchat
                 .node_states()
                 .iter()
-                .map(|(id, state)| NodeObservation {
-                    id: id.clone(),
-                    heartbeat: u64::from(state.heartbeat()),
-                    is_live: live.contains(id),
-                    detection_timeout: chitchat.failure_detection_timeout(id),
-                    key_values: state
-                        .key_values()
-                        .map(|(key, value)| (key.to_string(), value.to_string()))
-                        .collect(),
+                .map(|(id, state)| {
+                    // Key-values change only when a node publishes: parse
+                    // them again only when its max version moved, so a
+                    // refresh costs no allocation per node.
+                    let published = match published_cache.get(id) {
+                        Some((version, published)) if *version == state.max_version() => *published,
+                        _ => {
+                            let published = Published::from_key_values(state.key_values());
+                            published_cache.insert(id.clone(), (state.max_version(), published));
+                            published
+                        }
+                    };
+                    NodeObservation {
+                        id: id.clone(),
+                        heartbeat: u64::from(state.heartbeat()),
+                        is_live: live.contains(id),
+                        detection_timeout: chitchat.failure_detection_timeout(id),
+                        published,
+                    }
                 })
-                .collect::<Vec<_>>()
+                .collect::<Vec<_>>();
+            published_cache.retain(|id, _| chitchat.node_states().contains_key(id));
+            observations
         };
         let mut tracker = self
             .tracker
@@ -431,7 +453,31 @@ pub(crate) struct NodeObservation {
     /// Silence after which phi reaches the threshold (threshold × mean
     /// heartbeat interval); `None` before two heartbeats or after a reset.
     pub(crate) detection_timeout: Option<Duration>,
-    pub(crate) key_values: BTreeMap<String, String>,
+    pub(crate) published: Published,
+}
+
+/// What a node publishes in its key-values, parsed. A value that does not
+/// parse (from a newer or broken agent) reads as absent.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) struct Published {
+    pub(crate) http_addr: Option<SocketAddr>,
+    pub(crate) dns_addr: Option<SocketAddr>,
+    pub(crate) usage: Option<Usage>,
+}
+
+impl Published {
+    fn from_key_values<'a>(key_values: impl Iterator<Item = (&'a str, &'a str)>) -> Published {
+        let mut published = Published::default();
+        for (key, value) in key_values {
+            match key {
+                KEY_HTTP_ADDR => published.http_addr = value.parse().ok(),
+                KEY_DNS_ADDR => published.dns_addr = value.parse().ok(),
+                KEY_USAGE => published.usage = serde_json::from_str(value).ok(),
+                _ => {}
+            }
+        }
+        published
+    }
 }
 
 /// What this agent remembers about one node generation between refreshes.
@@ -545,14 +591,11 @@ impl MemberTracker {
                 node_name: observation.id.node_id.to_string(),
                 generation: observation.id.generation_id,
                 gossip_addr: observation.id.gossip_advertise_addr,
-                http_addr: parse_value(&observation.key_values, KEY_HTTP_ADDR),
-                dns_addr: parse_value(&observation.key_values, KEY_DNS_ADDR),
+                http_addr: observation.published.http_addr,
+                dns_addr: observation.published.dns_addr,
                 status,
                 phi,
-                usage: observation
-                    .key_values
-                    .get(KEY_USAGE)
-                    .and_then(|value| serde_json::from_str(value).ok()),
+                usage: observation.published.usage,
                 since_last_heartbeat,
                 is_self,
             };
@@ -570,13 +613,6 @@ impl MemberTracker {
     }
 }
 
-fn parse_value<T: std::str::FromStr>(
-    key_values: &BTreeMap<String, String>,
-    key: &str,
-) -> Option<T> {
-    key_values.get(key).and_then(|value| value.parse().ok())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -591,7 +627,7 @@ mod tests {
             heartbeat,
             is_live,
             detection_timeout: Some(Duration::from_secs(3)),
-            key_values: BTreeMap::new(),
+            published: Published::default(),
         }
     }
 
@@ -850,32 +886,44 @@ mod tests {
 
     #[test]
     fn published_values_are_read_back_and_garbage_is_ignored() {
-        let start = Instant::now();
-        let me = id("a", 1, 1);
-        let mut observed = observation(&me, 1, true);
-        observed
-            .key_values
-            .insert(KEY_HTTP_ADDR.into(), "127.0.0.1:8500".into());
-        observed
-            .key_values
-            .insert(KEY_DNS_ADDR.into(), "not an address".into());
         let usage = Usage {
             cpu_percent: 12.5,
             memory_used_bytes: 1 << 30,
             disk_free_bytes: 1 << 40,
             load_average: [0.5, 0.25, 0.125],
         };
-        observed
-            .key_values
-            .insert(KEY_USAGE.into(), serde_json::to_string(&usage).unwrap());
-        let mut tracker = MemberTracker::new(start);
-        let members = tracker.observe(start, true, &me, 12.0, vec![observed]);
-        assert_eq!(
-            members[0].http_addr,
-            Some("127.0.0.1:8500".parse().unwrap())
-        );
-        assert_eq!(members[0].dns_addr, None);
+        let encoded_usage = serde_json::to_string(&usage).unwrap();
+        let key_values = [
+            (KEY_HTTP_ADDR, "127.0.0.1:8500"),
+            (KEY_DNS_ADDR, "not an address"),
+            (KEY_USAGE, encoded_usage.as_str()),
+            ("from_a_newer_agent", "x"),
+        ];
+        let published = Published::from_key_values(key_values.into_iter());
+        assert_eq!(published.http_addr, Some("127.0.0.1:8500".parse().unwrap()));
+        assert_eq!(published.dns_addr, None);
+        assert_eq!(published.usage, Some(usage));
+
+        let me = id("a", 1, 1);
+        let mut observed = observation(&me, 1, true);
+        observed.published = published;
+        let start = Instant::now();
+        let members = MemberTracker::new(start).observe(start, true, &me, 12.0, vec![observed]);
         assert_eq!(members[0].usage, Some(usage));
+        assert_eq!(members[0].http_addr, published.http_addr);
+    }
+
+    #[tokio::test]
+    async fn a_taken_gossip_port_is_an_error_naming_the_address() {
+        let addr: SocketAddr = "127.0.0.1:26295".parse().unwrap();
+        let _first = Gossip::start(GossipConfig::new("first", addr))
+            .await
+            .unwrap();
+        match Gossip::start(GossipConfig::new("second", addr)).await {
+            Err(GossipError::Start { addr: reported, .. }) => assert_eq!(reported, addr),
+            Err(other) => panic!("wrong error: {other}"),
+            Ok(_) => panic!("two instances bound one port"),
+        }
     }
 
     #[test]
