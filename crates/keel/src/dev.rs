@@ -122,13 +122,22 @@ pub async fn run(arguments: DevArguments) -> anyhow::Result<()> {
             return Err(error);
         }
     }
+    let mut agents =
+        match crate::dev_agents::start(&executable, &arguments.data_dir, &endpoints).await {
+            Ok(agents) => agents,
+            Err(error) => {
+                stop(&mut members).await;
+                return Err(error);
+            }
+        };
+    crate::dev_agents::print(&agents);
     println!();
     println!("try:");
     println!("  etcdctl --endpoints={endpoints} put greeting hello");
     println!("  etcdctl --endpoints={endpoints} get greeting");
     println!("  etcdctl --endpoints={endpoints} endpoint status -w table");
     println!(
-        "logs: {}/keel*.log; Ctrl-C stops all three",
+        "logs: {}/keel*.log and agent*.log; Ctrl-C stops them all",
         arguments.data_dir.display()
     );
 
@@ -142,6 +151,7 @@ pub async fn run(arguments: DevArguments) -> anyhow::Result<()> {
         _ = terminate.recv() => {}
         status = wait_any(&mut members) => exited = Some(status),
     }
+    crate::dev_agents::stop(&mut agents).await;
     if let Some((name, status)) = exited {
         stop(&mut members).await;
         anyhow::bail!("member {name} exited unexpectedly ({status}); see its log");
@@ -205,8 +215,9 @@ fn lock_dev_data(data_dir: &Path) -> anyhow::Result<std::fs::File> {
     }
 }
 
-/// Fails, naming the port and its role, when any member port is taken: the
-/// members would otherwise start, fail one by one and leave a confusing log.
+/// Fails, naming the port and its role, when any member or agent port is
+/// taken: they would otherwise start, fail one by one and leave a confusing
+/// log.
 fn ensure_ports_free(ports: &[(String, u16, u16)]) -> anyhow::Result<()> {
     let mut taken = Vec::new();
     for (name, client, peer) in ports {
@@ -214,6 +225,19 @@ fn ensure_ports_free(ports: &[(String, u16, u16)]) -> anyhow::Result<()> {
             if let Err(error) = std::net::TcpListener::bind(("127.0.0.1", *port)) {
                 taken.push(format!("{port} ({name}'s {role} port: {error})"));
             }
+        }
+    }
+    for (name, port, role) in crate::dev_agents::ports() {
+        // HTTP listens on TCP; DNS on UDP and TCP; gossip on UDP.
+        let tcp = std::net::TcpListener::bind(("127.0.0.1", port)).err();
+        let udp = std::net::UdpSocket::bind(("127.0.0.1", port)).err();
+        let error = match role {
+            "HTTP" => tcp,
+            "gossip" => udp,
+            _ => tcp.or(udp),
+        };
+        if let Some(error) = error {
+            taken.push(format!("{port} ({name}'s {role} port: {error})"));
         }
     }
     if !taken.is_empty() {

@@ -2,16 +2,19 @@
 //! `keel dev` runs a local three-member cluster, and `keel kv …` is a small
 //! etcd-protocol client for the basics; `keel bench` measures a cluster.
 
+mod agent_command;
 mod availability;
 mod bench;
 mod chaos;
 mod dev;
+mod dev_agents;
 mod elect;
 mod kv;
 mod lease_command;
 mod lock;
 mod logging;
 mod operations;
+mod registry_command;
 mod server_command;
 mod watch;
 
@@ -47,6 +50,12 @@ enum Command {
     Watch(watch::WatchArguments),
     /// Measure throughput and latency of an etcd-protocol cluster (keel or etcd).
     Bench(bench::BenchArguments),
+    /// Run the node agent: registration, health checks, Consul's /v1 HTTP API, DNS.
+    Agent(Box<agent_command::AgentArguments>),
+    /// Register, deregister, list services and show their health (via an agent).
+    Service(registry_command::ServiceArguments),
+    /// List nodes with their status and resources (via an agent).
+    Node(registry_command::NodeArguments),
     /// Model reliability and availability: components, quorums, repair, block diagrams.
     Availability(availability::Arguments),
     /// Inject faults into running members (needs --experimental-enable-fault-injection).
@@ -76,6 +85,9 @@ fn main() -> std::process::ExitCode {
             Command::Lock(arguments) => lock::run(arguments).await,
             Command::Elect(arguments) => elect::run(arguments).await,
             Command::Operations(command) => operations::run(command).await,
+            Command::Agent(arguments) => agent_command::run(*arguments).await,
+            Command::Service(arguments) => registry_command::run_service(arguments).await,
+            Command::Node(arguments) => registry_command::run_node(arguments).await,
             Command::Availability(arguments) => availability::run(arguments).await,
             Command::Chaos(arguments) => chaos::run(arguments).await,
         }
