@@ -12,7 +12,10 @@
 //!   cluster. Comment lines under a command are what it must print (`…`
 //!   matches anything, runs of spaces compare equal); a command whose own
 //!   comment says "in another terminal" runs in the background beside the
-//!   rest, and what it printed first is compared at the end; `<lease-id>` and
+//!   rest, and what it printed first is compared at the end; a command whose
+//!   comment says "within a few seconds" (discovery converging) is run again
+//!   until it prints what the README shows, for at most
+//!   `EVENTUALLY_TIMEOUT`; `<lease-id>` and
 //!   `<member-id>` are filled in from what earlier commands printed, as a
 //!   reader would.
 //!
@@ -37,6 +40,9 @@ const FIRST_START_TIMEOUT: Duration = Duration::from_secs(25 * 60);
 const RESTART_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long one command of the tour may run.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a command marked "within a few seconds" may take to print what
+/// the README shows.
+const EVENTUALLY_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the cluster may take to stop after Ctrl-C.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -49,7 +55,7 @@ fn readme_commands_work_as_written() {
 
     // The main job, exactly as the README shows it.
     let mut cluster = Background::start(&main_command, &root, scratch.path(), "dev");
-    let printed = cluster.wait_for_output("leader elected", FIRST_START_TIMEOUT);
+    let printed = cluster.wait_for_output("Ctrl-C stops", FIRST_START_TIMEOUT);
     let endpoints = printed_endpoints(&printed);
     run_checked(
         &format!("etcdctl --endpoints={endpoints} put readme-check yes"),
@@ -95,7 +101,17 @@ fn readme_commands_work_as_written() {
                 background.push((process, step));
                 continue;
             }
-            let output = run(&command, &root, &exports);
+            let started = Instant::now();
+            let output = loop {
+                let output = run(&command, &root, &exports);
+                let settled = !step.eventually
+                    || (output.status.success() && prints(&output.stdout, &step.expected))
+                    || started.elapsed() > EVENTUALLY_TIMEOUT;
+                if settled {
+                    break output;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            };
             assert!(
                 output.status.success(),
                 "README command `{command}` failed ({}):\n{}{}",
@@ -133,7 +149,7 @@ fn readme_commands_work_as_written() {
 
     // "Run it again to resume the same data."
     let mut cluster = Background::start(&main_command, &root, scratch.path(), "dev-again");
-    cluster.wait_for_output("leader elected", RESTART_TIMEOUT);
+    cluster.wait_for_output("Ctrl-C stops", RESTART_TIMEOUT);
     run_checked(
         &format!("etcdctl --endpoints={endpoints} get greeting --print-value-only"),
         &root,
@@ -196,6 +212,7 @@ struct Step {
     command: String,
     expected: Vec<String>,
     background: bool,
+    eventually: bool,
 }
 
 /// Splits a block into commands (a heredoc stays with its command) and the
@@ -238,6 +255,7 @@ fn steps(block: &[String]) -> Vec<Step> {
             command,
             expected: Vec::new(),
             background: comment.contains("in another terminal"),
+            eventually: comment.contains("within a few seconds"),
         });
     }
     steps
@@ -323,15 +341,19 @@ fn printed_lines(printed: &str) -> Vec<&str> {
     lines
 }
 
-fn assert_prints(command: &str, printed: &str, expected: &[String]) {
+/// Whether `printed` is, line for line, what `expected` shows.
+fn prints(printed: &str, expected: &[String]) -> bool {
     let lines = printed_lines(printed);
-    let matches = lines.len() == expected.len()
+    lines.len() == expected.len()
         && expected
             .iter()
             .zip(&lines)
-            .all(|(pattern, line)| line_matches(pattern, line));
+            .all(|(pattern, line)| line_matches(pattern, line))
+}
+
+fn assert_prints(command: &str, printed: &str, expected: &[String]) {
     assert!(
-        matches,
+        prints(printed, expected),
         "README command `{command}` printed:\n{printed}\nbut the README shows:\n{}",
         expected.join("\n")
     );
