@@ -52,7 +52,7 @@ fn start_dev(data_dir: &std::path::Path, base_port: u16) -> DevProcess {
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
         match receiver.recv_timeout(remaining) {
-            Ok(line) if line.starts_with("leader elected") => return DevProcess(Some(child)),
+            Ok(line) if line.contains("Ctrl-C stops") => return DevProcess(Some(child)),
             Ok(_) => continue,
             Err(_) => {
                 drop(DevProcess(Some(child)));

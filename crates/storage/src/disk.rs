@@ -129,9 +129,11 @@ impl FileDisk {
     }
 
     /// BROKEN ON PURPOSE, for testing the tests: appended bytes stay in memory until the
-    /// sync *after* the one that should have made them durable, so a sync returns before
-    /// its data is even written and a SIGKILL loses acknowledged writes. The fault suite
-    /// must fail against a member in this mode (`--unsafe-fault-acknowledge-before-fsync`).
+    /// file is closed or truncated, so a sync returns before its data is even written and
+    /// a SIGKILL loses every write acknowledged since. (Keeping only the last batch back
+    /// made the loss depend on which batch each member happened to hold when all were
+    /// killed, so the suite's self-test passed by luck now and then.) The fault suite must
+    /// fail against a member in this mode (`--unsafe-fault-acknowledge-before-fsync`).
     pub fn with_unsafe_acknowledge_before_write(mut self) -> FileDisk {
         self.acknowledge_before_write = true;
         self
@@ -184,7 +186,6 @@ impl Disk for FileDisk {
             faults: self.faults.clone(),
             acknowledge_before_write: self.acknowledge_before_write,
             pending: Vec::new(),
-            held: Vec::new(),
         })
     }
 
@@ -215,18 +216,14 @@ pub struct FileDiskFile {
     file: fs::File,
     faults: Option<std::sync::Arc<dyn DiskFaults>>,
     acknowledge_before_write: bool,
-    /// In the broken mode: bytes appended since the last sync.
+    /// In the broken mode: every byte appended since the file was opened or truncated.
     pending: Vec<u8>,
-    /// In the broken mode: bytes the last sync claimed durable but did not write.
-    held: Vec<u8>,
 }
 
 impl FileDiskFile {
     /// Writes everything the broken mode kept in memory (not synced).
     fn write_kept(&mut self) -> io::Result<()> {
-        let held = std::mem::take(&mut self.held);
         let pending = std::mem::take(&mut self.pending);
-        self.file.write_all(&held)?;
         self.file.write_all(&pending)
     }
 }
@@ -265,9 +262,8 @@ impl DiskFile for FileDiskFile {
             faults.before_sync()?;
         }
         if self.acknowledge_before_write {
-            // Write what the previous sync claimed, and keep this batch in memory.
-            let held = std::mem::replace(&mut self.held, std::mem::take(&mut self.pending));
-            self.file.write_all(&held)?;
+            // Claims durability for bytes not even written.
+            return Ok(());
         }
         // fdatasync: the file's size is data for this purpose, so appends are covered.
         self.file.sync_data()
