@@ -78,6 +78,40 @@ pub fn http_router(gateway: GatewayServices) -> Router {
     for prefix in API_PREFIXES {
         let services = &gateway.services;
         let lease = &gateway.lease;
+        // etcd 3.4's gateway serves these lease methods under `kv/lease/` too.
+        for lease_prefix in ["lease", "kv/lease"] {
+            router = router
+                .route(
+                    &format!("{prefix}/{lease_prefix}/revoke"),
+                    unary(
+                        lease.clone(),
+                        limit,
+                        |service: crate::lease::LeaseService, request| async move {
+                            lease_server::Lease::lease_revoke(&service, request).await
+                        },
+                    ),
+                )
+                .route(
+                    &format!("{prefix}/{lease_prefix}/timetolive"),
+                    unary(
+                        lease.clone(),
+                        limit,
+                        |service: crate::lease::LeaseService, request| async move {
+                            lease_server::Lease::lease_time_to_live(&service, request).await
+                        },
+                    ),
+                )
+                .route(
+                    &format!("{prefix}/{lease_prefix}/leases"),
+                    unary(
+                        lease.clone(),
+                        limit,
+                        |service: crate::lease::LeaseService, request| async move {
+                            lease_server::Lease::lease_leases(&service, request).await
+                        },
+                    ),
+                );
+        }
         router = router
             .route(
                 &format!("{prefix}/kv/range"),
@@ -136,67 +170,6 @@ pub fn http_router(gateway: GatewayServices) -> Router {
                     limit,
                     |service: crate::lease::LeaseService, request| async move {
                         lease_server::Lease::lease_grant(&service, request).await
-                    },
-                ),
-            )
-            .route(
-                &format!("{prefix}/lease/revoke"),
-                unary(
-                    lease.clone(),
-                    limit,
-                    |service: crate::lease::LeaseService, request| async move {
-                        lease_server::Lease::lease_revoke(&service, request).await
-                    },
-                ),
-            )
-            // etcd 3.4's gateway also serves revoke under the kv prefix.
-            .route(
-                &format!("{prefix}/kv/lease/revoke"),
-                unary(
-                    lease.clone(),
-                    limit,
-                    |service: crate::lease::LeaseService, request| async move {
-                        lease_server::Lease::lease_revoke(&service, request).await
-                    },
-                ),
-            )
-            .route(
-                &format!("{prefix}/lease/timetolive"),
-                unary(
-                    lease.clone(),
-                    limit,
-                    |service: crate::lease::LeaseService, request| async move {
-                        lease_server::Lease::lease_time_to_live(&service, request).await
-                    },
-                ),
-            )
-            .route(
-                &format!("{prefix}/kv/lease/timetolive"),
-                unary(
-                    lease.clone(),
-                    limit,
-                    |service: crate::lease::LeaseService, request| async move {
-                        lease_server::Lease::lease_time_to_live(&service, request).await
-                    },
-                ),
-            )
-            .route(
-                &format!("{prefix}/lease/leases"),
-                unary(
-                    lease.clone(),
-                    limit,
-                    |service: crate::lease::LeaseService, request| async move {
-                        lease_server::Lease::lease_leases(&service, request).await
-                    },
-                ),
-            )
-            .route(
-                &format!("{prefix}/kv/lease/leases"),
-                unary(
-                    lease.clone(),
-                    limit,
-                    |service: crate::lease::LeaseService, request| async move {
-                        lease_server::Lease::lease_leases(&service, request).await
                     },
                 ),
             )
