@@ -13,6 +13,7 @@ pub mod catalog;
 pub mod check_state;
 pub mod definition;
 pub mod dns;
+pub mod events;
 pub mod gossip;
 pub mod local;
 pub mod probe;
