@@ -9,6 +9,7 @@ mod chaos;
 mod dev;
 mod dev_agents;
 mod elect;
+mod events_command;
 mod kv;
 mod lease_command;
 mod lock;
@@ -60,6 +61,8 @@ enum Command {
     Availability(availability::Arguments),
     /// Inject faults into running members (needs --experimental-enable-fault-injection).
     Chaos(chaos::Arguments),
+    /// Show the cluster's events log, or follow it (via an agent).
+    Events(events_command::Arguments),
 }
 
 fn main() -> std::process::ExitCode {
@@ -90,6 +93,7 @@ fn main() -> std::process::ExitCode {
             Command::Node(arguments) => registry_command::run_node(arguments).await,
             Command::Availability(arguments) => availability::run(arguments).await,
             Command::Chaos(arguments) => chaos::run(arguments).await,
+            Command::Events(arguments) => events_command::run(arguments).await,
         }
     });
     match result {
