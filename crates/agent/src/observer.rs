@@ -47,6 +47,9 @@ use crate::probe::HttpClient;
 /// a subscriber further behind is told it lost some and carries on.
 pub const EVENT_FEED_CAPACITY: usize = 256;
 
+/// Polls after the agent starts whose changes are not recorded as events.
+const MEMBER_WARM_UP_POLLS: u32 = 3;
+
 /// What the observer tasks share with the API.
 pub struct Observed {
     /// The members as last polled.
@@ -218,11 +221,15 @@ pub async fn poll_members(shared: Arc<Shared>) {
     let mut ticker = tokio::time::interval(MEMBER_POLL_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next_sample = Instant::now();
+    let mut polls: u32 = 0;
     loop {
         ticker.tick().await;
         let snapshot = poll_once(&shared, &mut channels).await;
+        polls = polls.saturating_add(1);
         if let Some(previous) = &previous {
-            if shared.observed.reporter.load(Ordering::Relaxed) {
+            // The first polls open the connections: what fails then is this
+            // agent starting, not a member going away.
+            if polls > MEMBER_WARM_UP_POLLS && shared.observed.reporter.load(Ordering::Relaxed) {
                 record_all(&shared, cluster_events(previous, &snapshot));
             }
         }
