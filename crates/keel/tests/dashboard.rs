@@ -410,7 +410,7 @@ impl Browser {
                 "binary": "/usr/bin/chromium",
                 "args": [
                     "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                    "--hide-scrollbars", "--window-size=1500,1400",
+                    "--hide-scrollbars", "--window-size=1500,1900",
                     format!("--user-data-dir={}", browser._profile.path().display()),
                 ],
             },
@@ -542,6 +542,88 @@ fn members_on_page(browser: &Browser) -> (u64, Vec<String>) {
     )
 }
 
+/// Writes the example job `web` with one running allocation per node, as
+/// the controller (job, allocations) and each node's supervisor (status)
+/// write them.
+fn put_workloads(url: &str, nodes: &[String]) {
+    use keel_scheduler::{
+        Allocation, AllocationId, ClientState, ClientStatus, DesiredStatus, Job, JobState,
+        JobVersion, PlacementReason, Resources, Time,
+    };
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/jobs/web.toml");
+    let job = Job::from_toml_validated(&std::fs::read_to_string(path).expect("example job"))
+        .expect("the example job is valid");
+    let now = Time(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_millis() as u64,
+    );
+    let state = JobState {
+        versions: vec![JobVersion {
+            version: 0,
+            job,
+            stable: true,
+        }],
+        stopped: false,
+        deployment: None,
+        last_scaled_at: Default::default(),
+    };
+    let mut writes = vec![(
+        "/keel/jobs/web".to_string(),
+        serde_json::to_vec(&state).expect("serializes"),
+    )];
+    for (index, node) in nodes.iter().enumerate() {
+        let id = format!("5f0c1e2a-0000-4000-8000-00000000000{index}");
+        let allocation = Allocation {
+            id: AllocationId(id.clone()),
+            job: "web".into(),
+            job_version: 0,
+            group: "web".into(),
+            index: index as u32,
+            node: node.clone(),
+            resources: Resources {
+                cpu_millicores: 100,
+                memory_mib: 64,
+            },
+            ports: Default::default(),
+            placement_reason: PlacementReason::New,
+            previous_allocation: None,
+            reschedule_events: Vec::new(),
+            created_at: now,
+            desired_status: DesiredStatus::Run,
+            deployment_healthy: Some(true),
+            client: ClientState::PENDING,
+        };
+        writes.push((
+            format!("/keel/allocs/{node}/{id}"),
+            serde_json::to_vec(&allocation).expect("serializes"),
+        ));
+        let status = json!({
+            "alloc_id": id, "node": node,
+            "client": ClientState { status: ClientStatus::Running, started_at: Some(now), ready_since: Some(now), finished_at: None },
+            "tasks": {"server": {"state": "running", "pid": 4242, "restarts": index, "last_exit_code": null}},
+        });
+        writes.push((
+            format!("/keel/alloc-status/{id}"),
+            status.to_string().into_bytes(),
+        ));
+    }
+    block_on(async {
+        let mut client = KvClient::new(connect(url).await.expect("connect"));
+        for (key, value) in writes {
+            client
+                .put(PutRequest {
+                    key: key.into_bytes(),
+                    value,
+                    ..Default::default()
+                })
+                .await
+                .expect("put");
+        }
+    });
+}
+
 fn put_keys(url: &str, count: usize) {
     block_on(async {
         let mut client = KvClient::new(connect(url).await.expect("connect"));
@@ -608,6 +690,25 @@ fn the_dashboard_shows_a_new_leader_and_its_event_without_a_reload() {
     );
     let survivor = cluster.members[(leader_index + 1) % 3].url();
     put_keys(&survivor, 150);
+    let nodes: Vec<String> = agents
+        .agents
+        .iter()
+        .map(|agent| agent.name.clone())
+        .collect();
+    put_workloads(&survivor, &nodes);
+    wait_until(
+        Duration::from_secs(10),
+        "the job and its allocations on the page",
+        || {
+            let shown = browser.run(
+            "return [document.querySelectorAll('#jobs .job').length,
+                     document.querySelectorAll('#allocations tbody tr').length,
+                     document.querySelector('#jobs .job') ? document.querySelector('#jobs .job').textContent : ''];",
+        );
+            (shown[0] == 1 && shown[1] == 3 && shown[2].as_str()?.contains("3 running"))
+                .then_some(())
+        },
+    );
 
     // A mark the page would lose if it reloaded.
     browser.run("window.keelTestMark = 'still here'; return true;");

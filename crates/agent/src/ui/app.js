@@ -194,7 +194,7 @@ function renderJobs(state) {
       }, "logs" + ((allocation.tasks || []).length > 1 ? " (" + task.name + ")" : "")))
       : null;
     return el("tr", {},
-      el("td", { class: "mono" }, allocation.id.slice(0, 8)),
+      el("td", { class: "mono", title: allocation.id }, allocation.id.slice(0, 8)),
       el("td", {}, allocation.job + " v" + allocation.version),
       el("td", {}, allocation.group + "[" + allocation.index + "]"),
       el("td", {}, allocation.node),
