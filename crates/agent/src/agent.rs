@@ -810,12 +810,16 @@ async fn watch_task(shared: Arc<Shared>) {
                 break;
             }
             let revision = response.header.as_ref().map_or(0, |header| header.revision);
-            {
+            // Blocking queries wake only for the registry: an event or an
+            // allocation status written under /keel/ leaves their index alone.
+            let registry_changed = {
                 let mut view = shared.view.write().expect("view lock");
+                let mut registry_changed = !view.watch_healthy;
                 for event in response.events {
                     let deleted = event.r#type() == EventType::Delete;
                     let Some(kv) = event.kv else { continue };
                     let key = String::from_utf8_lossy(&kv.key).into_owned();
+                    registry_changed |= crate::catalog::is_registry_key(&key);
                     let change = if deleted {
                         Change::Delete { key }
                     } else {
@@ -831,8 +835,11 @@ async fn watch_task(shared: Arc<Shared>) {
                     view.catalog.apply(change, kv.mod_revision.max(revision));
                 }
                 view.watch_healthy = true;
+                registry_changed
+            };
+            if registry_changed {
+                shared.bump();
             }
-            shared.bump();
         }
         set_watch_healthy(&shared, false);
         tokio::time::sleep(STORE_RETRY_MIN).await;
