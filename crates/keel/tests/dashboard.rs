@@ -148,6 +148,34 @@ impl Drop for Follower {
     }
 }
 
+/// Opens `path` asking for server-sent events and returns what arrived up
+/// to the first event's data (headers included), within 10 s.
+fn first_server_sent_event(address: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).expect("the agent accepts");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nhost: {address}\r\naccept: text/event-stream\r\n\r\n"
+    )
+    .expect("request sent");
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let complete = |text: &str| {
+        text.find("data:")
+            .is_some_and(|start| text[start..].contains("\n\n"))
+    };
+    while !complete(&String::from_utf8_lossy(&received)) {
+        match stream.read(&mut buffer) {
+            Ok(0) | Err(_) => break,
+            Ok(read) => received.extend_from_slice(&buffer[..read]),
+        }
+    }
+    String::from_utf8_lossy(&received).into_owned()
+}
+
 fn keel_events(arguments: &[&str]) -> Vec<Value> {
     let output = Command::new(env!("CARGO_BIN_EXE_keel"))
         .arg("events")
@@ -337,6 +365,12 @@ fn agents_export_metrics_and_record_events_that_follow_the_cluster() {
     assert!(
         suspects.iter().all(|event| event["subject"] == "node3"),
         "{suspects:?}"
+    );
+    // `Accept: text/event-stream` on /v1/events gives the same stream.
+    let streamed = first_server_sent_event(&addresses[0], "/v1/events?since=5m&type=node.down");
+    assert!(
+        streamed.contains("text/event-stream") && streamed.contains("\"node.down\""),
+        "{streamed}"
     );
     // Bad input is named.
     let refused = request(
