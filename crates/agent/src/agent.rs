@@ -51,6 +51,8 @@ const STORE_RETRY_MIN: Duration = Duration::from_millis(100);
 const USAGE_INTERVAL: Duration = Duration::from_secs(2);
 /// File under `--data-dir` holding the services registered through the API.
 const SERVICES_FILE: &str = "services.json";
+/// Characters of a check's output quoted in its `check.status` event.
+const CHECK_EVENT_OUTPUT_CHARS_MAX: usize = 160;
 /// Most definition files read from `--config-dir`.
 const CONFIG_FILES_MAX: usize = 1024;
 
@@ -115,6 +117,8 @@ pub struct View {
     pub watch_healthy: bool,
     /// The node lease was renewed recently.
     pub lease_healthy: bool,
+    /// Jobs and allocations (issue 12's keys), from the same watch.
+    pub workloads: crate::workloads::Workloads,
 }
 
 impl View {
@@ -140,6 +144,12 @@ pub struct Shared {
     /// Serialises writes of the services file.
     persist: tokio::sync::Mutex<()>,
     pub started_at: Instant,
+    /// The events log's recorder: this agent's one, for everything it records.
+    pub events: crate::events::EventRecorder,
+    /// The members' status, throughput samples and the live event feed.
+    pub observed: crate::observer::Observed,
+    /// The agent's Prometheus registry (`/metrics`).
+    pub metrics: crate::agent_metrics::AgentMetrics,
 }
 
 impl Shared {
@@ -198,10 +208,56 @@ impl Shared {
             Instant::now(),
         )?;
         if changed {
-            tracing::info!(check = %check_id, status = status.as_str(), "check status changed");
+            self.check_changed(check_id, status);
         }
         self.sync_wakeup.notify_one();
         Ok(())
+    }
+
+    /// Logs and records (`check.status`) a transition of one of this
+    /// agent's checks, with the check's output.
+    pub fn check_changed(&self, check_id: &str, status: CheckStatus) {
+        let record = {
+            let local = self.local.lock().expect("local state lock");
+            local.services.values().find_map(|service| {
+                let check = service.checks.get(check_id)?;
+                Some(local.check_record(service, check))
+            })
+        };
+        let Some(record) = record else { return };
+        tracing::info!(service = %record.service_id, check = %check_id, status = status.as_str(), "check status changed");
+        let subject = format!("{}/{}", record.node, record.service_id);
+        // The output says why a check fails; a passing one needs no reason.
+        let output: String = record
+            .output
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        let reason = if status == CheckStatus::Passing || output.is_empty() {
+            String::new()
+        } else {
+            let cut: String = output.chars().take(CHECK_EVENT_OUTPUT_CHARS_MAX).collect();
+            format!(": {cut}")
+        };
+        let message = format!(
+            "{} on {}: {} is {}{reason}",
+            record.service_id,
+            record.node,
+            record.name,
+            status.as_str(),
+        );
+        self.events.record(
+            crate::events::EventType::CheckStatus,
+            subject,
+            message,
+            [
+                ("service".to_string(), record.service.clone()),
+                ("service_id".to_string(), record.service_id.clone()),
+                ("check".to_string(), check_id.to_string()),
+                ("node".to_string(), record.node.clone()),
+                ("status".to_string(), status.as_str().to_string()),
+            ],
+        );
     }
 
     fn restart_runners(self: &Arc<Self>, service_id: &str) {
@@ -330,6 +386,7 @@ impl Agent {
             lease_id: 0,
         };
         let client = Client::connect(&config.endpoints, ClientConfig::default()).await?;
+        let events = crate::events::EventRecorder::spawn(client.clone(), config.name.clone());
         let (generation, _) = watch::channel(0u64);
         let shared = Arc::new(Shared {
             config: config.clone(),
@@ -342,6 +399,9 @@ impl Agent {
             runners: Mutex::new(BTreeMap::new()),
             persist: tokio::sync::Mutex::new(()),
             started_at: Instant::now(),
+            events,
+            observed: crate::observer::Observed::default(),
+            metrics: crate::agent_metrics::AgentMetrics::new(),
         });
 
         // Services: those persisted from the API, then the config directory's.
@@ -379,6 +439,12 @@ impl Agent {
             tokio::spawn(sync_task(shared.clone())),
             tokio::spawn(watch_task(shared.clone())),
             tokio::spawn(liveness_task(shared.clone(), gossip.subscribe())),
+            // Events, the dashboard's members and samples (observer.rs).
+            tokio::spawn(crate::observer::poll_members(shared.clone())),
+            tokio::spawn(crate::observer::watch_nodes(
+                shared.clone(),
+                gossip.subscribe(),
+            )),
         ];
         let usage_gossip = gossip.clone();
         tasks.push(tokio::spawn(async move {
@@ -511,7 +577,7 @@ async fn run_check(shared: Arc<Shared>, service_id: String, check: definition::C
             Instant::now(),
         );
         if changed {
-            tracing::info!(service = %service_id, check = %check.id, status = outcome.status.as_str(), "check status changed");
+            shared.check_changed(&check.id, outcome.status);
             shared.sync_wakeup.notify_one();
         }
     }
@@ -545,6 +611,7 @@ async fn run_ttl(shared: Arc<Shared>, service_id: String, check: definition::Che
                 );
                 if changed {
                     tracing::info!(service = %service_id, check = %check.id, "TTL check expired");
+                    shared.check_changed(&check.id, CheckStatus::Critical);
                     shared.sync_wakeup.notify_one();
                 }
                 now + ttl
@@ -713,7 +780,7 @@ async fn watch_task(shared: Arc<Shared>) {
             }
         };
         let revision = listing.header.as_ref().map_or(0, |header| header.revision);
-        let changes = listing
+        let changes: Vec<Change> = listing
             .kvs
             .into_iter()
             .map(|kv| Change::Put {
@@ -725,6 +792,7 @@ async fn watch_task(shared: Arc<Shared>) {
             .collect();
         {
             let mut view = shared.view.write().expect("view lock");
+            view.workloads.reset(&changes);
             view.catalog.reset(changes, revision);
             view.watch_healthy = true;
         }
@@ -754,15 +822,20 @@ async fn watch_task(shared: Arc<Shared>) {
                 break;
             }
             let revision = response.header.as_ref().map_or(0, |header| header.revision);
-            {
+            // Blocking queries wake only for the registry: an event or an
+            // allocation status written under /keel/ leaves their index alone.
+            let registry_changed = {
                 let mut view = shared.view.write().expect("view lock");
+                let mut registry_changed = !view.watch_healthy;
                 for event in response.events {
                     let deleted = event.r#type() == EventType::Delete;
                     let Some(kv) = event.kv else { continue };
                     let key = String::from_utf8_lossy(&kv.key).into_owned();
+                    registry_changed |= crate::catalog::is_registry_key(&key);
                     let change = if deleted {
                         Change::Delete { key }
                     } else {
+                        shared.observed.publish(&key, &kv.value);
                         Change::Put {
                             key,
                             value: kv.value,
@@ -770,11 +843,15 @@ async fn watch_task(shared: Arc<Shared>) {
                             modify_revision: kv.mod_revision,
                         }
                     };
+                    view.workloads.apply(&change);
                     view.catalog.apply(change, kv.mod_revision.max(revision));
                 }
                 view.watch_healthy = true;
+                registry_changed
+            };
+            if registry_changed {
+                shared.bump();
             }
-            shared.bump();
         }
         set_watch_healthy(&shared, false);
         tokio::time::sleep(STORE_RETRY_MIN).await;

@@ -26,6 +26,10 @@ use crate::check_state::CheckStatus;
 use crate::definition::{self, DEFINITION_BYTES_MAX};
 use crate::local::{LocalError, Source};
 
+mod dashboard;
+pub mod event_stream;
+mod observability;
+
 /// Consul's default blocking wait.
 const WAIT_DEFAULT: Duration = Duration::from_secs(300);
 /// Consul's longest blocking wait.
@@ -56,6 +60,19 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/catalog/service/{name}", get(catalog_service))
         .route("/v1/catalog/nodes", get(catalog_nodes))
         .route("/v1/keel/nodes", get(keel_nodes))
+        // The events log, metrics, health and the dashboard (issue 13).
+        .route("/v1/events", get(event_stream::list))
+        .route("/v1/events/stream", get(event_stream::stream))
+        .route("/metrics", get(observability::metrics))
+        .route("/livez", get(observability::livez))
+        .route("/readyz", get(observability::readyz))
+        .route("/", get(dashboard::redirect))
+        .route("/ui", get(dashboard::page))
+        .route("/ui/", get(dashboard::page))
+        .route("/ui/app.js", get(dashboard::script))
+        .route("/ui/style.css", get(dashboard::style))
+        .route("/v1/ui/state", get(dashboard::state))
+        .route("/v1/ui/kv", get(dashboard::keys))
         .layer(DefaultBodyLimit::max(DEFINITION_BYTES_MAX))
         .with_state(shared)
 }

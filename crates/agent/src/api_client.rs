@@ -15,6 +15,45 @@ pub const RESPONSE_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// Deadline of one request (a blocking query is not made through this client).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// Longest line a [`LineStream`] accepts.
+pub const LINE_BYTES_MAX: usize = 1024 * 1024;
+
+/// A response body read line by line as it arrives.
+pub struct LineStream {
+    body: hyper::body::Incoming,
+    buffer: Vec<u8>,
+}
+
+impl LineStream {
+    /// The next line (without its end), or `None` when the body ended.
+    pub async fn next_line(&mut self) -> Result<Option<String>, ApiError> {
+        loop {
+            if let Some(end) = self.buffer.iter().position(|&byte| byte == b'\n') {
+                let mut line: Vec<u8> = self.buffer.drain(..=end).collect();
+                line.pop();
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                return Ok(Some(String::from_utf8_lossy(&line).into_owned()));
+            }
+            if self.buffer.len() > LINE_BYTES_MAX {
+                return Err(ApiError::Invalid(format!(
+                    "a line longer than {LINE_BYTES_MAX} bytes"
+                )));
+            }
+            match self.body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buffer.extend_from_slice(&data);
+                    }
+                }
+                Some(Err(error)) => return Err(ApiError::Invalid(error.to_string())),
+                None => return Ok(None),
+            }
+        }
+    }
+}
+
 /// Why a request to an agent failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -77,6 +116,41 @@ impl ApiClient {
         };
         self.request(hyper::Method::PUT, path, bytes).await?;
         Ok(())
+    }
+
+    /// GETs `path` and hands back its body line by line as it arrives (a
+    /// stream of server-sent events), without a deadline.
+    pub async fn stream_lines(&self, path: &str) -> Result<LineStream, ApiError> {
+        let unreachable = |reason: String| ApiError::Unreachable {
+            address: self.address.clone(),
+            reason,
+        };
+        let request = hyper::Request::builder()
+            .method(hyper::Method::GET)
+            .uri(format!("http://{}{}", self.address, path))
+            .header(hyper::header::ACCEPT, "text/event-stream")
+            .body(Full::new(Bytes::new()))
+            .map_err(|error| unreachable(error.to_string()))?;
+        let response = tokio::time::timeout(REQUEST_TIMEOUT, self.client.request(request))
+            .await
+            .map_err(|_| unreachable(format!("no answer within {REQUEST_TIMEOUT:?}")))?
+            .map_err(|error| unreachable(error.to_string()))?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = Limited::new(response.into_body(), RESPONSE_BYTES_MAX)
+                .collect()
+                .await
+                .map_err(|error| ApiError::Invalid(error.to_string()))?
+                .to_bytes();
+            return Err(ApiError::Refused {
+                status: status.as_u16(),
+                message: String::from_utf8_lossy(&body).trim().to_string(),
+            });
+        }
+        Ok(LineStream {
+            body: response.into_body(),
+            buffer: Vec::new(),
+        })
     }
 
     async fn request(

@@ -153,6 +153,12 @@ fn slot_of(key: &str) -> Option<Slot> {
     None
 }
 
+/// Whether `key` is a record of the registry (a node, instance or check),
+/// as opposed to other keys under `/keel/` (events, jobs, allocations).
+pub fn is_registry_key(key: &str) -> bool {
+    slot_of(key).is_some()
+}
+
 /// A change from the store's watch.
 #[derive(Debug, Clone)]
 pub enum Change {

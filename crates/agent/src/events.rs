@@ -266,6 +266,7 @@ pub struct EventRecorder {
     source: Arc<str>,
     sequence: Arc<AtomicU64>,
     dropped: Arc<AtomicU64>,
+    recorded: Arc<AtomicU64>,
     queue: mpsc::Sender<Event>,
 }
 
@@ -279,6 +280,7 @@ impl EventRecorder {
             source: source.into().into(),
             sequence: Arc::new(AtomicU64::new(0)),
             dropped: Arc::new(AtomicU64::new(0)),
+            recorded: Arc::new(AtomicU64::new(0)),
             queue,
         }
     }
@@ -296,7 +298,14 @@ impl EventRecorder {
         tracing::info!(event = %event.kind, subject = %event.subject, "{}", event.message);
         if self.queue.try_send(event).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.recorded.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Events queued for writing (recorded) since the recorder started.
+    pub fn recorded(&self) -> u64 {
+        self.recorded.load(Ordering::Relaxed)
     }
 
     /// Events dropped because the queue was full.
@@ -534,6 +543,7 @@ mod tests {
             source: "node1".into(),
             sequence: Arc::new(AtomicU64::new(0)),
             dropped: Arc::new(AtomicU64::new(0)),
+            recorded: Arc::new(AtomicU64::new(0)),
             queue,
         };
         let early = recorder.event(999, EventType::NodeDown, "n", "x", []);

@@ -7,6 +7,7 @@
 //! probes. It is a client of the store and never reaches into `core`.
 
 pub mod agent;
+pub mod agent_metrics;
 pub mod api;
 pub mod api_client;
 pub mod catalog;
@@ -17,5 +18,8 @@ pub mod dns;
 pub mod events;
 pub mod gossip;
 pub mod local;
+pub mod members;
+pub mod observer;
 pub mod probe;
 pub mod resources;
+pub mod workloads;

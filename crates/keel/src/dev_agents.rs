@@ -121,7 +121,9 @@ pub fn print(agents: &[DevAgent]) {
             .dns_addr
             .split_once(':')
             .unwrap_or((&first.dns_addr, "53"));
+        println!("  dashboard: http://{}/ui", first.http_addr);
         println!("  keel node list --agent-addr {}", first.http_addr);
+        println!("  keel events --follow --agent-addr {}", first.http_addr);
         println!("  dig @{host} -p {port} <service>.service.keel SRV");
     }
 }

@@ -9,6 +9,7 @@ mod chaos;
 mod dev;
 mod dev_agents;
 mod elect;
+mod events_command;
 mod kv;
 mod lease_command;
 mod lock;
@@ -61,6 +62,8 @@ enum Command {
     /// Inject faults into running members (--experimental-enable-fault-injection),
     /// agents and their tasks (--enable-chaos); run fault scenarios.
     Chaos(chaos::Arguments),
+    /// Show the cluster's events log, or follow it (via an agent).
+    Events(events_command::Arguments),
 }
 
 fn main() -> std::process::ExitCode {
@@ -91,6 +94,7 @@ fn main() -> std::process::ExitCode {
             Command::Node(arguments) => registry_command::run_node(arguments).await,
             Command::Availability(arguments) => availability::run(arguments).await,
             Command::Chaos(arguments) => chaos::run(arguments).await,
+            Command::Events(arguments) => events_command::run(arguments).await,
         }
     });
     match result {
