@@ -74,6 +74,9 @@ pub struct AgentConfig {
     /// Service definitions (`*.toml`) loaded at start (`--config-dir`).
     pub config_dir: Option<PathBuf>,
     pub dns_domain: String,
+    /// The ports allocations are given their dynamic ports from
+    /// (`--dynamic-ports`, Nomad's `min/max_dynamic_port`).
+    pub dynamic_ports: keel_scheduler::PortRange,
 }
 
 /// Why the agent could not start.
@@ -138,6 +141,8 @@ pub struct Shared {
     /// Serialises writes of the services file.
     persist: tokio::sync::Mutex<()>,
     pub started_at: Instant,
+    /// The events log, for what the job API and the controller do.
+    pub events: crate::events::EventRecorder,
 }
 
 impl Shared {
@@ -262,6 +267,8 @@ pub struct Agent {
     pub http_addr: SocketAddr,
     pub dns_addr: SocketAddr,
     tasks: Vec<JoinHandle<()>>,
+    /// The controller (active in one agent of the cluster).
+    pub controller: crate::controller::Controller,
     _gossip: Arc<Gossip>,
     _dns: DnsServer,
 }
@@ -326,8 +333,10 @@ impl Agent {
             dns_address: config.dns_addr.to_string(),
             gossip_address: config.gossip_addr.to_string(),
             lease_id: 0,
+            dynamic_ports: Some(config.dynamic_ports),
         };
         let client = Client::connect(&config.endpoints, ClientConfig::default()).await?;
+        let controller_client = client.clone();
         let (generation, _) = watch::channel(0u64);
         let shared = Arc::new(Shared {
             config: config.clone(),
@@ -340,6 +349,10 @@ impl Agent {
             runners: Mutex::new(BTreeMap::new()),
             persist: tokio::sync::Mutex::new(()),
             started_at: Instant::now(),
+            events: crate::events::EventRecorder::spawn(
+                controller_client.clone(),
+                config.name.clone(),
+            ),
         });
 
         // Services: those persisted from the API, then the config directory's.
@@ -387,6 +400,16 @@ impl Agent {
                 usage_gossip.publish_usage(&usage).await;
             }
         }));
+        let controller = crate::controller::Controller::spawn(
+            controller_client,
+            crate::controller::ControllerConfig {
+                node_name: config.name.clone(),
+                lease_ttl: config.node_ttl,
+                algorithm: keel_scheduler::SchedulerAlgorithm::Binpack,
+            },
+            gossip.clone(),
+            shared.events.clone(),
+        );
         let router = crate::api::router(shared.clone());
         tasks.push(tokio::spawn(async move {
             if let Err(error) = axum::serve(http_listener, router).await {
@@ -399,6 +422,7 @@ impl Agent {
             http_addr,
             dns_addr,
             tasks,
+            controller,
             _gossip: gossip,
             _dns: dns,
         })

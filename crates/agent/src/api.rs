@@ -26,6 +26,8 @@ use crate::check_state::CheckStatus;
 use crate::definition::{self, DEFINITION_BYTES_MAX};
 use crate::local::{LocalError, Source};
 
+pub mod jobs;
+
 /// Consul's default blocking wait.
 const WAIT_DEFAULT: Duration = Duration::from_secs(300);
 /// Consul's longest blocking wait.
@@ -57,6 +59,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/catalog/nodes", get(catalog_nodes))
         .route("/v1/keel/nodes", get(keel_nodes))
         .layer(DefaultBodyLimit::max(DEFINITION_BYTES_MAX))
+        .merge(jobs::routes())
         .with_state(shared)
 }
 

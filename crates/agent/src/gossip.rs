@@ -322,6 +322,26 @@ impl Gossip {
             .set(KEY_USAGE, encoded);
     }
 
+    /// CPU use of every running allocation in the cluster, in millicores,
+    /// by allocation id: the `alloc_cpu_millicores:<id>` keys every node's
+    /// supervisor publishes, merged (the controller's autoscaling input).
+    pub async fn allocation_usage(&self) -> BTreeMap<String, u64> {
+        const PREFIX: &str = "alloc_cpu_millicores:";
+        let chitchat = self.shared.chitchat.lock().await;
+        let mut usage = BTreeMap::new();
+        for state in chitchat.node_states().values() {
+            for (key, value) in state.key_values() {
+                let Some(allocation) = key.strip_prefix(PREFIX) else {
+                    continue;
+                };
+                if let Ok(millicores) = value.parse::<u64>() {
+                    usage.insert(allocation.to_string(), millicores);
+                }
+            }
+        }
+        usage
+    }
+
     /// Every node this agent has heard alive, this agent included, sorted by
     /// name, with the current phi.
     pub async fn members(&self) -> Vec<GossipMember> {

@@ -11,6 +11,7 @@ pub mod api;
 pub mod api_client;
 pub mod catalog;
 pub mod check_state;
+pub mod controller;
 pub mod definition;
 pub mod dns;
 pub mod events;

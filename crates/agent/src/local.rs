@@ -410,6 +410,7 @@ mod tests {
             dns_address: String::new(),
             gossip_address: String::new(),
             lease_id: 1,
+            dynamic_ports: None,
         })
     }
 
