@@ -18,3 +18,4 @@ pub mod gossip;
 pub mod local;
 pub mod probe;
 pub mod resources;
+pub mod supervisor;
