@@ -141,8 +141,11 @@ pub struct Shared {
     /// Serialises writes of the services file.
     persist: tokio::sync::Mutex<()>,
     pub started_at: Instant,
-    /// The events log, for what the job API and the controller do.
+    /// The node's events (allocation.started, …) and the job API's and the
+    /// controller's, written in the background.
     pub events: crate::events::EventRecorder,
+    /// Allocations and their statuses, for the supervisor and the API.
+    pub supervisor: crate::supervisor::SupervisorView,
 }
 
 impl Shared {
@@ -337,6 +340,7 @@ impl Agent {
         };
         let client = Client::connect(&config.endpoints, ClientConfig::default()).await?;
         let controller_client = client.clone();
+        let events = crate::events::EventRecorder::spawn(client.clone(), config.name.clone());
         let (generation, _) = watch::channel(0u64);
         let shared = Arc::new(Shared {
             config: config.clone(),
@@ -349,10 +353,8 @@ impl Agent {
             runners: Mutex::new(BTreeMap::new()),
             persist: tokio::sync::Mutex::new(()),
             started_at: Instant::now(),
-            events: crate::events::EventRecorder::spawn(
-                controller_client.clone(),
-                config.name.clone(),
-            ),
+            events,
+            supervisor: crate::supervisor::SupervisorView::default(),
         });
 
         // Services: those persisted from the API, then the config directory's.
@@ -391,6 +393,7 @@ impl Agent {
             tokio::spawn(watch_task(shared.clone())),
             tokio::spawn(liveness_task(shared.clone(), gossip.subscribe())),
         ];
+        tasks.push(crate::supervisor::spawn(shared.clone(), gossip.clone()));
         let usage_gossip = gossip.clone();
         tasks.push(tokio::spawn(async move {
             let mut ticker = tokio::time::interval(USAGE_INTERVAL);

@@ -20,6 +20,8 @@ use axum::routing::{get, put};
 use axum::Router;
 use serde_json::{json, Value};
 
+mod allocations;
+
 use crate::agent::Shared;
 use crate::catalog::{Catalog, CheckRecord, HealthEntry, NodeStatus, Stored};
 use crate::check_state::CheckStatus;
@@ -58,6 +60,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/catalog/service/{name}", get(catalog_service))
         .route("/v1/catalog/nodes", get(catalog_nodes))
         .route("/v1/keel/nodes", get(keel_nodes))
+        .merge(allocations::routes())
         .layer(DefaultBodyLimit::max(DEFINITION_BYTES_MAX))
         .merge(jobs::routes())
         .with_state(shared)

@@ -633,6 +633,35 @@ impl MemberTracker {
     }
 }
 
+/// Key prefix under which a node publishes the CPU use of each allocation
+/// it runs: `alloc_cpu_millicores:<alloc id>` = decimal millicores.
+pub const KEY_ALLOCATION_CPU_PREFIX: &str = "alloc_cpu_millicores:";
+
+impl Gossip {
+    /// Publishes the CPU use of this node's running allocations (alloc id →
+    /// millicores), the autoscaler's input, and deletes the keys of
+    /// allocations no longer in `usage`. A fast signal: never in the store.
+    pub async fn publish_allocation_usage(&self, usage: &BTreeMap<String, u64>) {
+        let mut chitchat = self.shared.chitchat.lock().await;
+        let state = chitchat.self_node_state();
+        let gone: Vec<String> = state
+            .key_values()
+            .filter_map(|(key, _)| key.strip_prefix(KEY_ALLOCATION_CPU_PREFIX))
+            .filter(|alloc_id| !usage.contains_key(*alloc_id))
+            .map(|alloc_id| format!("{KEY_ALLOCATION_CPU_PREFIX}{alloc_id}"))
+            .collect();
+        for key in gone {
+            state.delete(&key);
+        }
+        for (alloc_id, millicores) in usage {
+            let key = format!("{KEY_ALLOCATION_CPU_PREFIX}{alloc_id}");
+            if state.get(&key) != Some(millicores.to_string().as_str()) {
+                state.set(key, millicores);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,3 +19,4 @@ pub mod gossip;
 pub mod local;
 pub mod probe;
 pub mod resources;
+pub mod supervisor;
