@@ -77,6 +77,9 @@ pub struct AgentConfig {
     /// The ports allocations are given their dynamic ports from
     /// (`--dynamic-ports`, Nomad's `min/max_dynamic_port`).
     pub dynamic_ports: keel_scheduler::PortRange,
+    /// Whether this agent campaigns to be the controller (`--no-controller`
+    /// turns it off: an agent that only runs allocations).
+    pub controller: bool,
 }
 
 /// Why the agent could not start.
@@ -270,8 +273,9 @@ pub struct Agent {
     pub http_addr: SocketAddr,
     pub dns_addr: SocketAddr,
     tasks: Vec<JoinHandle<()>>,
-    /// The controller (active in one agent of the cluster).
-    pub controller: crate::controller::Controller,
+    /// The controller (active in one agent of the cluster), unless
+    /// `--no-controller`.
+    pub controller: Option<crate::controller::Controller>,
     _gossip: Arc<Gossip>,
     _dns: DnsServer,
 }
@@ -403,16 +407,18 @@ impl Agent {
                 usage_gossip.publish_usage(&usage).await;
             }
         }));
-        let controller = crate::controller::Controller::spawn(
-            controller_client,
-            crate::controller::ControllerConfig {
-                node_name: config.name.clone(),
-                lease_ttl: config.node_ttl,
-                algorithm: keel_scheduler::SchedulerAlgorithm::Binpack,
-            },
-            gossip.clone(),
-            shared.events.clone(),
-        );
+        let controller = config.controller.then(|| {
+            crate::controller::Controller::spawn(
+                controller_client,
+                crate::controller::ControllerConfig {
+                    node_name: config.name.clone(),
+                    lease_ttl: config.node_ttl,
+                    algorithm: keel_scheduler::SchedulerAlgorithm::Binpack,
+                },
+                gossip.clone(),
+                shared.events.clone(),
+            )
+        });
         let router = crate::api::router(shared.clone());
         tasks.push(tokio::spawn(async move {
             if let Err(error) = axum::serve(http_listener, router).await {

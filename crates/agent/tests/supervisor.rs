@@ -107,6 +107,13 @@ impl Fixture {
             node_ttl: Duration::from_secs(5),
             config_dir: None,
             dns_domain: "keel".into(),
+            dynamic_ports: keel_scheduler::PortRange {
+                first: 20000,
+                last: 32000,
+            },
+            // These tests write allocations themselves; a controller would
+            // evaluate their jobs too.
+            controller: false,
         };
         Agent::start(config).await.expect("the agent starts")
     }

@@ -50,6 +50,9 @@ pub struct AgentArguments {
     /// The range allocations' dynamic ports are taken from (FIRST-LAST).
     #[arg(long, default_value = "20000-32000")]
     dynamic_ports: String,
+    /// Never campaign to be the controller (only run allocations).
+    #[arg(long)]
+    no_controller: bool,
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -125,6 +128,7 @@ impl AgentArguments {
             config_dir: self.config_dir.clone(),
             dns_domain: domain,
             dynamic_ports,
+            controller: !self.no_controller,
         })
     }
 }
