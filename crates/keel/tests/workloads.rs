@@ -1,47 +1,57 @@
 //! Self-healing workloads with real processes on loopback: three members,
-//! three agents (each running a controller; one is active), jobs registered
-//! with `keel job run`.
+//! three agents (each runs a supervisor and a controller; one controller is
+//! active), jobs registered with `keel job run`, tasks that are real
+//! `python3 -m http.server` processes with readiness and liveness checks,
+//! discovery checked through the agents' DNS (`dig`).
 //!
-//! `controller_with_simulated_supervisors` plays the agents' supervisors
-//! itself (it writes `/keel/alloc-status/<id>` as a supervisor would: a
-//! placed allocation turns running and ready, a stopped one complete), so it
-//! checks the controller alone: placement on distinct nodes, `keel job
-//! plan` writing nothing, validation naming the field, a node killed →
-//! its allocations lost after the grace and replaced on the others, the
-//! node back → forgotten as down, a pause shorter than the TTL → nothing
-//! moves, a drain → allocations off the node one at a time, the
-//! controller's agent killed → another agent takes over, and from the
-//! store's whole history of `/keel/allocs/`: never more than `count`
-//! allocations wanted running, never two in one slot.
+//! `node_failures_drain_and_controller_failover`: validation naming the
+//! field, `keel job plan` writing nothing, 3 instances on 3 nodes passing
+//! in DNS; an agent paused (SIGSTOP) for less than its TTL moves nothing;
+//! an agent and its tasks killed (-9) → after TTL + grace its instance is
+//! lost and replaced on the others, passing in DNS; the agent back → its
+//! old allocation stays stopped, never more than 3 run; a drain moves the
+//! node's allocations off one at a time; the agent running the controller
+//! killed → another takes over; and from the store's whole history of
+//! `/keel/allocs/` (a watch from revision 1): never more than `count`
+//! allocations wanted running, never two in one slot, no id created twice.
 
 mod agent_support;
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agent_support::{get, request, wait_until, Agents};
 use common::Cluster;
 use keel_client::keel_types::mvccpb::event::EventType as WatchEventType;
 use keel_client::{Client, ClientConfig, WatchOptions};
-use serde_json::{json, Value};
+use serde_json::Value;
 
-const SIMULATED_MEMBERS_PORT_BASE: u16 = 30500;
-const SIMULATED_AGENTS_PORT_BASE: u16 = 30510;
+const FAILURES_MEMBERS_PORT_BASE: u16 = 30500;
+const FAILURES_AGENTS_PORT_BASE: u16 = 30510;
 /// Dynamic ports of node N: 30600 + 100 × (N - 1) …
-const SIMULATED_DYNAMIC_PORTS_BASE: u16 = 30600;
+const FAILURES_DYNAMIC_PORTS_BASE: u16 = 30600;
 const NODE_TTL_SECONDS: u64 = 3;
 
-const SIMULATED_JOB: &str = r#"
+/// Three Python HTTP servers, ready and alive when `/` answers; lost 2 s
+/// after their node is down; stopped by their own agent after 4 s cut off
+/// from the store (at most TTL + grace, so no more than 3 ever serve).
+const WEB_JOB: &str = r#"
 name = "web"
 
 [group.web]
 count = 3
 
+[group.web.restart]
+attempts = 2
+interval = "1m"
+delay = "1s"
+mode = "fail"
+
 [group.web.disconnect]
 lost_after = "2s"
+stop_on_client_after = "4s"
 
 [group.web.migrate]
 max_parallel = 1
@@ -49,17 +59,31 @@ min_healthy_time = "1s"
 healthy_deadline = "30s"
 
 [group.web.task.server]
-config = { command = "sleep", args = ["1000"] }
+config = { command = "python3", args = ["-m", "http.server", "${KEEL_PORT_http}", "--bind", "127.0.0.1"] }
 port.http = {}
 resources = { cpu_millicores = 100, memory_mib = 64 }
-"#;
 
-fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_millis() as u64
-}
+[[group.web.task.server.service]]
+name = "web"
+port = "http"
+
+[[group.web.task.server.service.check]]
+name = "ready"
+kind = "readiness"
+type = "http"
+path = "/"
+interval = "300ms"
+timeout = "300ms"
+
+[[group.web.task.server.service.check]]
+name = "alive"
+kind = "liveness"
+type = "http"
+path = "/"
+interval = "500ms"
+timeout = "500ms"
+failures_before_critical = 3
+"#;
 
 /// Runs `keel` with `arguments`; returns (success, stdout, stderr).
 fn keel(arguments: &[&str]) -> (bool, String, String) {
@@ -103,61 +127,46 @@ fn nodes_of(allocations: &[&Value]) -> BTreeMap<String, usize> {
     nodes
 }
 
-/// Stands in for the supervisors of the nodes in `alive`: every 100 ms,
-/// placed allocations turn running and ready, stopped ones complete.
-async fn simulate_supervisors(client: Client, alive: Arc<Mutex<BTreeSet<String>>>) {
-    loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let Ok(desired) = client.get_prefix("/keel/allocs/").await else {
-            continue;
-        };
-        let Ok(statuses) = client.get_prefix("/keel/alloc-status/").await else {
-            continue;
-        };
-        let statuses: BTreeMap<String, Value> = statuses
-            .kvs
-            .iter()
-            .filter_map(|kv| {
-                let key = String::from_utf8_lossy(&kv.key).into_owned();
-                let id = key.strip_prefix("/keel/alloc-status/")?.to_string();
-                Some((id, serde_json::from_slice(&kv.value).ok()?))
-            })
-            .collect();
-        let alive = alive.lock().expect("alive lock").clone();
-        for kv in desired.kvs {
-            let Ok(allocation) = serde_json::from_slice::<Value>(&kv.value) else {
-                continue;
-            };
-            let node = allocation["node"].as_str().unwrap_or_default().to_string();
-            if !alive.contains(&node) {
-                continue;
+/// The ports `web.service.keel` has passing instances on, by SRV records
+/// from agent DNS at `dns_port`.
+fn dns_ports(dns_port: u16) -> BTreeSet<u16> {
+    agent_support::dig(dns_port, "web.service.keel", "SRV")
+        .iter()
+        .filter_map(|line| line.split_whitespace().nth(2)?.parse().ok())
+        .collect()
+}
+
+/// Kills (-9) the process groups of the tasks of `allocations` on `node`,
+/// as their supervisor recorded them in the allocations' status.
+fn kill_tasks_of(allocations: &[Value], node: &str) {
+    for allocation in allocations
+        .iter()
+        .filter(|allocation| allocation["node"] == node)
+    {
+        for task in allocation["status"]["tasks"]
+            .as_object()
+            .into_iter()
+            .flat_map(|tasks| tasks.values())
+        {
+            if let Some(pid) = task["pid"].as_u64() {
+                let _ = Command::new("kill")
+                    .args(["-KILL", "--", &format!("-{pid}")])
+                    .status();
             }
-            let id = allocation["id"].as_str().unwrap_or_default().to_string();
-            let reported = statuses
-                .get(&id)
-                .and_then(|status| status["client"]["status"].as_str().map(str::to_string));
-            let now = now_unix_ms();
-            let client_state = match (
-                allocation["desired_status"]["status"].as_str(),
-                reported.as_deref(),
-            ) {
-                (Some("run"), None) => {
-                    json!({"status": "running", "started_at": now, "ready_since": now})
-                }
-                (Some("stop"), Some("running") | Some("pending") | None) => {
-                    json!({"status": "complete", "started_at": now, "finished_at": now})
-                }
-                _ => continue,
-            };
-            let status = json!({
-                "alloc_id": id, "node": node, "client": client_state,
-                "resource_limits": "rlimits", "tasks": {},
-            });
-            let _ = client
-                .put(format!("/keel/alloc-status/{id}"), status.to_string())
-                .await;
         }
     }
+}
+
+/// Allocations wanted running that run and are ready.
+fn serving(allocations: &[Value]) -> Vec<&Value> {
+    allocations
+        .iter()
+        .filter(|allocation| {
+            allocation["desired_status"]["status"] == "run"
+                && allocation["client"]["status"] == "running"
+                && !allocation["client"]["ready_since"].is_null()
+        })
+        .collect()
 }
 
 /// Every revision's view of `/keel/allocs/` replayed from revision 1: at
@@ -265,17 +274,50 @@ fn controller_index(client: &Client, runtime: &tokio::runtime::Runtime) -> Optio
         .map(|n| n - 1)
 }
 
+/// Waits until `web` has 3 instances serving, none on `excluded`, all
+/// passing in DNS as seen by the agent at `dns_port`; returns them.
+fn wait_for_three_serving(
+    address: &str,
+    dns_port: u16,
+    excluded: Option<&str>,
+    timeout: Duration,
+    what: &str,
+) -> Vec<Value> {
+    wait_until(timeout, what, || {
+        let allocations = allocations(address, "web");
+        let serving: Vec<Value> = serving(&allocations).into_iter().cloned().collect();
+        let nodes = nodes_of(&serving.iter().collect::<Vec<_>>());
+        if serving.len() != 3 || excluded.is_some_and(|node| nodes.contains_key(node)) {
+            return None;
+        }
+        let ports: BTreeSet<u16> = serving
+            .iter()
+            .filter_map(|allocation| allocation["ports"]["http"].as_u64())
+            .map(|port| port as u16)
+            .collect();
+        (dns_ports(dns_port) == ports).then_some(serving)
+    })
+}
+
+/// Kills agent `index` (-9) and the tasks it supervised.
+fn kill_node(agents: &mut Agents, index: usize, address: &str) {
+    let name = format!("node{}", index + 1);
+    let before = allocations(address, "web");
+    agents.kill(index);
+    kill_tasks_of(&before, &name);
+}
+
 #[test]
-fn controller_with_simulated_supervisors() {
-    let cluster = Cluster::start(3, SIMULATED_MEMBERS_PORT_BASE);
+fn node_failures_drain_and_controller_failover() {
+    let cluster = Cluster::start(3, FAILURES_MEMBERS_PORT_BASE);
     let mut agents = Agents::new(
         3,
-        SIMULATED_AGENTS_PORT_BASE,
+        FAILURES_AGENTS_PORT_BASE,
         &cluster.endpoints(),
         &format!("{NODE_TTL_SECONDS}s"),
     );
     for index in 0..3 {
-        let first = SIMULATED_DYNAMIC_PORTS_BASE + 100 * index as u16;
+        let first = FAILURES_DYNAMIC_PORTS_BASE + 100 * index as u16;
         agents.add_arguments(
             index,
             &["--dynamic-ports", &format!("{first}-{}", first + 99)],
@@ -287,6 +329,7 @@ fn controller_with_simulated_supervisors() {
         .iter()
         .map(|agent| agent.http_addr())
         .collect();
+    let dns: Vec<u16> = agents.agents.iter().map(|agent| agent.dns_port).collect();
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let endpoints: Vec<String> = cluster
         .members
@@ -296,24 +339,18 @@ fn controller_with_simulated_supervisors() {
     let client = runtime
         .block_on(Client::connect(&endpoints, ClientConfig::default()))
         .expect("client");
-    let alive = Arc::new(Mutex::new(BTreeSet::from([
-        "node1".to_string(),
-        "node2".to_string(),
-        "node3".to_string(),
-    ])));
-    runtime.spawn(simulate_supervisors(client.clone(), alive.clone()));
     let directory = tempfile::tempdir().expect("temporary directory");
     let job_file = directory.path().join("web.toml");
-    std::fs::write(&job_file, SIMULATED_JOB).expect("job file");
+    std::fs::write(&job_file, WEB_JOB).expect("job file");
     let job_path = job_file.display().to_string();
 
-    // A controller is elected.
     wait_until(Duration::from_secs(20), "a controller is elected", || {
         controller_index(&client, &runtime)
     });
 
-    // A bad spec is refused as a whole, naming the field.
-    let bad = SIMULATED_JOB.replace("memory_mib = 64", "memory_mib = 0");
+    // A bad spec is refused as a whole, naming the field, by the API and
+    // by the CLI (before sending).
+    let bad = WEB_JOB.replace("memory_mib = 64", "memory_mib = 0");
     let job: Value =
         serde_json::to_value(keel_scheduler::Job::from_toml(&bad).expect("the bad job parses"))
             .expect("JSON");
@@ -357,31 +394,26 @@ fn controller_with_simulated_supervisors() {
     .expect("agent answers");
     assert_eq!(response.status, 404, "a plan registers nothing");
 
-    // `keel job run`: three instances on three nodes, running.
+    // `keel job run`: three instances on three nodes, passing in DNS.
     let (ok, stdout, stderr) = keel(&["job", "run", &job_path, "--agent-addr", &addresses[2]]);
     assert!(ok, "{stderr}\n{}", agents.logs());
     assert!(
         stdout.contains("job web registered as version 0"),
         "{stdout}"
     );
-    let running = wait_until(Duration::from_secs(20), "3 instances run", || {
-        let allocations = allocations(&addresses[0], "web");
-        let running: Vec<Value> = allocations
-            .iter()
-            .filter(|allocation| {
-                allocation["desired_status"]["status"] == "run"
-                    && allocation["client"]["status"] == "running"
-            })
-            .cloned()
-            .collect();
-        (running.len() == 3).then_some(running)
-    });
+    let running = wait_for_three_serving(
+        &addresses[0],
+        dns[0],
+        None,
+        Duration::from_secs(30),
+        "3 instances serve and pass in DNS",
+    );
     let nodes = nodes_of(&running.iter().collect::<Vec<_>>());
     assert_eq!(nodes.len(), 3, "one instance per node: {nodes:?}");
     for allocation in &running {
         let node: u16 = allocation["node"].as_str().unwrap()[4..].parse().unwrap();
         let port = allocation["ports"]["http"].as_u64().unwrap() as u16;
-        let first = SIMULATED_DYNAMIC_PORTS_BASE + 100 * (node - 1);
+        let first = FAILURES_DYNAMIC_PORTS_BASE + 100 * (node - 1);
         assert!(
             (first..first + 100).contains(&port),
             "port {port} from node{node}'s range"
@@ -395,26 +427,26 @@ fn controller_with_simulated_supervisors() {
     // TTL: nothing moves.
     let controller = controller_index(&client, &runtime).expect("a controller");
     let paused = (controller + 1) % 3;
-    let before: BTreeSet<String> = wanted_running(&allocations(&addresses[controller], "web"))
-        .iter()
-        .map(|allocation| allocation["id"].as_str().unwrap().to_string())
-        .collect();
+    let ids = |allocations: &[Value]| -> BTreeSet<String> {
+        wanted_running(allocations)
+            .iter()
+            .map(|allocation| allocation["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let before = ids(&allocations(&addresses[controller], "web"));
     agents.signal(paused, "STOP");
     std::thread::sleep(Duration::from_millis(NODE_TTL_SECONDS * 1000 / 2));
     agents.signal(paused, "CONT");
     std::thread::sleep(Duration::from_secs(NODE_TTL_SECONDS));
-    let after: BTreeSet<String> = wanted_running(&allocations(&addresses[controller], "web"))
-        .iter()
-        .map(|allocation| allocation["id"].as_str().unwrap().to_string())
-        .collect();
+    let after = ids(&allocations(&addresses[controller], "web"));
     assert_eq!(before, after, "a pause shorter than the TTL moves nothing");
 
-    // Kill -9 a node that does not run the controller: after TTL + grace
-    // its allocation is lost and replaced on the others.
+    // Kill -9 a node (agent and tasks) that does not run the controller:
+    // after TTL + grace its instance is lost and replaced on the others.
     let victim = (controller + 2) % 3;
     let victim_name = format!("node{}", victim + 1);
-    agents.kill(victim);
-    alive.lock().unwrap().remove(&victim_name);
+    let observer = controller;
+    kill_node(&mut agents, victim, &addresses[observer]);
     let killed_at = Instant::now();
     // The node's going is remembered in the store (a new controller grants
     // the same grace) while its allocation waits out the grace.
@@ -428,24 +460,16 @@ fn controller_with_simulated_supervisors() {
                 .map(|_| ())
         },
     );
-    wait_until(
+    wait_for_three_serving(
+        &addresses[observer],
+        dns[observer],
+        Some(&victim_name),
         Duration::from_secs(30),
-        "the lost instance is replaced",
-        || {
-            let allocations = allocations(&addresses[controller], "web");
-            let running = wanted_running(&allocations);
-            let nodes = nodes_of(&running);
-            (running.len() == 3
-                && !nodes.contains_key(&victim_name)
-                && running
-                    .iter()
-                    .all(|allocation| allocation["client"]["status"] == "running"))
-            .then_some(())
-        },
+        "the lost instance is replaced and passes in DNS",
     );
     let replaced_after = killed_at.elapsed();
     assert!(
-        replaced_after >= Duration::from_secs(2),
+        replaced_after >= Duration::from_secs(NODE_TTL_SECONDS),
         "replaced after {replaced_after:?}: not before the TTL and the grace"
     );
     let lost = runtime.block_on(events_of(&client, "allocation.lost"));
@@ -454,51 +478,58 @@ fn controller_with_simulated_supervisors() {
             .any(|event| event["fields"]["node"] == victim_name.as_str()),
         "allocation.lost recorded: {lost:#?}"
     );
-    // The node comes back: its old allocation stays stopped (the simulated
-    // supervisor completes it); 3 stay wanted running.
+
+    // The node comes back: its old allocation is stopped for good, and
+    // never more than 3 instances run.
     agents.start(victim);
-    alive.lock().unwrap().insert(victim_name.clone());
+    let back_at = Instant::now();
     wait_until(
         Duration::from_secs(20),
-        "the returning node's old allocation completes",
+        "the returning node's old allocation is complete",
         || {
-            let allocations = allocations(&addresses[controller], "web");
-            allocations
+            let allocations = allocations(&addresses[observer], "web");
+            let old: Vec<&Value> = allocations
                 .iter()
                 .filter(|allocation| allocation["node"] == victim_name.as_str())
-                .all(|allocation| {
+                .collect();
+            (!old.is_empty()
+                && old.iter().all(|allocation| {
                     allocation["desired_status"]["status"] == "stop"
                         && allocation["client"]["status"] == "complete"
-                })
-                .then_some(())
+                }))
+            .then_some(())
         },
     );
-    assert_eq!(
-        wanted_running(&allocations(&addresses[controller], "web")).len(),
-        3
-    );
+    while back_at.elapsed() < Duration::from_secs(2) {
+        let allocations = allocations(&addresses[observer], "web");
+        let running = allocations
+            .iter()
+            .filter(|allocation| allocation["client"]["status"] == "running")
+            .count();
+        assert!(running <= 3, "{running} running: {allocations:#?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(dns_ports(dns[observer]).len(), 3);
 
-    // Drain a node holding allocations: they move off, one at a time.
-    let allocations_now = allocations(&addresses[controller], "web");
+    // Drain the node holding the most allocations: they move off, one at a
+    // time (max_parallel = 1 after 1 s healthy), and it turns ineligible.
+    let allocations_now = allocations(&addresses[observer], "web");
     let nodes = nodes_of(&wanted_running(&allocations_now));
-    let (drained, _) = nodes
+    let drained = nodes
         .iter()
         .max_by_key(|(_, count)| **count)
-        .map(|(node, count)| (node.clone(), *count))
+        .map(|(node, _)| node.clone())
         .expect("a node with allocations");
     let (ok, stdout, stderr) = keel(&["node", "drain", &drained, "--agent-addr", &addresses[0]]);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("draining"), "{stdout}");
-    wait_until(Duration::from_secs(30), "the drained node is empty", || {
-        let allocations = allocations(&addresses[controller], "web");
-        let running = wanted_running(&allocations);
-        (running.len() == 3
-            && !nodes_of(&running).contains_key(&drained)
-            && running
-                .iter()
-                .all(|allocation| allocation["client"]["status"] == "running"))
-        .then_some(())
-    });
+    wait_for_three_serving(
+        &addresses[observer],
+        dns[observer],
+        Some(&drained),
+        Duration::from_secs(30),
+        "the drained node's instances serve elsewhere",
+    );
     wait_until(
         Duration::from_secs(10),
         "the drain is cleared, the node ineligible",
@@ -510,19 +541,17 @@ fn controller_with_simulated_supervisors() {
             (controls["drain"].is_null() && controls["eligible"] == false).then_some(())
         },
     );
-    let migrated: Vec<Value> = allocations(&addresses[controller], "web")
-        .into_iter()
-        .filter(|allocation| allocation["placement_reason"] == "migrated")
-        .collect();
-    let mut placed_at: Vec<u64> = migrated
+    let mut migrated_at: Vec<u64> = allocations(&addresses[observer], "web")
         .iter()
+        .filter(|allocation| allocation["placement_reason"] == "migrated")
         .map(|allocation| allocation["created_at"].as_u64().unwrap())
         .collect();
-    placed_at.sort();
-    for pair in placed_at.windows(2) {
+    migrated_at.sort();
+    assert!(!migrated_at.is_empty(), "something migrated");
+    for pair in migrated_at.windows(2) {
         assert!(
             pair[1] - pair[0] >= 1000,
-            "max_parallel = 1: each migration waits for the previous one to be healthy for 1s: {placed_at:?}"
+            "max_parallel = 1: each migration waits for the previous one to be healthy for 1s: {migrated_at:?}"
         );
     }
     let (ok, _, stderr) = keel(&[
@@ -535,14 +564,15 @@ fn controller_with_simulated_supervisors() {
     ]);
     assert!(ok, "{stderr}");
 
-    // Kill -9 the agent running the controller: another takes over.
+    // Kill -9 the node running the controller: another agent takes over
+    // and replaces its instances.
     let controller = controller_index(&client, &runtime).expect("a controller");
     let controller_name = format!("node{}", controller + 1);
     let elected_before = runtime
         .block_on(events_of(&client, "controller.elected"))
         .len();
-    agents.kill(controller);
-    alive.lock().unwrap().remove(&controller_name);
+    let survivor = (controller + 1) % 3;
+    kill_node(&mut agents, controller, &addresses[survivor]);
     let killed_at = Instant::now();
     let successor = wait_until(
         Duration::from_secs(20),
@@ -554,20 +584,12 @@ fn controller_with_simulated_supervisors() {
         failover <= Duration::from_secs(NODE_TTL_SECONDS + 5),
         "failover took {failover:?}"
     );
-    let survivor = addresses[successor].clone();
-    wait_until(
+    wait_for_three_serving(
+        &addresses[successor],
+        dns[successor],
+        Some(&controller_name),
         Duration::from_secs(30),
         "the dead controller's node's instances are replaced",
-        || {
-            let allocations = allocations(&survivor, "web");
-            let running = wanted_running(&allocations);
-            (running.len() == 3
-                && !nodes_of(&running).contains_key(&controller_name)
-                && running
-                    .iter()
-                    .all(|allocation| allocation["client"]["status"] == "running"))
-            .then_some(())
-        },
     );
     let elected_after = runtime
         .block_on(events_of(&client, "controller.elected"))
@@ -578,26 +600,36 @@ fn controller_with_simulated_supervisors() {
     );
 
     // `keel job history` shows the version and the events.
-    let (ok, stdout, _) = keel(&["job", "history", "web", "--agent-addr", &survivor]);
+    let (ok, stdout, _) = keel(&[
+        "job",
+        "history",
+        "web",
+        "--agent-addr",
+        &addresses[successor],
+    ]);
     assert!(ok);
     assert!(stdout.contains("allocation.lost"), "{stdout}");
     assert!(stdout.contains("allocation.placed"), "{stdout}");
 
-    // Stop the job: every allocation stops.
-    let (ok, stdout, _) = keel(&["job", "stop", "web", "--agent-addr", &survivor]);
+    // Stop the job: every allocation stops, DNS empties.
+    let (ok, stdout, _) = keel(&["job", "stop", "web", "--agent-addr", &addresses[successor]]);
     assert!(ok && stdout.contains("job web stopped"), "{stdout}");
     wait_until(
         Duration::from_secs(20),
         "every allocation is stopped",
         || {
-            wanted_running(&allocations(&survivor, "web"))
+            wanted_running(&allocations(&addresses[successor], "web"))
                 .is_empty()
                 .then_some(())
         },
     );
+    wait_until(Duration::from_secs(20), "DNS has no web instance", || {
+        dns_ports(dns[successor]).is_empty().then_some(())
+    });
 
-    // The whole history: never more than 3 wanted running, never two in a slot.
+    // The whole history: never more than 3 wanted running, never two in a
+    // slot, no allocation created twice.
     let revisions = runtime.block_on(check_allocation_history(&client, "web", 3));
-    // Placement, replacement of the lost one, the drain, the failover, the stop.
+    // Placement, the lost one's replacement, the drain, the failover, the stop.
     assert!(revisions >= 5, "{revisions} revisions checked");
 }
