@@ -78,6 +78,12 @@ pub struct AgentConfig {
     pub dns_domain: String,
     /// Fault injection on this agent and its tasks (`--enable-chaos`).
     pub chaos: crate::chaos::ChaosConfig,
+    /// The ports allocations are given their dynamic ports from
+    /// (`--dynamic-ports`, Nomad's `min/max_dynamic_port`).
+    pub dynamic_ports: keel_scheduler::PortRange,
+    /// Whether this agent campaigns to be the controller (`--no-controller`
+    /// turns it off: an agent that only runs allocations).
+    pub controller: bool,
 }
 
 /// Why the agent could not start.
@@ -150,6 +156,8 @@ pub struct Shared {
     pub observed: crate::observer::Observed,
     /// The agent's Prometheus registry (`/metrics`).
     pub metrics: crate::agent_metrics::AgentMetrics,
+    /// Allocations and their statuses, for the supervisor and the API.
+    pub supervisor: crate::supervisor::SupervisorView,
 }
 
 impl Shared {
@@ -320,6 +328,9 @@ pub struct Agent {
     pub http_addr: SocketAddr,
     pub dns_addr: SocketAddr,
     tasks: Vec<JoinHandle<()>>,
+    /// The controller (active in one agent of the cluster), unless
+    /// `--no-controller`.
+    pub controller: Option<crate::controller::Controller>,
     _gossip: Arc<Gossip>,
     _dns: DnsServer,
 }
@@ -384,8 +395,10 @@ impl Agent {
             dns_address: config.dns_addr.to_string(),
             gossip_address: config.gossip_addr.to_string(),
             lease_id: 0,
+            dynamic_ports: Some(config.dynamic_ports),
         };
         let client = Client::connect(&config.endpoints, ClientConfig::default()).await?;
+        let controller_client = client.clone();
         let events = crate::events::EventRecorder::spawn(client.clone(), config.name.clone());
         let (generation, _) = watch::channel(0u64);
         let shared = Arc::new(Shared {
@@ -402,6 +415,7 @@ impl Agent {
             events,
             observed: crate::observer::Observed::default(),
             metrics: crate::agent_metrics::AgentMetrics::new(),
+            supervisor: crate::supervisor::SupervisorView::default(),
         });
 
         // Services: those persisted from the API, then the config directory's.
@@ -446,6 +460,7 @@ impl Agent {
                 gossip.subscribe(),
             )),
         ];
+        tasks.push(crate::supervisor::spawn(shared.clone(), gossip.clone()));
         let usage_gossip = gossip.clone();
         tasks.push(tokio::spawn(async move {
             let mut ticker = tokio::time::interval(USAGE_INTERVAL);
@@ -455,6 +470,18 @@ impl Agent {
                 usage_gossip.publish_usage(&usage).await;
             }
         }));
+        let controller = config.controller.then(|| {
+            crate::controller::Controller::spawn(
+                controller_client,
+                crate::controller::ControllerConfig {
+                    node_name: config.name.clone(),
+                    lease_ttl: config.node_ttl,
+                    algorithm: keel_scheduler::SchedulerAlgorithm::Binpack,
+                },
+                gossip.clone(),
+                shared.events.clone(),
+            )
+        });
         if config.chaos.enabled {
             tracing::warn!("fault injection is on (--enable-chaos)");
         }
@@ -477,6 +504,7 @@ impl Agent {
             http_addr,
             dns_addr,
             tasks,
+            controller,
             _gossip: gossip,
             _dns: dns,
         })

@@ -20,6 +20,8 @@ use axum::routing::{get, put};
 use axum::Router;
 use serde_json::{json, Value};
 
+mod allocations;
+
 use crate::agent::Shared;
 use crate::catalog::{Catalog, CheckRecord, HealthEntry, NodeStatus, Stored};
 use crate::check_state::CheckStatus;
@@ -28,6 +30,7 @@ use crate::local::{LocalError, Source};
 
 mod dashboard;
 pub mod event_stream;
+pub mod jobs;
 mod observability;
 
 /// Consul's default blocking wait.
@@ -73,7 +76,9 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/ui/style.css", get(dashboard::style))
         .route("/v1/ui/state", get(dashboard::state))
         .route("/v1/ui/kv", get(dashboard::keys))
+        .merge(allocations::routes())
         .layer(DefaultBodyLimit::max(DEFINITION_BYTES_MAX))
+        .merge(jobs::routes())
         .with_state(shared)
 }
 

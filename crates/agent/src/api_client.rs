@@ -10,6 +10,10 @@ use serde_json::Value;
 
 use crate::probe::{http_client, HttpClient};
 
+/// The HTTP method of [`ApiClient::call`], re-exported so callers need not
+/// depend on hyper.
+pub use hyper::Method;
+
 /// Largest response read from an agent.
 pub const RESPONSE_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// Deadline of one request (a blocking query is not made through this client).
@@ -97,9 +101,7 @@ impl ApiClient {
 
     /// POSTs `body` as JSON to `path` and decodes the JSON answer.
     pub async fn post(&self, path: &str, body: &Value) -> Result<Value, ApiError> {
-        let bytes = Bytes::from(serde_json::to_vec(body).expect("JSON serialises"));
-        let answer = self.request(hyper::Method::POST, path, bytes).await?;
-        serde_json::from_slice(&answer).map_err(|error| ApiError::Invalid(error.to_string()))
+        self.call(hyper::Method::POST, path, Some(body)).await
     }
 
     /// GETs `path` (with its query) and decodes the JSON answer.
@@ -151,6 +153,22 @@ impl ApiClient {
             body: response.into_body(),
             buffer: Vec::new(),
         })
+    }
+
+    /// Sends `body` (JSON, or nothing) with `method` to `path` and decodes
+    /// the JSON answer (the job API answers every call with JSON).
+    pub async fn call(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, ApiError> {
+        let bytes = match body {
+            Some(value) => Bytes::from(serde_json::to_vec(value).expect("JSON serialises")),
+            None => Bytes::new(),
+        };
+        let body = self.request(method, path, bytes).await?;
+        serde_json::from_slice(&body).map_err(|error| ApiError::Invalid(error.to_string()))
     }
 
     async fn request(

@@ -44,6 +44,10 @@ pub struct NodeRecord {
     pub gossip_address: String,
     /// The lease the node's records are attached to.
     pub lease_id: i64,
+    /// The range dynamic ports of allocations are taken from
+    /// (`--dynamic-ports`); absent from agents that predate workloads.
+    #[serde(default)]
+    pub dynamic_ports: Option<keel_scheduler::PortRange>,
 }
 
 /// A check of an instance, as its definition says (status is separate).
@@ -472,6 +476,7 @@ mod tests {
             dns_address: String::new(),
             gossip_address: String::new(),
             lease_id: 7,
+            dynamic_ports: None,
         }
     }
 

@@ -322,6 +322,26 @@ impl Gossip {
             .set(KEY_USAGE, encoded);
     }
 
+    /// CPU use of every running allocation in the cluster, in millicores,
+    /// by allocation id: the `alloc_cpu_millicores:<id>` keys every node's
+    /// supervisor publishes, merged (the controller's autoscaling input).
+    pub async fn allocation_usage(&self) -> BTreeMap<String, u64> {
+        const PREFIX: &str = "alloc_cpu_millicores:";
+        let chitchat = self.shared.chitchat.lock().await;
+        let mut usage = BTreeMap::new();
+        for state in chitchat.node_states().values() {
+            for (key, value) in state.key_values() {
+                let Some(allocation) = key.strip_prefix(PREFIX) else {
+                    continue;
+                };
+                if let Ok(millicores) = value.parse::<u64>() {
+                    usage.insert(allocation.to_string(), millicores);
+                }
+            }
+        }
+        usage
+    }
+
     /// Every node this agent has heard alive, this agent included, sorted by
     /// name, with the current phi.
     pub async fn members(&self) -> Vec<GossipMember> {
@@ -610,6 +630,35 @@ impl MemberTracker {
         // Forget generations chitchat has garbage collected.
         self.tracked.retain(|id, _| seen.contains(id));
         newest_by_name.into_values().collect()
+    }
+}
+
+/// Key prefix under which a node publishes the CPU use of each allocation
+/// it runs: `alloc_cpu_millicores:<alloc id>` = decimal millicores.
+pub const KEY_ALLOCATION_CPU_PREFIX: &str = "alloc_cpu_millicores:";
+
+impl Gossip {
+    /// Publishes the CPU use of this node's running allocations (alloc id →
+    /// millicores), the autoscaler's input, and deletes the keys of
+    /// allocations no longer in `usage`. A fast signal: never in the store.
+    pub async fn publish_allocation_usage(&self, usage: &BTreeMap<String, u64>) {
+        let mut chitchat = self.shared.chitchat.lock().await;
+        let state = chitchat.self_node_state();
+        let gone: Vec<String> = state
+            .key_values()
+            .filter_map(|(key, _)| key.strip_prefix(KEY_ALLOCATION_CPU_PREFIX))
+            .filter(|alloc_id| !usage.contains_key(*alloc_id))
+            .map(|alloc_id| format!("{KEY_ALLOCATION_CPU_PREFIX}{alloc_id}"))
+            .collect();
+        for key in gone {
+            state.delete(&key);
+        }
+        for (alloc_id, millicores) in usage {
+            let key = format!("{KEY_ALLOCATION_CPU_PREFIX}{alloc_id}");
+            if state.get(&key) != Some(millicores.to_string().as_str()) {
+                state.set(key, millicores);
+            }
+        }
     }
 }
 

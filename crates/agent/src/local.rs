@@ -32,6 +32,9 @@ pub enum Source {
     ConfigDir,
     /// The HTTP API or the CLI: persisted under `--data-dir`.
     Api,
+    /// A task of an allocation (the supervisor registers it while the task
+    /// runs): not persisted.
+    Allocation,
 }
 
 /// One check of a local service.
@@ -410,6 +413,7 @@ mod tests {
             dns_address: String::new(),
             gossip_address: String::new(),
             lease_id: 1,
+            dynamic_ports: None,
         })
     }
 

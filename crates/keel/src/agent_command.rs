@@ -55,6 +55,12 @@ pub struct AgentArguments {
     /// loopback interface must present to inject faults; without it only loopback.
     #[arg(long, value_name = "FILE", requires = "enable_chaos")]
     chaos_token_file: Option<PathBuf>,
+    /// The range allocations' dynamic ports are taken from (FIRST-LAST).
+    #[arg(long, default_value = "20000-32000")]
+    dynamic_ports: String,
+    /// Never campaign to be the controller (only run allocations).
+    #[arg(long)]
+    no_controller: bool,
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -82,6 +88,20 @@ fn host_name() -> String {
         .unwrap_or_else(|| "agent".to_string())
 }
 
+/// `FIRST-LAST`, inclusive, FIRST <= LAST.
+fn parse_port_range(text: &str) -> anyhow::Result<keel_scheduler::PortRange> {
+    let (first, last) = text
+        .split_once('-')
+        .context("expected FIRST-LAST, such as 20000-32000")?;
+    let first: u16 = first.trim().parse().context("FIRST is not a port")?;
+    let last: u16 = last.trim().parse().context("LAST is not a port")?;
+    anyhow::ensure!(
+        first > 0 && first <= last,
+        "FIRST must be at least 1 and at most LAST"
+    );
+    Ok(keel_scheduler::PortRange { first, last })
+}
+
 impl AgentArguments {
     fn to_config(&self) -> anyhow::Result<AgentConfig> {
         let mut labels = BTreeMap::new();
@@ -101,6 +121,8 @@ impl AgentArguments {
         );
         let domain = self.dns_domain.trim_matches('.').to_string();
         anyhow::ensure!(!domain.is_empty(), "--dns-domain: must not be empty");
+        let dynamic_ports = parse_port_range(&self.dynamic_ports)
+            .with_context(|| format!("--dynamic-ports: {:?}", self.dynamic_ports))?;
         Ok(AgentConfig {
             name: self.name.clone().unwrap_or_else(host_name),
             endpoints,
@@ -121,6 +143,8 @@ impl AgentArguments {
                     .map(crate::chaos::read_token_file)
                     .transpose()?,
             },
+            dynamic_ports,
+            controller: !self.no_controller,
         })
     }
 }

@@ -10,6 +10,7 @@ mod dev;
 mod dev_agents;
 mod elect;
 mod events_command;
+mod job_command;
 mod kv;
 mod lease_command;
 mod lock;
@@ -55,8 +56,11 @@ enum Command {
     Agent(Box<agent_command::AgentArguments>),
     /// Register, deregister, list services and show their health (via an agent).
     Service(registry_command::ServiceArguments),
-    /// List nodes with their status and resources (via an agent).
+    /// List nodes with their status and resources, drain them, change their
+    /// eligibility (via an agent).
     Node(registry_command::NodeArguments),
+    /// Run, plan, inspect and stop jobs (via an agent).
+    Job(job_command::JobArguments),
     /// Model reliability and availability: components, quorums, repair, block diagrams.
     Availability(availability::Arguments),
     /// Inject faults into running members (--experimental-enable-fault-injection),
@@ -92,6 +96,7 @@ fn main() -> std::process::ExitCode {
             Command::Agent(arguments) => agent_command::run(*arguments).await,
             Command::Service(arguments) => registry_command::run_service(arguments).await,
             Command::Node(arguments) => registry_command::run_node(arguments).await,
+            Command::Job(arguments) => job_command::run(arguments).await,
             Command::Availability(arguments) => availability::run(arguments).await,
             Command::Chaos(arguments) => chaos::run(arguments).await,
             Command::Events(arguments) => events_command::run(arguments).await,

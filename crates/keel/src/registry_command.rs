@@ -10,7 +10,7 @@ use serde_json::Value;
 
 /// Where the agent's HTTP API is.
 #[derive(Debug, clap::Args)]
-pub struct AgentAddress {
+pub(crate) struct AgentAddress {
     /// The agent's HTTP address (host:port).
     #[arg(
         long,
@@ -25,11 +25,11 @@ pub struct AgentAddress {
 }
 
 impl AgentAddress {
-    fn client(&self) -> ApiClient {
+    pub(crate) fn client(&self) -> ApiClient {
         ApiClient::new(&self.agent_addr)
     }
 
-    fn json(&self) -> anyhow::Result<bool> {
+    pub(crate) fn json(&self) -> anyhow::Result<bool> {
         match self.output.as_str() {
             "json" => Ok(true),
             "table" => Ok(false),
@@ -72,9 +72,24 @@ pub struct NodeArguments {
 enum NodeCommand {
     /// List nodes: status (alive, suspect, down), phi, resources, labels, instances.
     List,
+    /// Move every allocation off a node (migrate.max_parallel at a time) and
+    /// mark it ineligible; --disable cancels the drain.
+    Drain {
+        name: String,
+        #[arg(long)]
+        disable: bool,
+    },
+    /// Allow (--enable) or forbid (--disable) new allocations on a node.
+    Eligibility {
+        name: String,
+        #[arg(long, conflicts_with = "disable", required_unless_present = "disable")]
+        enable: bool,
+        #[arg(long)]
+        disable: bool,
+    },
 }
 
-fn text(value: &Value) -> String {
+pub(crate) fn text(value: &Value) -> String {
     match value {
         Value::String(text) => text.clone(),
         Value::Null => "-".into(),
@@ -82,7 +97,7 @@ fn text(value: &Value) -> String {
     }
 }
 
-fn print_table(header: &[&str], rows: &[Vec<String>]) {
+pub(crate) fn print_table(header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|title| title.len()).collect();
     for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {
@@ -235,6 +250,45 @@ pub async fn run_node(arguments: NodeArguments) -> anyhow::Result<()> {
     let json_output = arguments.agent.json()?;
     let client = arguments.agent.client();
     match arguments.command {
+        NodeCommand::Drain { name, disable } => {
+            let body = serde_json::json!({ "enable": !disable });
+            let answer = client
+                .call(
+                    keel_agent::api_client::Method::PUT,
+                    &format!("/v1/node/{name}/drain"),
+                    Some(&body),
+                )
+                .await?;
+            if json_output {
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+            } else if disable {
+                println!("node {name}: drain cancelled (still ineligible; `keel node eligibility {name} --enable` to place on it again)");
+            } else {
+                println!("node {name}: draining (ineligible; its allocations move off)");
+            }
+        }
+        NodeCommand::Eligibility {
+            name,
+            enable,
+            disable: _,
+        } => {
+            let body = serde_json::json!({ "eligible": enable });
+            let answer = client
+                .call(
+                    keel_agent::api_client::Method::PUT,
+                    &format!("/v1/node/{name}/eligibility"),
+                    Some(&body),
+                )
+                .await?;
+            if json_output {
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+            } else {
+                println!(
+                    "node {name}: {}",
+                    if enable { "eligible" } else { "ineligible" }
+                );
+            }
+        }
         NodeCommand::List => {
             let nodes = client.get("/v1/keel/nodes").await?;
             if json_output {

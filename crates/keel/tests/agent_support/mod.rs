@@ -108,6 +108,13 @@ impl Agents {
         Agents { agents, directory }
     }
 
+    /// Adds `keel agent` flags for agent `index` (before it starts).
+    pub fn add_arguments(&mut self, index: usize, arguments: &[&str]) {
+        self.agents[index]
+            .arguments
+            .extend(arguments.iter().map(|argument| argument.to_string()));
+    }
+
     /// Starts (or restarts) agent `index` and waits until its API answers.
     pub fn start(&mut self, index: usize) {
         let agent = &mut self.agents[index];
