@@ -577,6 +577,7 @@ async fn run_ttl(shared: Arc<Shared>, service_id: String, check: definition::Che
         return;
     };
     loop {
+        let mut expired = false;
         let deadline = {
             let mut local = shared.local.lock().expect("local state lock");
             let Some(state) = local
@@ -599,7 +600,7 @@ async fn run_ttl(shared: Arc<Shared>, service_id: String, check: definition::Che
                 );
                 if changed {
                     tracing::info!(service = %service_id, check = %check.id, "TTL check expired");
-                    shared.check_changed(&check.id, CheckStatus::Critical);
+                    expired = true;
                     shared.sync_wakeup.notify_one();
                 }
                 now + ttl
@@ -607,6 +608,10 @@ async fn run_ttl(shared: Arc<Shared>, service_id: String, check: definition::Che
                 deadline
             }
         };
+        // Recorded once the local state's lock is released (it takes it).
+        if expired {
+            shared.check_changed(&check.id, CheckStatus::Critical);
+        }
         tokio::time::sleep_until(deadline.into()).await;
     }
 }

@@ -301,6 +301,23 @@ fn agents_export_metrics_and_record_events_that_follow_the_cluster() {
     let event: Value = serde_json::from_str(&line).expect("JSON lines");
     assert_eq!(event["source"], "node2", "the check's own agent records it");
     assert_eq!(event["fields"]["status"], "critical");
+    // A TTL check passed once and then left alone expires: recorded too.
+    let definition = r#"{"Name": "batch", "ID": "batch-1", "Check": {"TTL": "1s"}}"#;
+    let response = put(
+        &addresses[0],
+        "/v1/agent/service/register",
+        Some(definition),
+    );
+    assert_eq!(response.status, 200, "{}", response.body);
+    let response = put(&addresses[0], "/v1/agent/check/pass/service:batch-1", None);
+    assert_eq!(response.status, 200, "{}", response.body);
+    follower.wait_for(CONVERGE_TIMEOUT, |line| {
+        line.contains("node1/batch-1")
+            && line.contains("\"critical\"")
+            && line.contains("TTL expired")
+    });
+    get(&addresses[0], "/v1/agent/self").expect("the agent still answers");
+
     for (index, address) in addresses.iter().enumerate() {
         let text = scrape(address);
         assert!(
@@ -379,8 +396,9 @@ fn agents_export_metrics_and_record_events_that_follow_the_cluster() {
     assert!(
         alerts
             .iter()
-            .all(|alert| alert["labels"]["node"] != "node1"),
-        "{alerts:?}"
+            .all(|alert| alert["labels"]["alertname"] != "KeelNodeDown"
+                || alert["labels"]["node"] == "node3"),
+        "only node3 is down: {alerts:?}"
     );
 
     // `Accept: text/event-stream` on /v1/events gives the same stream.
