@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Runs the same load against a three-member etcd and a three-member keel on
-# loopback, one after the other, on this machine, and writes a side-by-side
-# table to docs/BENCHMARKS.md. Both use fsync, heartbeat 100 ms and election
+# Runs the same load against a three-member etcd, a three-member keel and a
+# three-server ZooKeeper ensemble on loopback, one after the other, on this
+# machine, and writes a side-by-side table to docs/BENCHMARKS.md. ZooKeeper
+# (Debian's 3.8, forceSync on, its default tickTime) gets the operations it
+# has: setData for put, sync + getData for a linearizable read, getData for a
+# serializable one, driven by the same `keel bench --protocol zookeeper`. Both use fsync, heartbeat 100 ms and election
 # timeout 1000 ms, snapshot count 100000 and separate data directories; both
 # are started the same way (three server processes with the same flags).
 #
@@ -12,7 +15,7 @@
 # recovery time (kill -9 of a member holding them until it answers a read).
 #
 # Usage: bench/compare.sh [REQUESTS_PER_RUN] [KEYS_FOR_MEMORY]
-# Installs Debian's etcd-server when etcd is missing. Builds keel in release.
+# Installs Debian's etcd-server and zookeeper when missing. Builds keel in release.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,10 +35,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-if ! command -v etcd >/dev/null 2>&1; then
+if ! command -v etcd >/dev/null 2>&1 || [ ! -f /usr/share/java/zookeeper.jar ]; then
   if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq etcd-server etcd-client >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq etcd-server etcd-client zookeeper >/dev/null
 fi
 cargo build --release -p keel >/dev/null
 keel=target/release/keel
@@ -45,11 +48,61 @@ export ETCDCTL_API=3
 # Client port of member INDEX (1..3) of SYSTEM; its peer port is one above.
 # Below the kernel's ephemeral range (32768 and up), so that no outgoing
 # connection can hold a member's port when it restarts; away from the tests'.
-client_port() { if [ "$1" = etcd ]; then echo $((25369 + $2 * 10)); else echo $((26369 + $2 * 10)); fi; }
+client_port() {
+  case $1 in
+    etcd) echo $((25369 + $2 * 10)) ;;
+    keel) echo $((26369 + $2 * 10)) ;;
+    zookeeper) echo $((24369 + $2 * 10)) ;;
+  esac
+}
 endpoints_of() {
   local system=$1 list="" index
   for index in 1 2 3; do list="$list${list:+,}127.0.0.1:$(client_port "$system" "$index")"; done
   echo "$list"
+}
+
+# Starts ZooKeeper server INDEX (quorum and election ports one and two above its
+# client port), with Debian's configuration but its own data directory.
+start_zookeeper() {
+  local index=$1 other port
+  port=$(client_port zookeeper "$index")
+  mkdir -p "$work/zookeeper$index"
+  echo "$index" >"$work/zookeeper$index/myid"
+  {
+    echo "tickTime=2000"
+    echo "initLimit=10"
+    echo "syncLimit=5"
+    echo "dataDir=$work/zookeeper$index"
+    echo "clientPort=$port"
+    echo "clientPortAddress=127.0.0.1"
+    echo "forceSync=yes"
+    echo "admin.enableServer=false"
+    echo "maxClientCnxns=0"
+    for other in 1 2 3; do
+      local other_port
+      other_port=$(client_port zookeeper "$other")
+      echo "server.$other=127.0.0.1:$((other_port + 1)):$((other_port + 2))"
+    done
+  } >"$work/zookeeper$index.cfg"
+  java -Dzookeeper.log.dir="$work" -cp /etc/zookeeper/conf:/usr/share/java/zookeeper.jar \
+    org.apache.zookeeper.server.quorum.QuorumPeerMain "$work/zookeeper$index.cfg" \
+    >>"$work/zookeeper$index.log" 2>&1 &
+  member_pid[zookeeper$index]=$!
+}
+
+# Waits until the ensemble has a leader (a server says "Mode: leader"), bounded.
+wait_for_zookeeper() {
+  local index
+  for _ in $(seq 1 600); do
+    for index in 1 2 3; do
+      if (exec 3<>"/dev/tcp/127.0.0.1/$(client_port zookeeper "$index")" && echo srvr >&3 && cat <&3) 2>/dev/null | grep -q "Mode: leader"; then
+        return 0
+      fi
+    done
+    sleep 0.1
+  done
+  echo "ZooKeeper elected no leader" >&2
+  return 1
 }
 
 # Starts (or restarts, keeping its data) member INDEX of SYSTEM in the background.
@@ -125,7 +178,9 @@ bench() {
   local before after json
   echo "$system: $name with $clients clients" >&2
   before=$(cpu_seconds "$system")
-  json=$($keel bench --endpoints "$(endpoints_of "$system")" --clients "$clients" -o json "$@")
+  local protocol=etcd
+  [ "$system" = zookeeper ] && protocol=zookeeper
+  json=$($keel bench --protocol "$protocol" --endpoints "$(endpoints_of "$system")" --clients "$clients" -o json "$@")
   after=$(cpu_seconds "$system")
   echo "$name $clients $(python3 -c "print(round($after - $before, 2))") $json"
 }
@@ -144,6 +199,8 @@ run_workloads() {
     bench "$system" range-linearizable "$clients" --total "$total" range
     bench "$system" range-serializable "$clients" --total "$total" range --serializable
   done
+  # ZooKeeper has no compare-and-swap txn, watch fan-out or lease rows.
+  [ "$system" = zookeeper ] && return 0
   for clients in 1 64; do
     total=$requests
     [ "$clients" -eq 1 ] && total=$((requests / 10))
@@ -232,8 +289,19 @@ measure_system() {
   for index in 1 2 3; do wait "${member_pid[$system$index]}" 2>/dev/null || true; done
 }
 
+measure_zookeeper() {
+  local index
+  for index in 1 2 3; do start_zookeeper "$index"; done
+  wait_for_zookeeper
+  run_workloads zookeeper >"$work/zookeeper.results"
+  echo "peak $(memory_mib zookeeper VmHWM)" >"$work/zookeeper.summary"
+  for index in 1 2 3; do kill -9 "${member_pid[zookeeper$index]}" 2>/dev/null || true; done
+  for index in 1 2 3; do wait "${member_pid[zookeeper$index]}" 2>/dev/null || true; done
+}
+
 measure_system etcd
 measure_system keel
+measure_zookeeper
 
 python3 - "$work" "$requests" "$memory_keys" <<'PYEOF'
 import json, sys, platform, subprocess, datetime
@@ -247,23 +315,27 @@ def results(system):
 def summary(system):
     return {line.split()[0]: line.split()[1:] for line in open(f"{work}/{system}.summary")}
 etcd, keel = results("etcd"), results("keel")
-etcd_summary, keel_summary = summary("etcd"), summary("keel")
+zookeeper = {(name, clients): (cpu, report) for name, clients, cpu, report in results("zookeeper")}
+etcd_summary, keel_summary, zookeeper_summary = summary("etcd"), summary("keel"), summary("zookeeper")
 etcd_version = subprocess.run(["etcd", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
 keel_commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+zookeeper_version = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "zookeeper"], capture_output=True, text=True).stdout.strip()
 cpus = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
 lines = [
-    "# keel and etcd side by side",
+    "# keel, etcd and ZooKeeper side by side",
     "",
     f"Written by `bench/compare.sh {requests} {memory_keys}` on {datetime.date.today()}: {cpus} cores, {platform.platform()};",
-    f"{etcd_version}; keel at commit {keel_commit}. Three members each on loopback, fsync on,",
-    "heartbeat 100 ms, election timeout 1000 ms, snapshot count 100000, one cluster at a time,",
-    "the same `keel bench` client. CPU is the three servers' user + system seconds during the run",
+    f"{etcd_version}; keel at commit {keel_commit}; ZooKeeper {zookeeper_version} (Debian). Three members each on loopback, fsync on,",
+    "heartbeat 100 ms, election timeout 1000 ms, snapshot count 100000 (ZooKeeper: forceSync=yes, tickTime 2000),",
+    "one cluster at a time, the same `keel bench` client (`--protocol zookeeper` for ZooKeeper: put is setData,",
+    "range-linearizable is sync + getData, range-serializable is getData; ZooKeeper has no row where it has no",
+    "such operation). CPU is the three servers' user + system seconds during the run",
     "(the client shares the machine's cores and is not counted). A txn operation is a read and a",
     "compare-and-swap txn; a lease operation is a grant and one keep-alive round trip; the watch",
     "row counts events delivered to watchers and their delivery latency.",
     "",
-    "| workload | clients | etcd ops/s | keel ops/s | ratio | etcd p50 / p99 ms | keel p50 / p99 ms | server CPU s etcd / keel | errors etcd / keel |",
-    "|---|---|---|---|---|---|---|---|---|",
+    "| workload | clients | etcd ops/s | keel ops/s | ZooKeeper ops/s | keel / etcd | keel / ZooKeeper | etcd p50 / p99 ms | keel p50 / p99 ms | ZooKeeper p50 / p99 ms | server CPU s etcd / keel / ZooKeeper | errors etcd / keel / ZooKeeper |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|",
 ]
 def shown(report):
     # A watch row is about events delivered, not the puts that caused them.
@@ -273,17 +345,31 @@ def shown(report):
 for (name, clients, etcd_cpu, e), (_, _, keel_cpu, k) in zip(etcd, keel):
     (etcd_rate, etcd_p50, etcd_p99), (keel_rate, keel_p50, keel_p99) = shown(e), shown(k)
     ratio = keel_rate / etcd_rate if etcd_rate else float("inf")
+    if (name, clients) in zookeeper:
+        zookeeper_cpu, z = zookeeper[(name, clients)]
+        zookeeper_rate, zookeeper_p50, zookeeper_p99 = shown(z)
+        zookeeper_cells = (
+            f"{zookeeper_rate:.0f}",
+            f"{keel_rate / zookeeper_rate:.2f}x" if zookeeper_rate else "-",
+            f"{zookeeper_p50:.2f} / {zookeeper_p99:.2f}",
+            f"{zookeeper_cpu:.1f}",
+            f"{z['errors']}",
+        )
+    else:
+        zookeeper_cells = ("-", "-", "-", "-", "-")
     lines.append(
-        f"| {name} | {clients} | {etcd_rate:.0f} | {keel_rate:.0f} | {ratio:.2f}x "
+        f"| {name} | {clients} | {etcd_rate:.0f} | {keel_rate:.0f} | {zookeeper_cells[0]} | {ratio:.2f}x | {zookeeper_cells[1]} "
         f"| {etcd_p50:.2f} / {etcd_p99:.2f} "
         f"| {keel_p50:.2f} / {keel_p99:.2f} "
-        f"| {etcd_cpu:.1f} / {keel_cpu:.1f} "
-        f"| {e['errors']} / {k['errors']} |"
+        f"| {zookeeper_cells[2]} "
+        f"| {etcd_cpu:.1f} / {keel_cpu:.1f} / {zookeeper_cells[3]} "
+        f"| {e['errors']} / {k['errors']} / {zookeeper_cells[4]} |"
     )
 def both(title, etcd_value, keel_value, unit):
     lines.append(f"| {title} | {etcd_value} {unit} | {keel_value} {unit} |")
 lines += ["", "| measure | etcd | keel |", "|---|---|---|"]
 both("peak resident memory of a member during the workloads above", etcd_summary["peak"][0], keel_summary["peak"][0], "MiB")
+lines += ["", f"The largest ZooKeeper server's peak resident memory during its workloads was {zookeeper_summary['peak'][0]} MiB (JVM defaults)."]
 both("failover: kill -9 of the leader under 16 writers until a write succeeds", etcd_summary["failover"][0], keel_summary["failover"][0], "ms")
 both(f"resident memory of a member at {memory_keys:,} keys (64-byte values)", etcd_summary["million"][0], keel_summary["million"][0], "MiB")
 both(f"recovery: restart after kill -9 of a member holding {memory_keys:,} keys until it answers a read", etcd_summary["million"][1], keel_summary["million"][1], "ms")

@@ -76,6 +76,8 @@ pub struct AgentConfig {
     /// Service definitions (`*.toml`) loaded at start (`--config-dir`).
     pub config_dir: Option<PathBuf>,
     pub dns_domain: String,
+    /// Fault injection on this agent and its tasks (`--enable-chaos`).
+    pub chaos: crate::chaos::ChaosConfig,
 }
 
 /// Why the agent could not start.
@@ -453,9 +455,19 @@ impl Agent {
                 usage_gossip.publish_usage(&usage).await;
             }
         }));
-        let router = crate::api::router(shared.clone());
+        if config.chaos.enabled {
+            tracing::warn!("fault injection is on (--enable-chaos)");
+        }
+        let chaos = crate::chaos::AgentChaos::new(
+            config.chaos.clone(),
+            config.name.clone(),
+            shared.client.clone(),
+        );
+        let router = crate::api::router(shared.clone()).merge(crate::chaos::router(chaos));
         tasks.push(tokio::spawn(async move {
-            if let Err(error) = axum::serve(http_listener, router).await {
+            // Fault injection tells loopback callers from remote ones.
+            let service = router.into_make_service_with_connect_info::<SocketAddr>();
+            if let Err(error) = axum::serve(http_listener, service).await {
                 tracing::error!(%error, "the HTTP API stopped");
             }
         }));

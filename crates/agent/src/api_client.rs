@@ -71,6 +71,7 @@ pub enum ApiError {
 pub struct ApiClient {
     address: String,
     client: HttpClient,
+    bearer_token: Option<String>,
 }
 
 impl ApiClient {
@@ -83,7 +84,22 @@ impl ApiClient {
         ApiClient {
             address,
             client: http_client(),
+            bearer_token: None,
         }
+    }
+
+    /// The same client, sending `Authorization: Bearer <token>` (fault
+    /// injection from outside the agent's loopback interface).
+    pub fn with_bearer_token(mut self, token: Option<String>) -> ApiClient {
+        self.bearer_token = token;
+        self
+    }
+
+    /// POSTs `body` as JSON to `path` and decodes the JSON answer.
+    pub async fn post(&self, path: &str, body: &Value) -> Result<Value, ApiError> {
+        let bytes = Bytes::from(serde_json::to_vec(body).expect("JSON serialises"));
+        let answer = self.request(hyper::Method::POST, path, bytes).await?;
+        serde_json::from_slice(&answer).map_err(|error| ApiError::Invalid(error.to_string()))
     }
 
     /// GETs `path` (with its query) and decodes the JSON answer.
@@ -147,10 +163,14 @@ impl ApiClient {
             address: self.address.clone(),
             reason,
         };
-        let request = hyper::Request::builder()
+        let mut request = hyper::Request::builder()
             .method(method)
             .uri(format!("http://{}{}", self.address, path))
-            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .header(hyper::header::CONTENT_TYPE, "application/json");
+        if let Some(token) = &self.bearer_token {
+            request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let request = request
             .body(Full::new(body))
             .map_err(|error| unreachable(error.to_string()))?;
         let response = tokio::time::timeout(REQUEST_TIMEOUT, self.client.request(request))

@@ -322,6 +322,30 @@ impl EventRecorder {
         fields: impl IntoIterator<Item = (String, String)>,
     ) -> Event {
         let sequence = self.sequence.fetch_add(1, Ordering::Relaxed);
+        Event::new(
+            &self.source,
+            time_unix_ms,
+            sequence,
+            kind,
+            subject,
+            message,
+            fields,
+        )
+    }
+}
+
+impl Event {
+    /// An event with its id made of the time, the source and a sequence
+    /// number unique within the source; the message and fields bounded.
+    pub fn new(
+        source: &str,
+        time_unix_ms: u64,
+        sequence: u64,
+        kind: EventType,
+        subject: impl Into<String>,
+        message: impl Into<String>,
+        fields: impl IntoIterator<Item = (String, String)>,
+    ) -> Event {
         let mut message = message.into();
         if message.len() > MESSAGE_BYTES_MAX {
             let mut end = MESSAGE_BYTES_MAX;
@@ -331,15 +355,46 @@ impl EventRecorder {
             message.truncate(end);
         }
         Event {
-            id: format!("{time_unix_ms:016}-{}-{sequence:08}", self.source),
+            id: format!("{time_unix_ms:016}-{source}-{sequence:08}"),
             time_unix_ms,
             kind,
-            source: self.source.to_string(),
+            source: source.to_owned(),
             subject: subject.into(),
             message,
             fields: fields.into_iter().take(FIELDS_MAX).collect(),
         }
     }
+
+    /// An event happening now, for one-off writers (a CLI command, a fault
+    /// that must be on record before the process stops) that have no
+    /// [`EventRecorder`]; the sequence is this process's.
+    pub fn now(
+        source: &str,
+        kind: EventType,
+        subject: impl Into<String>,
+        message: impl Into<String>,
+        fields: impl IntoIterator<Item = (String, String)>,
+    ) -> Event {
+        static SEQUENCE: AtomicU64 = AtomicU64::new(0);
+        // Distinct from recorders' sequences in the same process.
+        let sequence = (1 << 40) + SEQUENCE.fetch_add(1, Ordering::Relaxed);
+        Event::new(
+            source,
+            now_unix_ms(),
+            sequence,
+            kind,
+            subject,
+            message,
+            fields,
+        )
+    }
+}
+
+/// Writes one event now, waiting for the store (no retries): for writers
+/// that must know it is on record.
+pub async fn write(client: &Client, event: &Event) -> Result<(), ClientError> {
+    let value = serde_json::to_vec(event).expect("events serialize");
+    client.put(event.key(), value).await.map(drop)
 }
 
 /// The recorder's task: writes each event (retrying while the store is

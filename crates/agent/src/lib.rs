@@ -11,6 +11,7 @@ pub mod agent_metrics;
 pub mod api;
 pub mod api_client;
 pub mod catalog;
+pub mod chaos;
 pub mod check_state;
 pub mod definition;
 pub mod dns;

@@ -47,6 +47,14 @@ pub struct AgentArguments {
     /// The DNS domain answered: <service>.service.<domain>, <node>.node.<domain>.
     #[arg(long, default_value = "keel")]
     dns_domain: String,
+    /// Serve fault injection (`keel chaos inject kill|pause`) on this agent and
+    /// the tasks it supervises, to loopback callers. Off by default.
+    #[arg(long)]
+    enable_chaos: bool,
+    /// A file holding the token (at least 16 characters) that callers outside the
+    /// loopback interface must present to inject faults; without it only loopback.
+    #[arg(long, value_name = "FILE", requires = "enable_chaos")]
+    chaos_token_file: Option<PathBuf>,
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -105,6 +113,14 @@ impl AgentArguments {
             node_ttl,
             config_dir: self.config_dir.clone(),
             dns_domain: domain,
+            chaos: keel_agent::chaos::ChaosConfig {
+                enabled: self.enable_chaos,
+                token: self
+                    .chaos_token_file
+                    .as_deref()
+                    .map(crate::chaos::read_token_file)
+                    .transpose()?,
+            },
         })
     }
 }

@@ -31,6 +31,8 @@
 //! The report (a table, or one JSON object with `-o json`) gives throughput,
 //! latency mean, p50, p90, p99, p99.9 and max from a log-linear histogram
 //! (`histogram.rs`), and errors grouped by request, gRPC code and message.
+//! With `--protocol zookeeper` the same load drives a ZooKeeper ensemble
+//! (`put`, `range` and `range --serializable` only; see `zookeeper.rs`).
 //! The JSON field names are stable; they are listed in [`JSON_FIELDS_HELP`]
 //! (shown by `keel bench --help`) and `bench/compare.sh` reads them.
 
@@ -40,6 +42,7 @@ mod pacer;
 mod progress;
 mod report;
 mod watchers;
+mod zookeeper;
 
 use std::io::IsTerminal;
 use std::sync::Arc;
@@ -105,6 +108,10 @@ pub struct BenchArguments {
     /// Comma-separated client endpoints; connections are spread over them.
     #[arg(long, global = true, default_value = "127.0.0.1:2379")]
     endpoints: String,
+    /// The servers' protocol: etcd's v3 gRPC API (keel, etcd), or ZooKeeper's
+    /// (put = setData, range = sync + getData, range --serializable = getData).
+    #[arg(long, global = true, value_enum, default_value = "etcd")]
+    protocol: Protocol,
     /// HTTP/2 connections to open [default: one per endpoint]. Clients (and
     /// watch streams) share them round-robin; where a server caps the
     /// concurrent streams on one connection, the excess waits in the client.
@@ -157,6 +164,15 @@ pub struct BenchArguments {
     /// The workload.
     #[command(subcommand)]
     workload: Workload,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Protocol {
+    // Plain comments: clap prints doc comments as a long list under --help.
+    // etcd's v3 gRPC API.
+    Etcd,
+    // ZooKeeper's client protocol.
+    Zookeeper,
 }
 
 #[derive(Debug, Clone, Copy, clap::Subcommand)]
@@ -223,6 +239,7 @@ impl Workload {
 /// A validated `keel bench` run.
 #[derive(Debug)]
 struct Plan {
+    protocol: Protocol,
     workload: Workload,
     endpoints: Vec<String>,
     connections: usize,
@@ -338,7 +355,15 @@ impl Plan {
             }
             Workload::Put | Workload::Range { .. } | Workload::Txn => {}
         }
+        if arguments.protocol == Protocol::Zookeeper {
+            anyhow::ensure!(
+                matches!(arguments.workload, Workload::Put | Workload::Range { .. }),
+                "--protocol zookeeper runs put and range only, not {}",
+                arguments.workload.name()
+            );
+        }
         Ok(Plan {
+            protocol: arguments.protocol,
             workload: arguments.workload,
             endpoints,
             connections,
@@ -414,10 +439,31 @@ async fn connect_all(plan: &Plan) -> anyhow::Result<Vec<Channel>> {
     Ok(channels)
 }
 
+/// One connection the clients share: an HTTP/2 channel or a ZooKeeper session.
+#[derive(Clone)]
+enum Connection {
+    Etcd(Channel),
+    ZooKeeper(zookeeper_client::Client),
+}
+
 /// Runs the benchmark and prints its report.
 pub async fn run(arguments: BenchArguments) -> anyhow::Result<()> {
     let plan = Arc::new(Plan::new(arguments, std::io::stderr().is_terminal())?);
-    let channels = connect_all(&plan).await?;
+    let (channels, connections): (Vec<Channel>, Vec<Connection>) = match plan.protocol {
+        Protocol::Etcd => {
+            let channels = connect_all(&plan).await?;
+            let connections = channels.iter().cloned().map(Connection::Etcd).collect();
+            (channels, connections)
+        }
+        Protocol::Zookeeper => {
+            let sessions = zookeeper::connect_all(&plan).await?;
+            zookeeper::prepare(&plan, &sessions[0]).await?;
+            (
+                Vec::new(),
+                sessions.into_iter().map(Connection::ZooKeeper).collect(),
+            )
+        }
+    };
     let recorder = Arc::new(Recorder::default());
     let start = tokio::time::Instant::now();
     let progress = plan.progress.then(|| {
@@ -439,7 +485,7 @@ pub async fn run(arguments: BenchArguments) -> anyhow::Result<()> {
             )
             .await
         }
-        _ => Ok(clients::run(&plan, &channels, &recorder, start).await),
+        _ => Ok(clients::run(&plan, &connections, &recorder, start).await),
     };
     if let Some(progress) = progress {
         progress.finish().await;
@@ -537,6 +583,7 @@ mod tests {
             (&["watch", "--watchers", "2", "--streams", "3"], "--streams"),
             (&["lease", "--ttl", "1500ms"], "--ttl"),
             (&["lease", "--keep-alives", "100000"], "--keep-alives"),
+            (&["--protocol", "zookeeper", "txn"], "--protocol zookeeper"),
         ] {
             let error = error_of(arguments);
             assert!(error.contains(flag), "{arguments:?}: {error}");

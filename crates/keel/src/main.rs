@@ -59,7 +59,8 @@ enum Command {
     Node(registry_command::NodeArguments),
     /// Model reliability and availability: components, quorums, repair, block diagrams.
     Availability(availability::Arguments),
-    /// Inject faults into running members (needs --experimental-enable-fault-injection).
+    /// Inject faults into running members (--experimental-enable-fault-injection),
+    /// agents and their tasks (--enable-chaos); run fault scenarios.
     Chaos(chaos::Arguments),
     /// Show the cluster's events log, or follow it (via an agent).
     Events(events_command::Arguments),

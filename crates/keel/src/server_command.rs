@@ -84,6 +84,14 @@ pub struct ServerArguments {
     /// faults, kill and pause) to callers on the loopback interface. Off by default.
     #[arg(long)]
     experimental_enable_fault_injection: bool,
+    /// A file holding the token (at least 16 characters) that callers outside the
+    /// loopback interface must present to inject faults; without it only loopback.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "experimental_enable_fault_injection"
+    )]
+    experimental_fault_injection_token_file: Option<std::path::PathBuf>,
     /// Test-only, broken on purpose: acknowledge writes before they are durable, so the
     /// fault suite can show it catches the bug.
     #[arg(long, hide = true)]
@@ -177,6 +185,11 @@ impl ServerArguments {
             text => Some(parse_duration(text).context("--experimental-corrupt-check-time")?),
         };
         config.enable_fault_injection = self.experimental_enable_fault_injection;
+        config.fault_injection_token = self
+            .experimental_fault_injection_token_file
+            .as_deref()
+            .map(crate::chaos::read_token_file)
+            .transpose()?;
         config.unsafe_acknowledge_before_fsync = self.unsafe_fault_acknowledge_before_fsync;
         config.corrupt_values_of_key = self
             .unsafe_fault_corrupt_values_of_key

@@ -4,6 +4,8 @@
 //! successes and conflicts adding up), a paced run with `--duration` and
 //! `--rate`, the table output, and bad flags refused with the flag named.
 //!
+//! Last, `--protocol zookeeper` against a real ZooKeeper server (Debian's).
+//!
 //! Ports 24600-24649 belong to this file.
 
 mod common;
@@ -286,4 +288,97 @@ fn bad_flags_are_refused_with_the_flag_named() {
     let output = run_bench(directory.path(), &["--endpoints", endpoints, "put"]);
     assert_ne!(output.code, Some(0));
     assert!(output.stderr.contains(endpoints), "{}", output.stderr);
+}
+
+/// A ZooKeeper server (Debian's), killed by PID on drop.
+struct ZooKeeper {
+    process: std::process::Child,
+}
+
+impl Drop for ZooKeeper {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+#[test]
+fn the_zookeeper_protocol_drives_a_real_zookeeper() {
+    const ZOOKEEPER_PORT: u16 = 24640;
+    let directory = tempfile::tempdir().expect("temporary directory");
+    let configuration = directory.path().join("zoo.cfg");
+    std::fs::write(
+        &configuration,
+        format!(
+            "tickTime=2000\ndataDir={}\nclientPort={ZOOKEEPER_PORT}\nclientPortAddress=127.0.0.1\n\
+             forceSync=yes\nadmin.enableServer=false\n",
+            directory.path().join("data").display()
+        ),
+    )
+    .expect("configuration");
+    let log = std::fs::File::create(directory.path().join("zookeeper.log")).expect("log");
+    let process = Command::new("java")
+        .arg(format!(
+            "-Dzookeeper.log.dir={}",
+            directory.path().display()
+        ))
+        .args(["-cp", "/etc/zookeeper/conf:/usr/share/java/zookeeper.jar"])
+        .arg("org.apache.zookeeper.server.ZooKeeperServerMain")
+        .arg(&configuration)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("java runs (scripts/test installs Debian's zookeeper)");
+    let _zookeeper = ZooKeeper { process };
+    let endpoint = format!("127.0.0.1:{ZOOKEEPER_PORT}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(&endpoint).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "ZooKeeper did not listen on {endpoint} within 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let common = [
+        "--protocol",
+        "zookeeper",
+        "--endpoints",
+        &endpoint,
+        "-o",
+        "json",
+    ];
+    for (workload, name) in [
+        (&["put"][..], "put"),
+        (&["range"], "range-linearizable"),
+        (&["range", "--serializable"], "range-serializable"),
+    ] {
+        let mut arguments = common.to_vec();
+        arguments.extend_from_slice(&[
+            "--clients",
+            "4",
+            "--total",
+            "400",
+            "--key-space-size",
+            "100",
+        ]);
+        arguments.extend_from_slice(workload);
+        let output = run_bench(directory.path(), &arguments);
+        assert_eq!(output.code, Some(0), "{workload:?}: {}", output.stderr);
+        let report: Value = serde_json::from_str(output.stdout.trim()).expect("JSON report");
+        assert_eq!(report["workload"], name);
+        assert_all_done(&report, 400);
+        assert_latency_ordered(&report);
+    }
+    let mut arguments = common.to_vec();
+    arguments.push("txn");
+    let output = run_bench(directory.path(), &arguments);
+    assert_ne!(output.code, Some(0));
+    assert!(
+        output
+            .stderr
+            .contains("--protocol zookeeper runs put and range only"),
+        "{}",
+        output.stderr
+    );
 }

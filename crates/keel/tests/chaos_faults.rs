@@ -347,7 +347,10 @@ fn injection_is_refused_when_off_and_bad_requests_are_named() {
         &["inject", "clock", "--target", "m9", "--for", "1s"],
     );
     assert!(!success);
-    assert!(stderr.contains("no member is named \"m9\""), "{stderr}");
+    assert!(
+        stderr.contains("no member, node or allocation is named \"m9\""),
+        "{stderr}"
+    );
     let (success, _, stderr) = keel_chaos(
         &cluster,
         &["inject", "partition", "--target", "m1", "--for", "1s"],

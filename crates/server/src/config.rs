@@ -92,6 +92,9 @@ pub struct ServerConfig {
     /// Serve `keel chaos` fault injection to loopback callers
     /// (`--experimental-enable-fault-injection`); off by default.
     pub enable_fault_injection: bool,
+    /// The token a non-loopback caller must present to the fault-injection admin API
+    /// (`--experimental-fault-injection-token-file`); without one, only loopback callers.
+    pub fault_injection_token: Option<String>,
     /// BROKEN ON PURPOSE, for the fault suite's self-test: write-ahead log bytes are
     /// written one sync late, so writes are acknowledged before they are durable.
     pub unsafe_acknowledge_before_fsync: bool,
@@ -129,6 +132,7 @@ impl ServerConfig {
             peer_frame_bytes_max: 1 << 30,
             peer_snapshot_bytes_max: 8 * 1024 * 1024 * 1024,
             enable_fault_injection: false,
+            fault_injection_token: None,
             unsafe_acknowledge_before_fsync: false,
         }
     }

@@ -15,8 +15,11 @@
 //!   after the duration (a stopped process cannot wake itself).
 //!
 //! Every injection and every heal (by request or by expiry) is a log line at WARN.
-//! The admin API ([`ChaosService`], gRPC on the client port) answers only callers on
-//! the loopback interface: an experiment is run from the member's own machine.
+//! The admin API ([`ChaosService`], gRPC on the client port) answers callers on the
+//! loopback interface (an experiment run from the member's own machine) and, when the
+//! member was given a token (`--experimental-fault-injection-token-file`), callers
+//! elsewhere that present it as `authorization: Bearer <token>`: injecting a fault is
+//! as dangerous as a root shell, so a remote caller must prove it may.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -525,12 +528,17 @@ fn carry_out_process_fault(kind: process_fault::Kind, duration: Duration) {
 #[derive(Debug, Clone)]
 pub struct ChaosService {
     faults: Option<Arc<FaultInjector>>,
+    token: Option<Arc<str>>,
 }
 
 impl ChaosService {
-    /// A service over this member's injector; `None` when fault injection is off.
-    pub fn new(faults: Option<Arc<FaultInjector>>) -> ChaosService {
-        ChaosService { faults }
+    /// A service over this member's injector (`None` when fault injection is off),
+    /// answering non-loopback callers that present `token`, if there is one.
+    pub fn new(faults: Option<Arc<FaultInjector>>, token: Option<String>) -> ChaosService {
+        ChaosService {
+            faults,
+            token: token.map(Into::into),
+        }
     }
 
     fn authorize<T>(
@@ -545,14 +553,45 @@ impl ChaosService {
         };
         match request.remote_addr() {
             Some(address) if is_loopback(address) => Ok(faults),
-            Some(address) => Err(tonic::Status::permission_denied(format!(
-                "fault injection is answered only on the loopback interface, not to {address}"
-            ))),
-            None => Err(tonic::Status::permission_denied(
-                "fault injection is answered only on the loopback interface",
-            )),
+            remote => {
+                let from =
+                    remote.map_or_else(|| "an unknown address".to_owned(), |a| a.to_string());
+                let Some(token) = &self.token else {
+                    return Err(tonic::Status::permission_denied(format!(
+                        "fault injection is answered only on the loopback interface, not to \
+                         {from}, unless the member was started with \
+                         --experimental-fault-injection-token-file"
+                    )));
+                };
+                let presented = request
+                    .metadata()
+                    .get("authorization")
+                    .and_then(|value| value.to_str().ok())
+                    .and_then(|value| value.strip_prefix("Bearer "));
+                match presented {
+                    Some(presented) if tokens_equal(presented, token) => Ok(faults),
+                    Some(_) => Err(tonic::Status::unauthenticated(format!(
+                        "the fault-injection token presented by {from} is wrong"
+                    ))),
+                    None => Err(tonic::Status::unauthenticated(format!(
+                        "fault injection from {from} needs `authorization: Bearer <token>` \
+                         (keel chaos --token-file)"
+                    ))),
+                }
+            }
         }
     }
+}
+
+/// Compares a presented token with the expected one in time that does not depend on
+/// where they first differ, so the token cannot be guessed byte by byte from timings.
+fn tokens_equal(presented: &str, expected: &str) -> bool {
+    presented.len() == expected.len()
+        && presented
+            .bytes()
+            .zip(expected.bytes())
+            .fold(0u8, |difference, (a, b)| difference | (a ^ b))
+            == 0
 }
 
 fn is_loopback(address: SocketAddr) -> bool {

@@ -336,7 +336,10 @@ impl Server {
         if let Some(faults) = &faults {
             tokio::spawn(faults.clone().expire_periodically());
         }
-        let chaos_service = fault_injection::ChaosService::new(faults.clone());
+        let chaos_service = fault_injection::ChaosService::new(
+            faults.clone(),
+            config.fault_injection_token.clone(),
+        );
         if let Some(interval) = config.corruption_check_interval {
             serve_tasks.push(tokio::spawn(corruption::check_periodically(
                 services.clone(),

@@ -25,7 +25,7 @@ use tonic::Streaming;
 use super::pacer::Pacer;
 use super::progress::Goal;
 use super::report::{OperationError, Recorder, Timings};
-use super::{Plan, Workload, TIMESTAMP_BYTES};
+use super::{zookeeper, Connection, Plan, Workload, TIMESTAMP_BYTES};
 
 /// Keep-alive requests queued on a lease client's stream: one, because a
 /// client waits for each answer before it sends the next.
@@ -68,11 +68,31 @@ enum Client {
         kv: KvClient<Channel>,
         epoch: Instant,
     },
+    /// ZooKeeper's setData.
+    ZooKeeperSetData(zookeeper_client::Client),
+    /// ZooKeeper's getData, after a sync when linearizable.
+    ZooKeeperGetData {
+        session: zookeeper_client::Client,
+        linearizable: bool,
+    },
 }
 
 impl Client {
     /// A client of `plan`'s workload (the watch workload's writer for watch).
-    fn new(plan: &Plan, channel: Channel, epoch: Instant) -> Client {
+    fn new(plan: &Plan, connection: Connection, epoch: Instant) -> Client {
+        let channel = match connection {
+            Connection::Etcd(channel) => channel,
+            Connection::ZooKeeper(session) => {
+                return match plan.workload {
+                    Workload::Range { serializable } => Client::ZooKeeperGetData {
+                        session,
+                        linearizable: !serializable,
+                    },
+                    // The plan allows only put and range with ZooKeeper.
+                    _ => Client::ZooKeeperSetData(session),
+                };
+            }
+        };
         match plan.workload {
             Workload::Put => Client::Put(KvClient::new(channel)),
             Workload::Range { serializable } => Client::Range {
@@ -147,6 +167,17 @@ impl Client {
                 let nanoseconds = intended.saturating_duration_since(*epoch).as_nanos() as u64;
                 value[..TIMESTAMP_BYTES].copy_from_slice(&nanoseconds.to_be_bytes());
                 put(kv, key, value).await?;
+                Ok(completed(intended, false))
+            }
+            Client::ZooKeeperSetData(session) => {
+                zookeeper::set_data(session, &key, value).await?;
+                Ok(completed(intended, false))
+            }
+            Client::ZooKeeperGetData {
+                session,
+                linearizable,
+            } => {
+                zookeeper::get_data(session, &key, *linearizable).await?;
                 Ok(completed(intended, false))
             }
         }
@@ -389,7 +420,7 @@ async fn drive(
 /// workload's clock origin.
 pub async fn run(
     plan: &Arc<Plan>,
-    channels: &[Channel],
+    connections: &[Connection],
     recorder: &Arc<Recorder>,
     epoch: Instant,
 ) -> Timings {
@@ -426,8 +457,8 @@ pub async fn run(
                 .sequential_keys
                 .then_some((client_index as u64, clients)),
         };
-        let channel = channels[client_index % channels.len()].clone();
-        let client = Client::new(plan, channel, epoch);
+        let connection = connections[client_index % connections.len()].clone();
+        let client = Client::new(plan, connection, epoch);
         tasks.push(tokio::spawn(drive(
             client,
             schedule,

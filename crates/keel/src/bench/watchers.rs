@@ -16,6 +16,8 @@ use keel_types::etcdserverpb::{WatchCreateRequest, WatchRequest, WatchResponse};
 use keel_types::mvccpb::event::EventType;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+
+use super::Connection;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::Streaming;
@@ -94,7 +96,8 @@ pub async fn run(
         }
     }
     let writers_start = Instant::now();
-    let timings = clients::run(plan, channels, recorder, epoch).await;
+    let connections: Vec<Connection> = channels.iter().cloned().map(Connection::Etcd).collect();
+    let timings = clients::run(plan, &connections, recorder, epoch).await;
     // Every acknowledged put is committed, so every watcher must see it.
     let expected = recorder.operation_latency.count() * watchers as u64;
     let deadline = Instant::now() + plan.request_timeout;

@@ -606,6 +606,7 @@ async fn play_fault(fault: ScheduledFault, context: FaultContext) -> anyhow::Res
                         &members[index],
                         injected.clone(),
                         fault.for_duration,
+                        None,
                     )
                     .await
                     {

@@ -25,7 +25,8 @@ pub struct Agent {
     pub config_dir: PathBuf,
     pub log_path: PathBuf,
     pub process: Option<Child>,
-    arguments: Vec<String>,
+    /// The `keel` arguments it starts with (a test may add flags before starting).
+    pub arguments: Vec<String>,
 }
 
 impl Agent {
