@@ -6,8 +6,9 @@
 # `keel bench put` throughput against a three-member cluster without agents
 # and with three agents, RUNS times each, alternating so that a change in the
 # machine's load hits both alike. Prints each run (with the load average) and
-# a Markdown table of medians: puts per second, and the members' CPU time per
-# put (user + system, from /proc).
+# a Markdown table of medians: puts per second, the members' CPU time per put
+# (user + system, from /proc), and the members' CPU use while idle (before
+# the load: what the observers' polls alone cost them).
 #
 # Usage: [MEMBER=keel-binary] [AGENT=keel-binary] bench/dashboard-cost.sh [RUNS] [SECONDS] [CLIENTS...]
 #   e.g. MEMBER=target/release/keel AGENT=target/debug/keel bench/dashboard-cost.sh 3 8 1 16
@@ -22,6 +23,8 @@ clients_list=("$@")
 [ ${#clients_list[@]} -gt 0 ] || clients_list=(1 16)
 member=${MEMBER:-target/release/keel}
 agent=${AGENT:-$member}
+# Seconds the members are watched idle (before each load) for their CPU use.
+idle_seconds=${IDLE_SECONDS:-5}
 work=$(mktemp -d)
 member_pids=()
 agent_pids=()
@@ -98,6 +101,10 @@ for run in $(seq 1 "$runs"); do
   for clients in "${clients_list[@]}"; do
     for variant in without with; do
       if [ "$variant" = without ]; then start_cluster 0; else start_cluster 1; fi
+      # Idle first: the members' CPU with nothing but the observers' polls.
+      cpu_idle_start=$(members_cpu_seconds)
+      sleep "$idle_seconds"
+      idle_millicores=$(python3 -c "print(round(($(members_cpu_seconds) - $cpu_idle_start) * 1000 / $idle_seconds))")
       cpu_before=$(members_cpu_seconds)
       report=$("$member" bench --endpoints "$(endpoints)" --clients "$clients" --duration "${seconds}s" -o json put)
       cpu_after=$(members_cpu_seconds)
@@ -108,8 +115,8 @@ report = json.loads(sys.argv[1])
 puts = max(report["operations"], 1)
 print(round(report["operations_per_second"]), round((float(sys.argv[3]) - float(sys.argv[2])) * 1e6 / puts))
 ' "$report" "$cpu_before" "$cpu_after")
-      echo "run $run clients $clients $variant agents: $rate puts/s, $cpu_per_put member CPU us/put (load $(cut -d' ' -f1 /proc/loadavg))" >&2
-      echo "$clients $variant $rate $cpu_per_put" >>"$results"
+      echo "run $run clients $clients $variant agents: $rate puts/s, $cpu_per_put member CPU us/put, idle members $idle_millicores millicores (load $(cut -d' ' -f1 /proc/loadavg))" >&2
+      echo "$clients $variant $rate $cpu_per_put $idle_millicores" >>"$results"
     done
   done
 done
@@ -117,13 +124,14 @@ done
 python3 - "$results" <<'PYEOF'
 import statistics, sys
 rows = [line.split() for line in open(sys.argv[1])]
-print("| clients | without agents: puts/s, median (runs) | with three agents observing: puts/s, median (runs) | with / without | member CPU µs per put, without / with (medians) |")
-print("|---|---|---|---|---|")
+print("| clients | without agents: puts/s, median (runs) | with three agents observing: puts/s, median (runs) | with / without | member CPU µs per put, without / with (medians) | idle members' CPU, millicores, without / with (medians) |")
+print("|---|---|---|---|---|---|")
 for clients in dict.fromkeys(row[0] for row in rows):
     def column(variant, field):
         return [int(r[field]) for r in rows if r[0] == clients and r[1] == variant]
     without, with_ = column("without", 2), column("with", 2)
     mw, ma = statistics.median(without), statistics.median(with_)
     cw, ca = statistics.median(column("without", 3)), statistics.median(column("with", 3))
-    print(f"| {clients} | {mw:.0f} ({', '.join(map(str, without))}) | {ma:.0f} ({', '.join(map(str, with_))}) | {ma / mw:.3f} | {cw:.0f} / {ca:.0f} |")
+    iw, ia = statistics.median(column("without", 4)), statistics.median(column("with", 4))
+    print(f"| {clients} | {mw:.0f} ({', '.join(map(str, without))}) | {ma:.0f} ({', '.join(map(str, with_))}) | {ma / mw:.3f} | {cw:.0f} / {ca:.0f} | {iw:.0f} / {ia:.0f} |")
 PYEOF

@@ -617,6 +617,7 @@ async fn run_ttl(shared: Arc<Shared>, service_id: String, check: definition::Che
         return;
     };
     loop {
+        let mut expired = false;
         let deadline = {
             let mut local = shared.local.lock().expect("local state lock");
             let Some(state) = local
@@ -639,7 +640,7 @@ async fn run_ttl(shared: Arc<Shared>, service_id: String, check: definition::Che
                 );
                 if changed {
                     tracing::info!(service = %service_id, check = %check.id, "TTL check expired");
-                    shared.check_changed(&check.id, CheckStatus::Critical);
+                    expired = true;
                     shared.sync_wakeup.notify_one();
                 }
                 now + ttl
@@ -647,6 +648,10 @@ async fn run_ttl(shared: Arc<Shared>, service_id: String, check: definition::Che
                 deadline
             }
         };
+        // Recorded once the local state's lock is released (it takes it).
+        if expired {
+            shared.check_changed(&check.id, CheckStatus::Critical);
+        }
         tokio::time::sleep_until(deadline.into()).await;
     }
 }

@@ -23,7 +23,15 @@ pub const MEMBER_POLL_INTERVAL: Duration = Duration::from_secs(1);
 pub const MEMBER_STATUS_TIMEOUT: Duration = Duration::from_millis(900);
 /// How often throughput and latency are sampled from the members' metrics.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(2);
-/// Samples kept: ten minutes at [`SAMPLE_INTERVAL`].
+/// How often an agent that neither records cluster-level events nor had its
+/// dashboard open within [`DASHBOARD_VIEW_WINDOW`] polls and samples: every
+/// agent polling every member each second would cost the members three
+/// times what one reporter costs them.
+pub const IDLE_POLL_INTERVAL: Duration = Duration::from_secs(10);
+/// How long after its dashboard was last loaded or polled an agent keeps
+/// polling at [`MEMBER_POLL_INTERVAL`].
+pub const DASHBOARD_VIEW_WINDOW: Duration = Duration::from_secs(60);
+/// Samples kept: ten minutes at [`SAMPLE_INTERVAL`] (more when idle).
 pub const SAMPLES_MAX: usize = 300;
 /// Largest `/metrics` exposition read from a member.
 pub const EXPOSITION_BYTES_MAX: usize = 4 * 1024 * 1024;

@@ -38,8 +38,8 @@ use crate::events::{self, Event};
 use crate::gossip::{GossipMember, GossipStatus};
 use crate::members::{
     cluster_events, parse_exposition, ClusterSnapshot, MemberStatus, MemberView, Observation,
-    Sampler, Scrape, EXPOSITION_BYTES_MAX, MEMBERS_MAX, MEMBER_POLL_INTERVAL,
-    MEMBER_STATUS_TIMEOUT, SAMPLE_INTERVAL,
+    Sampler, Scrape, DASHBOARD_VIEW_WINDOW, EXPOSITION_BYTES_MAX, IDLE_POLL_INTERVAL, MEMBERS_MAX,
+    MEMBER_POLL_INTERVAL, MEMBER_STATUS_TIMEOUT, SAMPLE_INTERVAL,
 };
 use crate::probe::HttpClient;
 
@@ -60,6 +60,8 @@ pub struct Observed {
     pub reporter: AtomicBool,
     /// Every event the watch of `/keel/events/` delivers, for live subscribers.
     pub feed: broadcast::Sender<Event>,
+    /// When the dashboard was last loaded or polled on this agent.
+    viewed_at: Mutex<Option<Instant>>,
 }
 
 impl Default for Observed {
@@ -69,11 +71,28 @@ impl Default for Observed {
             sampler: Mutex::new(Sampler::default()),
             reporter: AtomicBool::new(false),
             feed: broadcast::channel(EVENT_FEED_CAPACITY).0,
+            viewed_at: Mutex::new(None),
         }
     }
 }
 
 impl Observed {
+    /// Notes that someone looks at the dashboard: poll at full rate.
+    pub fn note_viewed(&self) {
+        *self.viewed_at.lock().expect("viewed lock") = Some(Instant::now());
+    }
+
+    /// Whether this agent polls at full rate now: it reports, or its
+    /// dashboard was looked at within [`DASHBOARD_VIEW_WINDOW`].
+    fn busy(&self) -> bool {
+        self.reporter.load(Ordering::Relaxed)
+            || self
+                .viewed_at
+                .lock()
+                .expect("viewed lock")
+                .is_some_and(|viewed| viewed.elapsed() < DASHBOARD_VIEW_WINDOW)
+    }
+
     /// Hands an event the watch delivered to the live subscribers.
     pub fn publish(&self, key: &str, value: &[u8]) {
         if !key.starts_with(events::PREFIX) {
@@ -214,16 +233,32 @@ pub fn node_events(
 
 /// Polls the members every [`MEMBER_POLL_INTERVAL`], records what changed
 /// (when this agent is the reporter) and samples throughput and latency
-/// every [`SAMPLE_INTERVAL`].
+/// every [`SAMPLE_INTERVAL`]; both every [`IDLE_POLL_INTERVAL`] while the
+/// agent neither reports nor has its dashboard looked at.
 pub async fn poll_members(shared: Arc<Shared>) {
     let mut channels: BTreeMap<String, Channel> = BTreeMap::new();
     let mut previous: Option<ClusterSnapshot> = None;
     let mut ticker = tokio::time::interval(MEMBER_POLL_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut next_sample = Instant::now();
+    let mut last_poll: Option<Instant> = None;
+    let mut last_sample: Option<Instant> = None;
     let mut polls: u32 = 0;
     loop {
         ticker.tick().await;
+        let busy = shared.observed.busy();
+        let (poll_interval, sample_interval) = if busy {
+            (MEMBER_POLL_INTERVAL, SAMPLE_INTERVAL)
+        } else {
+            (IDLE_POLL_INTERVAL, IDLE_POLL_INTERVAL)
+        };
+        // A tick comes a little early or late; half an interval of slack.
+        let due = |last: Option<Instant>, interval: Duration| {
+            last.is_none_or(|last| last.elapsed() + MEMBER_POLL_INTERVAL / 2 >= interval)
+        };
+        if !due(last_poll, poll_interval) {
+            continue;
+        }
+        last_poll = Some(Instant::now());
         let snapshot = poll_once(&shared, &mut channels).await;
         polls = polls.saturating_add(1);
         if let Some(previous) = &previous {
@@ -241,8 +276,8 @@ pub async fn poll_members(shared: Arc<Shared>) {
             previous.leader = snapshot.leader.clone();
             previous.term = snapshot.term;
         }
-        if Instant::now() >= next_sample {
-            next_sample = Instant::now() + SAMPLE_INTERVAL;
+        if due(last_sample, sample_interval) {
+            last_sample = Some(Instant::now());
             sample(&shared, &snapshot).await;
         }
     }

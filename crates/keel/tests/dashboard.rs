@@ -1,6 +1,7 @@
 //! The agents' side of observability on real processes (issue 13): every
 //! member and agent scraped, the agents' metrics present and moving with the
-//! cluster (a check turning critical, a node going down), the events log
+//! cluster (a check turning critical, a node going down) and read by Debian's
+//! Prometheus with keel's alert rules, the events log
 //! recording it (`keel events`, and `--follow` over server-sent events), an
 //! agent's `/readyz` following the store; and the web dashboard in Debian's
 //! headless Chromium (driven through chromedriver's WebDriver HTTP API): the
@@ -9,7 +10,8 @@
 //! without a reload. The screenshot is saved as `target/dashboard.png`.
 //!
 //! Ports: 31500–31599 (members 31500–31505 and 31520–31525, agents
-//! 31510–31518 and 31530–31538, a checked service 31599, chromedriver 31590).
+//! 31510–31518 and 31530–31538, a checked service 31599, chromedriver 31590,
+//! Prometheus 31591).
 
 mod agent_support;
 mod common;
@@ -299,6 +301,23 @@ fn agents_export_metrics_and_record_events_that_follow_the_cluster() {
     let event: Value = serde_json::from_str(&line).expect("JSON lines");
     assert_eq!(event["source"], "node2", "the check's own agent records it");
     assert_eq!(event["fields"]["status"], "critical");
+    // A TTL check passed once and then left alone expires: recorded too.
+    let definition = r#"{"Name": "batch", "ID": "batch-1", "Check": {"TTL": "1s"}}"#;
+    let response = put(
+        &addresses[0],
+        "/v1/agent/service/register",
+        Some(definition),
+    );
+    assert_eq!(response.status, 200, "{}", response.body);
+    let response = put(&addresses[0], "/v1/agent/check/pass/service:batch-1", None);
+    assert_eq!(response.status, 200, "{}", response.body);
+    follower.wait_for(CONVERGE_TIMEOUT, |line| {
+        line.contains("node1/batch-1")
+            && line.contains("\"critical\"")
+            && line.contains("TTL expired")
+    });
+    get(&addresses[0], "/v1/agent/self").expect("the agent still answers");
+
     for (index, address) in addresses.iter().enumerate() {
         let text = scrape(address);
         assert!(
@@ -309,6 +328,9 @@ fn agents_export_metrics_and_record_events_that_follow_the_cluster() {
     }
     let recorded = |text: &str| sample(text, "keel_events_recorded_total").unwrap();
     assert!(recorded(&scrape(&addresses[1])) > recorded(&before[1]));
+
+    // Debian's Prometheus scrapes the agents with keel's alert rules.
+    let prometheus = Prometheus::start(31591, &addresses);
 
     // node3 is killed: down on every agent once its lease expires, and the
     // reporter records it once.
@@ -366,6 +388,19 @@ fn agents_export_metrics_and_record_events_that_follow_the_cluster() {
         suspects.iter().all(|event| event["subject"] == "node3"),
         "{suspects:?}"
     );
+    // The alert rules read the agents' series: KeelNodeDown is pending (it
+    // fires after a minute) for node3, KeelCheckCritical for db-1.
+    let alerts =
+        prometheus.wait_for_alerts(&[("KeelNodeDown", "node3"), ("KeelCheckCritical", "node2")]);
+    drop(prometheus);
+    assert!(
+        alerts
+            .iter()
+            .all(|alert| alert["labels"]["alertname"] != "KeelNodeDown"
+                || alert["labels"]["node"] == "node3"),
+        "only node3 is down: {alerts:?}"
+    );
+
     // `Accept: text/event-stream` on /v1/events gives the same stream.
     let streamed = first_server_sent_event(&addresses[0], "/v1/events?since=5m&type=node.down");
     assert!(
@@ -411,6 +446,88 @@ fn agents_export_metrics_and_record_events_that_follow_the_cluster() {
         get(&addresses[0], "/readyz").ok()
     });
     assert!(ready.body.contains("[+]node_lease ok") && ready.body.contains("[+]view ok"));
+}
+
+/// Debian's `prometheus` scraping the agents every second with keel's
+/// alert rules; killed on drop.
+struct Prometheus {
+    process: Child,
+    address: String,
+    directory: tempfile::TempDir,
+}
+
+impl Prometheus {
+    fn start(port: u16, agents: &[String]) -> Prometheus {
+        let directory = tempfile::tempdir().expect("temporary directory");
+        let rules =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/prometheus/alerts.yml");
+        let targets = agents
+            .iter()
+            .map(|address| format!("'{address}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let configuration = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+             rule_files:\n  - '{}'\n\
+             scrape_configs:\n  - job_name: keel-agents\n    static_configs:\n      - targets: [{targets}]\n",
+            rules.display()
+        );
+        let configuration_path = directory.path().join("prometheus.yml");
+        std::fs::write(&configuration_path, configuration).expect("writing the configuration");
+        let log = std::fs::File::create(directory.path().join("prometheus.log")).expect("log");
+        let address = format!("127.0.0.1:{port}");
+        let process = Command::new("prometheus")
+            .arg(format!("--config.file={}", configuration_path.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                directory.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address={address}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("prometheus is installed (scripts/test installs Debian's prometheus)");
+        Prometheus {
+            process,
+            address,
+            directory,
+        }
+    }
+
+    /// Waits (bounded) until each (alert, node) is pending or firing;
+    /// returns the alerts.
+    fn wait_for_alerts(&self, wanted: &[(&str, &str)]) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let alerts = get(&self.address, "/api/v1/alerts")
+                .ok()
+                .and_then(|response| response.json()["data"]["alerts"].as_array().cloned())
+                .unwrap_or_default();
+            let present = wanted.iter().all(|(name, node)| {
+                alerts.iter().any(|alert| {
+                    alert["labels"]["alertname"] == *name && alert["labels"]["node"] == *node
+                })
+            });
+            if present {
+                return alerts;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Prometheus raised no {wanted:?} within 60 s: {alerts:?}\n{}",
+                std::fs::read_to_string(self.directory.path().join("prometheus.log"))
+                    .unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
 }
 
 /// chromedriver, with one headless Chromium session; the session is closed

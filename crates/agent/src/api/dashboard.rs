@@ -34,6 +34,7 @@ const STYLE: &str = include_str!("../ui/style.css");
 
 /// `/ui`: the page with its first state embedded.
 pub async fn page(State(shared): State<Arc<Shared>>) -> Response {
+    shared.observed.note_viewed();
     let state = serde_json::to_string(&state_json(&shared)).expect("state serializes");
     // Inside <script>, "</" would end the element: escape every '<'.
     let embedded = state.replace('<', "\\u003c");
@@ -68,6 +69,7 @@ fn html_escape(text: &str) -> String {
 
 /// `/v1/ui/state`: everything the page shows but the timeline and keys.
 pub async fn state(State(shared): State<Arc<Shared>>) -> Response {
+    shared.observed.note_viewed();
     (
         [(header::CACHE_CONTROL, "no-store")],
         axum::Json(state_json(&shared)),

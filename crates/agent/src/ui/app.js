@@ -210,11 +210,13 @@ function renderJobs(state) {
   document.getElementById("jobs-note").textContent = counts;
 }
 
-function chart(id, title, series, format) {
+function chart(id, title, times, series, format) {
   const width = 600, height = 130, pad = 4;
   const points = series.flatMap((line) => line.values.filter((value) => value !== null && value !== undefined));
   const top = Math.max(1e-9, ...points) * 1.15;
-  const count = Math.max(2, ...series.map((line) => line.values.length));
+  // x is time: an idle agent samples less often than one being watched.
+  const first = times.length ? times[0] : 0;
+  const span = Math.max(1, times.length ? times[times.length - 1] - first : 1);
   const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
   svg.setAttribute("viewBox", "0 0 " + width + " " + height);
   svg.setAttribute("preserveAspectRatio", "none");
@@ -229,7 +231,7 @@ function chart(id, title, series, format) {
     let path = "";
     line.values.forEach((value, index) => {
       if (value === null || value === undefined) return;
-      const x = pad + ((width - 2 * pad) * (index + count - line.values.length)) / (count - 1);
+      const x = pad + ((width - 2 * pad) * (times[index] - first)) / span;
       const y = height - pad - ((height - 2 * pad) * value) / top;
       path += (path ? " L" : "M") + x.toFixed(1) + " " + y.toFixed(1);
     });
@@ -254,11 +256,12 @@ function chart(id, title, series, format) {
 function renderCharts(state) {
   const samples = state.samples || [];
   const rate = (value) => (value === null || value === undefined ? "–" : value.toFixed(value < 10 ? 1 : 0) + "/s");
-  chart("chart-throughput", "Throughput", [
+  const times = samples.map((sample) => sample.time_unix_ms);
+  chart("chart-throughput", "Throughput", times, [
     { name: "requests", color: "#2f5bea", values: samples.map((sample) => sample.requests_per_second) },
     { name: "Raft commits", color: "#1f9d55", values: samples.map((sample) => sample.commits_per_second) },
   ], rate);
-  chart("chart-latency", "Latency", [
+  chart("chart-latency", "Latency", times, [
     { name: "WAL fsync p99", color: "#b7791f", values: samples.map((sample) => sample.fsync_p99_seconds) },
     { name: "read from agent", color: "#7b4bd6", values: samples.map((sample) => sample.read_latency_seconds) },
   ], seconds);
