@@ -3,6 +3,7 @@
 //! etcd-protocol client for the basics; `keel bench` measures a cluster.
 
 mod agent_command;
+mod alloc_command;
 mod availability;
 mod bench;
 mod chaos;
@@ -60,6 +61,8 @@ enum Command {
     Availability(availability::Arguments),
     /// Inject faults into running members (needs --experimental-enable-fault-injection).
     Chaos(chaos::Arguments),
+    /// Show allocations and their tasks, print their logs (via an agent).
+    Alloc(alloc_command::AllocArguments),
 }
 
 fn main() -> std::process::ExitCode {
@@ -90,6 +93,7 @@ fn main() -> std::process::ExitCode {
             Command::Node(arguments) => registry_command::run_node(arguments).await,
             Command::Availability(arguments) => availability::run(arguments).await,
             Command::Chaos(arguments) => chaos::run(arguments).await,
+            Command::Alloc(arguments) => alloc_command::run(arguments).await,
         }
     });
     match result {
