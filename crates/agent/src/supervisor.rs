@@ -2,9 +2,9 @@
 //! (`/keel/allocs/<node>/<alloc id>`) and reports them
 //! (`/keel/alloc-status/<alloc id>`), Nomad's client side.
 //!
-//! - A watch of `/keel/alloc` (allocations and statuses of every node)
-//!   feeds [`SupervisorView`], which the HTTP API reads and the reconcile
-//!   loop compares with the runners it has.
+//! - The agent's one watch of `/keel/` feeds [`SupervisorView`] with the
+//!   allocations and statuses of every node, which the HTTP API reads and
+//!   the reconcile loop compares with the runners it has.
 //! - One runner per allocation of this node wanted running: each task of
 //!   the group is started with [`keel_scheduler::task_launch`] in a process
 //!   group of its own, under the limits of [`resource_limits`], its output
@@ -39,8 +39,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
-use keel_client::keel_types::mvccpb::event::EventType as WatchEventType;
-use keel_client::{Client, WatchOptions};
+use keel_client::Client;
 use keel_scheduler::{
     stop_after_client_disconnect, task_launch, Allocation, ClientStatus, DesiredStatus, Group,
     JobState, JobType, RestartDecision, Task, TaskEnd, Time,
@@ -75,8 +74,6 @@ pub const VIEW_ALLOCATIONS_MAX: usize = 100_000;
 /// Most finished allocation directories (logs) kept on disk; the oldest
 /// are removed beyond.
 pub const FINISHED_DIRECTORIES_KEPT: usize = 64;
-/// The range `/keel/alloc` covers `/keel/allocs/` and `/keel/alloc-status/`.
-const WATCH_PREFIX: &str = "/keel/alloc";
 /// First pause after a failed store request.
 const STORE_RETRY_MIN: Duration = Duration::from_millis(100);
 /// Longest pause between two attempts at an unreachable store.
@@ -113,7 +110,35 @@ impl SupervisorView {
         self.state.read().expect("supervisor view lock")
     }
 
-    fn apply(&self, key: &str, value: Option<&[u8]>) {
+    /// Replaces the view with a listing of `/keel/` (the agent's watch
+    /// lists again after a break).
+    pub fn reset(&self, listing: &[keel_client::keel_types::mvccpb::KeyValue]) {
+        {
+            let mut state = self.state.write().expect("supervisor view lock");
+            state.allocations.clear();
+            state.statuses.clear();
+        }
+        for kv in listing {
+            let key = String::from_utf8_lossy(&kv.key);
+            if key.starts_with(ALLOCS_PREFIX) || key.starts_with(STATUS_PREFIX) {
+                self.apply_inner(&key, Some(&kv.value));
+            }
+        }
+        self.state.write().expect("supervisor view lock").listed = true;
+        self.changed.notify_one();
+    }
+
+    /// Takes one change of a key of `/keel/` (keys outside the allocations
+    /// and statuses are ignored); `None` is a deletion.
+    pub fn apply(&self, key: &str, value: Option<&[u8]>) {
+        if !key.starts_with(ALLOCS_PREFIX) && !key.starts_with(STATUS_PREFIX) {
+            return;
+        }
+        self.apply_inner(key, value);
+        self.changed.notify_one();
+    }
+
+    fn apply_inner(&self, key: &str, value: Option<&[u8]>) {
         let mut state = self.state.write().expect("supervisor view lock");
         if let Some(rest) = key.strip_prefix(ALLOCS_PREFIX) {
             let Some((_node, id)) = rest.split_once('/') else {
@@ -180,8 +205,6 @@ pub fn spawn(shared: Arc<Shared>, gossip: Arc<Gossip>) -> JoinHandle<()> {
                     reason: "detection failed".into(),
                 }),
         );
-        let mut background = JoinSet::new();
-        background.spawn(watch_allocations(shared.clone()));
         let mut supervisor = Supervisor {
             shared,
             gossip,
@@ -198,60 +221,6 @@ pub fn spawn(shared: Arc<Shared>, gossip: Arc<Gossip>) -> JoinHandle<()> {
         };
         supervisor.run().await;
     })
-}
-
-/// Lists `/keel/alloc…` and watches it, feeding the view.
-async fn watch_allocations(shared: Arc<Shared>) {
-    let view = &shared.supervisor;
-    let mut retry_delay = STORE_RETRY_MIN;
-    loop {
-        let listing = match shared.client.get_prefix(WATCH_PREFIX).await {
-            Ok(listing) => listing,
-            Err(error) => {
-                tracing::warn!(%error, "cannot list the allocations; retrying");
-                tokio::time::sleep(retry_delay).await;
-                retry_delay = (retry_delay * 2).min(STORE_RETRY_MAX);
-                continue;
-            }
-        };
-        let revision = listing.header.as_ref().map_or(0, |header| header.revision);
-        {
-            let mut state = view.state.write().expect("supervisor view lock");
-            state.allocations.clear();
-            state.statuses.clear();
-        }
-        for kv in &listing.kvs {
-            view.apply(&String::from_utf8_lossy(&kv.key), Some(&kv.value));
-        }
-        view.state.write().expect("supervisor view lock").listed = true;
-        view.changed.notify_one();
-        let options = WatchOptions::prefix(WATCH_PREFIX).from_revision(revision + 1);
-        let mut watcher = match shared.client.watch(options).await {
-            Ok(watcher) => watcher,
-            Err(error) => {
-                tracing::warn!(%error, "cannot watch the allocations; retrying");
-                tokio::time::sleep(retry_delay).await;
-                retry_delay = (retry_delay * 2).min(STORE_RETRY_MAX);
-                continue;
-            }
-        };
-        retry_delay = STORE_RETRY_MIN;
-        while let Some(response) = watcher.next().await {
-            let Ok(response) = response else { break };
-            if response.canceled || response.compact_revision > 0 {
-                break;
-            }
-            for event in response.events {
-                let deleted = event.r#type() == WatchEventType::Delete;
-                let Some(kv) = event.kv else { continue };
-                let key = String::from_utf8_lossy(&kv.key).into_owned();
-                view.apply(&key, (!deleted).then_some(&kv.value[..]));
-            }
-            view.changed.notify_one();
-        }
-        tracing::warn!("the allocations watch ended; listing again");
-        tokio::time::sleep(STORE_RETRY_MIN).await;
-    }
 }
 
 /// Why a runner's tasks must stop.
@@ -1182,6 +1151,10 @@ async fn run_once(
             Outcome::Ended(TaskEnd::LivenessCritical)
         },
         _ = wait_stop(desire) => {
+            // Out of discovery first, so no new request reaches a stopping task.
+            for id in service_ids {
+                let _ = run.shared.deregister(id).await;
+            }
             let exit = process::stop(&mut started.child, pid, KILL_TIMEOUT).await;
             let now = now_time();
             run.update(|status| {
