@@ -68,6 +68,8 @@ const HEALTH_POLL_INTERVAL: Duration = Duration::from_millis(250);
 pub const USAGE_INTERVAL: Duration = Duration::from_secs(2);
 /// The directory under `--data-dir` holding one directory per allocation.
 pub const ALLOCS_DIRECTORY: &str = "allocs";
+/// Longest the reconcile loop waits for a job spec from the store.
+const JOB_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most allocations (of all nodes) the view holds; beyond, new ones are
 /// ignored with an error in the log.
 pub const VIEW_ALLOCATIONS_MAX: usize = 100_000;
@@ -96,6 +98,8 @@ pub struct AllocationsView {
     pub statuses: BTreeMap<String, AllocationStatus>,
     /// The first listing arrived.
     pub listed: bool,
+    /// This node's allocations' CPU use at the last sample (also gossiped).
+    pub cpu_millicores: BTreeMap<String, u64>,
 }
 
 /// What the supervisor shares with the HTTP API.
@@ -217,10 +221,19 @@ pub fn spawn(shared: Arc<Shared>, gossip: Arc<Gossip>) -> JoinHandle<()> {
             cleanups: JoinSet::new(),
             done: BTreeSet::new(),
             deleting: BTreeSet::new(),
-            system: sysinfo::System::new(),
+            system: process_sampler(),
         };
         supervisor.run().await;
     })
+}
+
+/// Why an allocation's job spec could not be had.
+enum JobError {
+    /// The store did not answer: try again later.
+    Unavailable(String),
+    /// The job or its version is not there (or unreadable): the allocation
+    /// cannot run, ever.
+    Missing(String),
 }
 
 /// Why a runner's tasks must stop.
@@ -374,7 +387,11 @@ impl Supervisor {
             }
             match self.job(&allocation.job, allocation.job_version).await {
                 Ok(job) => self.start_runner(allocation.clone(), stored.cloned(), job),
-                Err(reason) => {
+                Err(JobError::Unavailable(reason)) => {
+                    // The store is away: try again at the next reconcile.
+                    tracing::warn!(alloc = %id, %reason, "cannot read the allocation's job yet");
+                }
+                Err(JobError::Missing(reason)) => {
                     tracing::error!(alloc = %id, %reason, "cannot run the allocation");
                     self.done.insert(id.clone());
                     let mut status = stored.cloned().unwrap_or_else(|| {
@@ -418,22 +435,24 @@ impl Supervisor {
 
     /// The job state holding `version` of `job` (read from the store once
     /// per version: a version never changes).
-    async fn job(&mut self, job: &str, version: u64) -> Result<Arc<JobState>, String> {
+    async fn job(&mut self, job: &str, version: u64) -> Result<Arc<JobState>, JobError> {
         if let Some(state) = self.jobs.get(&(job.to_string(), version)) {
             return Ok(state.clone());
         }
         let key = format!("{JOBS_PREFIX}{job}");
-        let kv = self
-            .shared
-            .client
-            .get(key.clone())
+        let read = tokio::time::timeout(JOB_READ_TIMEOUT, self.shared.client.get(key.clone()))
             .await
-            .map_err(|error| format!("cannot read {key}: {error}"))?
-            .ok_or_else(|| format!("job {job:?} not found ({key})"))?;
+            .map_err(|_| {
+                JobError::Unavailable(format!("no answer for {key} within {JOB_READ_TIMEOUT:?}"))
+            })?
+            .map_err(|error| JobError::Unavailable(format!("cannot read {key}: {error}")))?;
+        let kv = read.ok_or_else(|| JobError::Missing(format!("job {job:?} not found ({key})")))?;
         let state: JobState = serde_json::from_slice(&kv.value)
-            .map_err(|error| format!("{key} does not decode: {error}"))?;
+            .map_err(|error| JobError::Missing(format!("{key} does not decode: {error}")))?;
         if state.version(version).is_none() {
-            return Err(format!("job {job:?} has no version {version}"));
+            return Err(JobError::Missing(format!(
+                "job {job:?} has no version {version}"
+            )));
         }
         let state = Arc::new(state);
         self.jobs.insert((job.to_string(), version), state.clone());
@@ -544,35 +563,14 @@ impl Supervisor {
                 true,
                 sysinfo::ProcessRefreshKind::nothing().with_cpu(),
             );
-            let mut children: BTreeMap<sysinfo::Pid, Vec<sysinfo::Pid>> = BTreeMap::new();
-            for (pid, process) in self.system.processes() {
-                if let Some(parent) = process.parent() {
-                    children.entry(parent).or_default().push(*pid);
-                }
-            }
-            leaders
-                .into_iter()
-                .map(|(id, pids)| {
-                    let mut percent = 0f32;
-                    let mut pending: Vec<sysinfo::Pid> =
-                        pids.into_iter().map(sysinfo::Pid::from_u32).collect();
-                    let mut seen = BTreeSet::new();
-                    while let Some(pid) = pending.pop() {
-                        if !seen.insert(pid) {
-                            continue;
-                        }
-                        if let Some(process) = self.system.process(pid) {
-                            percent += process.cpu_usage();
-                        }
-                        if let Some(descendants) = children.get(&pid) {
-                            pending.extend(descendants.iter().copied());
-                        }
-                    }
-                    // sysinfo gives percent of one core; 100 % = 1,000 millicores.
-                    (id, (percent * 10.0).round() as u64)
-                })
-                .collect()
+            cpu_millicores(&self.system, leaders)
         };
+        self.shared
+            .supervisor
+            .state
+            .write()
+            .expect("supervisor view lock")
+            .cpu_millicores = usage.clone();
         self.gossip.publish_allocation_usage(&usage).await;
     }
 
@@ -610,6 +608,51 @@ impl Supervisor {
             }
         }
     }
+}
+
+/// A sysinfo system for per-process CPU use: processes' CPU use is a share
+/// of the machine's CPU time, so the CPU list must be known first.
+fn process_sampler() -> sysinfo::System {
+    sysinfo::System::new_with_specifics(
+        sysinfo::RefreshKind::nothing()
+            .with_cpu(sysinfo::CpuRefreshKind::nothing().with_cpu_usage()),
+    )
+}
+
+/// The CPU use of each allocation, in millicores: the sum over its task
+/// leaders and all their descendants, from `system`'s last two refreshes.
+fn cpu_millicores(
+    system: &sysinfo::System,
+    leaders: BTreeMap<String, Vec<u32>>,
+) -> BTreeMap<String, u64> {
+    let mut children: BTreeMap<sysinfo::Pid, Vec<sysinfo::Pid>> = BTreeMap::new();
+    for (pid, process) in system.processes() {
+        if let Some(parent) = process.parent() {
+            children.entry(parent).or_default().push(*pid);
+        }
+    }
+    leaders
+        .into_iter()
+        .map(|(id, pids)| {
+            let mut percent = 0f32;
+            let mut pending: Vec<sysinfo::Pid> =
+                pids.into_iter().map(sysinfo::Pid::from_u32).collect();
+            let mut seen = BTreeSet::new();
+            while let Some(pid) = pending.pop() {
+                if !seen.insert(pid) {
+                    continue;
+                }
+                if let Some(process) = system.process(pid) {
+                    percent += process.cpu_usage();
+                }
+                if let Some(descendants) = children.get(&pid) {
+                    pending.extend(descendants.iter().copied());
+                }
+            }
+            // sysinfo gives percent of one core; 100 % = 1,000 millicores.
+            (id, (percent * 10.0).round() as u64)
+        })
+        .collect()
 }
 
 /// Writes a status, retrying until the store takes it.
@@ -1217,5 +1260,49 @@ async fn poll_liveness(run: &AllocationRun, service_ids: &[String]) -> String {
         if let Some(reason) = run.liveness_critical(service_ids) {
             return reason;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_use_counts_a_task_and_its_descendants() {
+        // A shell whose child burns CPU: the leader itself is idle.
+        use std::os::unix::process::CommandExt;
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sh -c 'while :; do :; done' & wait"])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let leader = child.id();
+        let mut system = process_sampler();
+        let refresh = |system: &mut sysinfo::System| {
+            system.refresh_processes_specifics(
+                sysinfo::ProcessesToUpdate::All,
+                true,
+                sysinfo::ProcessRefreshKind::nothing().with_cpu(),
+            );
+        };
+        // sysinfo needs a process's CPU times non-zero at the first sample
+        // to compute a use at the second.
+        std::thread::sleep(Duration::from_millis(300));
+        refresh(&mut system);
+        std::thread::sleep(Duration::from_millis(1000));
+        refresh(&mut system);
+        let usage = cpu_millicores(
+            &system,
+            BTreeMap::from([
+                ("busy".to_string(), vec![leader]),
+                ("gone".to_string(), vec![u32::MAX - 1]),
+            ]),
+        );
+        process::signal_group(leader, nix::sys::signal::Signal::SIGKILL);
+        let _ = child.wait();
+        // A spinning process gets a good share of a core even on a loaded
+        // machine; an idle shell alone would be 0.
+        assert!(usage["busy"] >= 50, "{usage:?}");
+        assert_eq!(usage["gone"], 0);
     }
 }

@@ -100,11 +100,15 @@ impl Fixture {
     /// Starts the agent talking to the member at `member_port` (the member,
     /// or a proxy in front of it).
     async fn agent_through(&self, slot: u16, member_port: u16) -> Agent {
+        self.agent_with(NODE, slot, member_port).await
+    }
+
+    async fn agent_with(&self, name: &str, slot: u16, member_port: u16) -> Agent {
         let http = self.base + 2 + 3 * slot;
         let config = AgentConfig {
-            name: NODE.into(),
+            name: name.into(),
             endpoints: vec![format!("http://127.0.0.1:{member_port}")],
-            data_dir: self.data_dir(),
+            data_dir: self.directory.path().join(name),
             http_addr: SocketAddr::from(([127, 0, 0, 1], http)),
             dns_addr: SocketAddr::from(([127, 0, 0, 1], http + 1)),
             gossip_addr: SocketAddr::from(([127, 0, 0, 1], http + 2)),
@@ -413,6 +417,13 @@ resources = { cpu_millicores = 200, memory_mib = 256 }
     let listing: Value = serde_json::from_str(&listing).unwrap();
     assert_eq!(listing[0]["id"], id);
     assert_eq!(listing[0]["node"], NODE);
+    http_until(
+        &agent,
+        &format!("/v1/allocation/{id}"),
+        "the CPU sample",
+        |code, body| code == 200 && !body.contains("\"cpu_millicores\":null"),
+    )
+    .await;
     let (_, none) = http_get(&agent, "/v1/allocations?job=other").await;
     assert_eq!(none, "[]");
     let (code, one) = http_get(&agent, &format!("/v1/allocation/{id}")).await;
@@ -883,4 +894,73 @@ config = { command = "sh", args = ["-c", "sleep 300 & wait"] }
         processes_of(id).is_empty(),
         "a stopped allocation never runs again"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_agent_serves_the_logs_of_an_allocation_on_another_node() {
+    let fixture = Fixture::start(30120).await;
+    let first = fixture.agent(0).await;
+    let second = fixture.agent_with("node2", 1, fixture.base).await;
+    fixture
+        .put_job(
+            r#"
+name = "elsewhere"
+[group.g.task.main]
+config = { command = "sh", args = ["-c", "echo from-node2; sleep 300"] }
+"#,
+        )
+        .await;
+    let id = "a0000000-0000-4000-8000-000000000007";
+    let mut placed = allocation(id, "elsewhere", &[]);
+    placed.node = "node2".into();
+    fixture.put_allocation(&placed).await;
+    let status = fixture
+        .status_until(id, "running on node2", Duration::from_secs(20), |status| {
+            status.client.status == ClientStatus::Running
+        })
+        .await;
+    assert_eq!(status.node, "node2");
+    assert!(processes_of(id)
+        .values()
+        .all(|group| Some(*group) == status.tasks["main"].pid));
+    // Asked of node1, answered by node2 through node1.
+    http_until(
+        &first,
+        &format!("/v1/allocation/{id}/logs"),
+        "the proxied log",
+        |code, body| code == 200 && body.contains("from-node2"),
+    )
+    .await;
+    let (code, body) = http_get(&first, &format!("/v1/allocation/{id}/logs?task=nope")).await;
+    assert_eq!(code, 404, "the owner's refusal comes through: {body}");
+    let listing = http_until(
+        &first,
+        "/v1/allocations?node=node2",
+        "node2's allocation listed",
+        |code, body| code == 200 && body.contains(id),
+    )
+    .await;
+    assert!(
+        listing.contains("\"client_status\":\"running\""),
+        "{listing}"
+    );
+    // Stopped by deleting its key: the task goes, then the status.
+    fixture
+        .client
+        .delete(format!("/keel/allocs/node2/{id}"))
+        .await
+        .unwrap();
+    wait_until("the task to be gone", Duration::from_secs(15), || {
+        processes_of(id).is_empty()
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while fixture.status(id).await.is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the status of a deleted allocation stays"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(second);
 }
