@@ -227,6 +227,16 @@ pub fn spawn(shared: Arc<Shared>, gossip: Arc<Gossip>) -> JoinHandle<()> {
     })
 }
 
+/// Whether an allocation id is safe as a directory name (the controller
+/// draws UUID-shaped ids).
+fn valid_alloc_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= crate::definition::NAME_BYTES_MAX
+        && id
+            .chars()
+            .all(|character| character.is_ascii_alphanumeric() || matches!(character, '-' | '_'))
+}
+
 /// Why an allocation's job spec could not be had.
 enum JobError {
     /// The store did not answer: try again later.
@@ -366,6 +376,13 @@ impl Supervisor {
         }
         for (id, allocation) in &own {
             if self.runners.contains_key(id) || self.done.contains(id) {
+                continue;
+            }
+            if !valid_alloc_id(id) {
+                // It names a directory under --data-dir: nothing that could
+                // walk out of it is run.
+                tracing::error!(alloc = %id, "an allocation id that is not letters, digits, `-` and `_`; not run");
+                self.done.insert(id.clone());
                 continue;
             }
             let stored = statuses.get(id);
@@ -888,6 +905,9 @@ async fn run_allocation(
         );
     }
     let _ = process::write_pids(&run.alloc_dir, &BTreeMap::new());
+    for name in run.group.tasks.keys() {
+        run.limiter.forget(&task_cgroup_name(run.id(), name));
+    }
     // The final status must be in the store before the runner ends (the
     // reconcile loop then knows the allocation ran here for good), and
     // before a deletion, which must be the last word.
@@ -922,6 +942,11 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// The name of a task's cgroup (under the agent's `keel-allocations`).
+fn task_cgroup_name(alloc_id: &str, task: &str) -> String {
+    format!("{alloc_id}.{task}")
+}
+
 /// How a task's run ended.
 enum Outcome {
     /// It ended by itself (or its liveness check killed it).
@@ -935,7 +960,7 @@ async fn run_task(run: Arc<AllocationRun>, name: String, task: Task) {
     let mut desire = run.desire.subscribe();
     let launch = task_launch(&run.allocation, &name, &task);
     let service_ids = run.service_ids(&name, &task);
-    let cgroup_name = format!("{}.{}", run.id(), name);
+    let cgroup_name = task_cgroup_name(run.id(), &name);
     loop {
         if *desire.borrow_and_update() != Desire::Run {
             mark_dead(&run, &name, "Stopped before starting");
@@ -1266,6 +1291,15 @@ async fn poll_liveness(run: &AllocationRun, service_ids: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn allocation_ids_are_safe_directory_names() {
+        assert!(valid_alloc_id("5b0c5a6e-0000-4000-8000-000000000001"));
+        assert!(!valid_alloc_id(".."));
+        assert!(!valid_alloc_id("a/../b"));
+        assert!(!valid_alloc_id(""));
+        assert!(!valid_alloc_id(&"a".repeat(200)));
+    }
 
     #[test]
     fn cpu_use_counts_a_task_and_its_descendants() {

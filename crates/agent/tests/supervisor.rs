@@ -400,8 +400,9 @@ resources = { cpu_millicores = 200, memory_mib = 256 }
             .expect("the stream goes on")
             .unwrap();
         if let Ok(data) = frame.into_data() {
-            assert!(String::from_utf8_lossy(&data).contains("tick-"));
-            chunks += 1;
+            if String::from_utf8_lossy(&data).contains("tick-") {
+                chunks += 1;
+            }
         }
     }
     drop(body);
