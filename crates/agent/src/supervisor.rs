@@ -765,6 +765,20 @@ impl AllocationRun {
         self.publish.send_replace(snapshot);
     }
 
+    /// Follows the readiness checks: a status change only when readiness
+    /// changed (cheap when nothing did: this runs every health poll).
+    fn refresh_readiness(&self) {
+        let ready = self.ready();
+        let changed = {
+            let status = self.status.lock().expect("status lock");
+            status.client.status == ClientStatus::Running
+                && status.client.ready_since.is_some() != ready
+        };
+        if changed {
+            self.update(|_| {});
+        }
+    }
+
     /// The instance ids of the services of `task`.
     fn service_ids(&self, task_name: &str, task: &Task) -> Vec<String> {
         task.services
@@ -855,7 +869,7 @@ async fn run_allocation(
                 }
             }
             _ = health.tick() => {
-                run.update(|_| {});
+                run.refresh_readiness();
                 let running = run.status.lock().expect("status lock").client.status == ClientStatus::Running;
                 if running && !started_recorded {
                     started_recorded = true;
