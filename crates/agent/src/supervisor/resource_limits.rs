@@ -159,7 +159,13 @@ fn prepare_cgroup_v2() -> Result<PathBuf, String> {
         std::fs::create_dir_all(&leaf).map_err(|error| format!("{}: {error}", leaf.display()))?;
         std::fs::write(leaf.join("cgroup.procs"), std::process::id().to_string())
             .map_err(|error| format!("{}/cgroup.procs: {error}", leaf.display()))?;
-        enable(&own)?;
+        if let Err(reason) = enable(&own) {
+            // Other processes share the agent's cgroup (a login session):
+            // leave everything as it was.
+            let _ = std::fs::write(own.join("cgroup.procs"), std::process::id().to_string());
+            let _ = std::fs::remove_dir(&leaf);
+            return Err(reason);
+        }
     }
     let parent = own.join(ALLOCATIONS_CGROUP);
     std::fs::create_dir_all(&parent).map_err(|error| format!("{}: {error}", parent.display()))?;
