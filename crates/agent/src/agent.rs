@@ -813,6 +813,8 @@ async fn watch_task(shared: Arc<Shared>) {
             }
         };
         let revision = listing.header.as_ref().map_or(0, |header| header.revision);
+        // The supervisor's allocations and statuses come from this same watch.
+        shared.supervisor.reset(&listing.kvs);
         let changes: Vec<Change> = listing
             .kvs
             .into_iter()
@@ -865,6 +867,9 @@ async fn watch_task(shared: Arc<Shared>) {
                     let Some(kv) = event.kv else { continue };
                     let key = String::from_utf8_lossy(&kv.key).into_owned();
                     registry_changed |= crate::catalog::is_registry_key(&key);
+                    shared
+                        .supervisor
+                        .apply(&key, (!deleted).then_some(&kv.value[..]));
                     let change = if deleted {
                         Change::Delete { key }
                     } else {

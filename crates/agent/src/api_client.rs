@@ -123,6 +123,36 @@ impl ApiClient {
     /// GETs `path` and hands back its body line by line as it arrives (a
     /// stream of server-sent events), without a deadline.
     pub async fn stream_lines(&self, path: &str) -> Result<LineStream, ApiError> {
+        Ok(LineStream {
+            body: self.open_stream(path, "text/event-stream").await?,
+            buffer: Vec::new(),
+        })
+    }
+
+    /// GETs `path` and hands each piece of the answer to `sink` as it
+    /// arrives, without a deadline (for streams: `keel alloc logs -f`).
+    pub async fn get_streamed(
+        &self,
+        path: &str,
+        mut sink: impl FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> Result<(), ApiError> {
+        let mut body = self.open_stream(path, "*/*").await?;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|error| ApiError::Invalid(error.to_string()))?;
+            if let Ok(data) = frame.into_data() {
+                sink(&data).map_err(|error| ApiError::Invalid(error.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// GETs `path` and returns the body of a successful answer unread (the
+    /// deadline covers the answer's head only); a refusal carries its message.
+    async fn open_stream(
+        &self,
+        path: &str,
+        accept: &str,
+    ) -> Result<hyper::body::Incoming, ApiError> {
         let unreachable = |reason: String| ApiError::Unreachable {
             address: self.address.clone(),
             reason,
@@ -130,7 +160,7 @@ impl ApiClient {
         let request = hyper::Request::builder()
             .method(hyper::Method::GET)
             .uri(format!("http://{}{}", self.address, path))
-            .header(hyper::header::ACCEPT, "text/event-stream")
+            .header(hyper::header::ACCEPT, accept)
             .body(Full::new(Bytes::new()))
             .map_err(|error| unreachable(error.to_string()))?;
         let response = tokio::time::timeout(REQUEST_TIMEOUT, self.client.request(request))
@@ -149,10 +179,7 @@ impl ApiClient {
                 message: String::from_utf8_lossy(&body).trim().to_string(),
             });
         }
-        Ok(LineStream {
-            body: response.into_body(),
-            buffer: Vec::new(),
-        })
+        Ok(response.into_body())
     }
 
     /// Sends `body` (JSON, or nothing) with `method` to `path` and decodes

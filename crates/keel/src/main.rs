@@ -3,6 +3,7 @@
 //! etcd-protocol client for the basics; `keel bench` measures a cluster.
 
 mod agent_command;
+mod alloc_command;
 mod availability;
 mod bench;
 mod chaos;
@@ -68,6 +69,8 @@ enum Command {
     Chaos(chaos::Arguments),
     /// Show the cluster's events log, or follow it (via an agent).
     Events(events_command::Arguments),
+    /// Show allocations and their tasks, print their logs (via an agent).
+    Alloc(alloc_command::AllocArguments),
 }
 
 fn main() -> std::process::ExitCode {
@@ -100,6 +103,7 @@ fn main() -> std::process::ExitCode {
             Command::Availability(arguments) => availability::run(arguments).await,
             Command::Chaos(arguments) => chaos::run(arguments).await,
             Command::Events(arguments) => events_command::run(arguments).await,
+            Command::Alloc(arguments) => alloc_command::run(arguments).await,
         }
     });
     match result {
