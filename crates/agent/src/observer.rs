@@ -211,11 +211,10 @@ pub fn node_events(
                 events::EventType::NodeAlive,
                 format!("node {name} registered and is alive"),
             ),
-            (None, NodeStatus::Down) => continue,
-            (_, NodeStatus::Down) => (
-                events::EventType::NodeDown,
-                format!("node {name} is down: its lease expired"),
-            ),
+            // node.down is the controller's to record: it writes the node's
+            // `/keel/node-down/` key once, fenced, and records the event then,
+            // so the log has one event per failure whoever observes it.
+            (_, NodeStatus::Down) => continue,
         };
         let mut fields = vec![("status".to_string(), status.as_str().to_string())];
         if let Some(phi) = phi {
@@ -543,7 +542,6 @@ mod tests {
             vec![
                 (events::EventType::NodeSuspect, "n1"),
                 (events::EventType::NodeAlive, "n2"),
-                (events::EventType::NodeDown, "n3"),
                 (events::EventType::NodeAlive, "n5"),
             ]
         );
