@@ -409,9 +409,33 @@ fn node_failures_drain_and_controller_failover() {
     // `keel job run`: three instances on three nodes, passing in DNS.
     let (ok, stdout, stderr) = keel(&["job", "run", &job_path, "--agent-addr", &addresses[2]]);
     assert!(ok, "{stderr}\n{}", agents.logs());
-    assert!(
-        stdout.contains("job web registered as version 0"),
-        "{stdout}"
+    // What the README shows `keel job run examples/jobs/web.toml` print.
+    let lines: Vec<String> = stdout
+        .lines()
+        .map(|line| line.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    assert_eq!(lines.len(), 10, "{stdout}");
+    assert_eq!(lines[0], "job web registered as version 0");
+    assert_eq!(lines[1], "evaluation:");
+    for index in 0..3 {
+        assert!(
+            lines[2 + index].starts_with(&format!("+ place web.web[{index}] on node"))
+                && lines[2 + index].ends_with("(new, version 0)"),
+            "{stdout}"
+        );
+        assert!(
+            lines[7 + index].contains(&format!(" web[{index}] 0 node"))
+                && lines[7 + index].contains(" run "),
+            "{stdout}"
+        );
+    }
+    assert_eq!(
+        lines[5],
+        "3 to place, 0 to stop, 0 to update in place, 0 unplaceable"
+    );
+    assert_eq!(
+        lines[6],
+        "ID INSTANCE VERSION NODE DESIRED STATUS READY RESTARTS RESCHEDULES CREATED"
     );
     let running = wait_for_three_serving(
         &addresses[0],
