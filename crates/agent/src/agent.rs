@@ -734,6 +734,8 @@ async fn watch_task(shared: Arc<Shared>) {
             }
         };
         let revision = listing.header.as_ref().map_or(0, |header| header.revision);
+        // The supervisor's allocations and statuses come from this same watch.
+        shared.supervisor.reset(&listing.kvs);
         let changes = listing
             .kvs
             .into_iter()
@@ -781,6 +783,9 @@ async fn watch_task(shared: Arc<Shared>) {
                     let deleted = event.r#type() == EventType::Delete;
                     let Some(kv) = event.kv else { continue };
                     let key = String::from_utf8_lossy(&kv.key).into_owned();
+                    shared
+                        .supervisor
+                        .apply(&key, (!deleted).then_some(&kv.value[..]));
                     let change = if deleted {
                         Change::Delete { key }
                     } else {

@@ -83,6 +83,46 @@ impl ApiClient {
         serde_json::from_slice(&body).map_err(|error| ApiError::Invalid(error.to_string()))
     }
 
+    /// GETs `path` and hands each piece of the answer to `sink` as it
+    /// arrives, without a deadline (for streams: `keel alloc logs -f`).
+    pub async fn get_streamed(
+        &self,
+        path: &str,
+        mut sink: impl FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> Result<(), ApiError> {
+        let unreachable = |reason: String| ApiError::Unreachable {
+            address: self.address.clone(),
+            reason,
+        };
+        let request = hyper::Request::get(format!("http://{}{}", self.address, path))
+            .body(Full::new(Bytes::new()))
+            .map_err(|error| unreachable(error.to_string()))?;
+        let response = tokio::time::timeout(REQUEST_TIMEOUT, self.client.request(request))
+            .await
+            .map_err(|_| unreachable(format!("no answer within {REQUEST_TIMEOUT:?}")))?
+            .map_err(|error| unreachable(error.to_string()))?;
+        let status = response.status();
+        let mut body = response.into_body();
+        if !status.is_success() {
+            let body = Limited::new(body, RESPONSE_BYTES_MAX)
+                .collect()
+                .await
+                .map_err(|error| ApiError::Invalid(error.to_string()))?
+                .to_bytes();
+            return Err(ApiError::Refused {
+                status: status.as_u16(),
+                message: String::from_utf8_lossy(&body).trim().to_string(),
+            });
+        }
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|error| ApiError::Invalid(error.to_string()))?;
+            if let Ok(data) = frame.into_data() {
+                sink(&data).map_err(|error| ApiError::Invalid(error.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+
     async fn request(
         &self,
         method: hyper::Method,

@@ -2,9 +2,9 @@
 //! (`/keel/allocs/<node>/<alloc id>`) and reports them
 //! (`/keel/alloc-status/<alloc id>`), Nomad's client side.
 //!
-//! - A watch of `/keel/alloc` (allocations and statuses of every node)
-//!   feeds [`SupervisorView`], which the HTTP API reads and the reconcile
-//!   loop compares with the runners it has.
+//! - The agent's one watch of `/keel/` feeds [`SupervisorView`] with the
+//!   allocations and statuses of every node, which the HTTP API reads and
+//!   the reconcile loop compares with the runners it has.
 //! - One runner per allocation of this node wanted running: each task of
 //!   the group is started with [`keel_scheduler::task_launch`] in a process
 //!   group of its own, under the limits of [`resource_limits`], its output
@@ -39,8 +39,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
-use keel_client::keel_types::mvccpb::event::EventType as WatchEventType;
-use keel_client::{Client, WatchOptions};
+use keel_client::Client;
 use keel_scheduler::{
     stop_after_client_disconnect, task_launch, Allocation, ClientStatus, DesiredStatus, Group,
     JobState, JobType, RestartDecision, Task, TaskEnd, Time,
@@ -69,14 +68,14 @@ const HEALTH_POLL_INTERVAL: Duration = Duration::from_millis(250);
 pub const USAGE_INTERVAL: Duration = Duration::from_secs(2);
 /// The directory under `--data-dir` holding one directory per allocation.
 pub const ALLOCS_DIRECTORY: &str = "allocs";
+/// Longest the reconcile loop waits for a job spec from the store.
+const JOB_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most allocations (of all nodes) the view holds; beyond, new ones are
 /// ignored with an error in the log.
 pub const VIEW_ALLOCATIONS_MAX: usize = 100_000;
 /// Most finished allocation directories (logs) kept on disk; the oldest
 /// are removed beyond.
 pub const FINISHED_DIRECTORIES_KEPT: usize = 64;
-/// The range `/keel/alloc` covers `/keel/allocs/` and `/keel/alloc-status/`.
-const WATCH_PREFIX: &str = "/keel/alloc";
 /// First pause after a failed store request.
 const STORE_RETRY_MIN: Duration = Duration::from_millis(100);
 /// Longest pause between two attempts at an unreachable store.
@@ -99,6 +98,8 @@ pub struct AllocationsView {
     pub statuses: BTreeMap<String, AllocationStatus>,
     /// The first listing arrived.
     pub listed: bool,
+    /// This node's allocations' CPU use at the last sample (also gossiped).
+    pub cpu_millicores: BTreeMap<String, u64>,
 }
 
 /// What the supervisor shares with the HTTP API.
@@ -113,7 +114,35 @@ impl SupervisorView {
         self.state.read().expect("supervisor view lock")
     }
 
-    fn apply(&self, key: &str, value: Option<&[u8]>) {
+    /// Replaces the view with a listing of `/keel/` (the agent's watch
+    /// lists again after a break).
+    pub fn reset(&self, listing: &[keel_client::keel_types::mvccpb::KeyValue]) {
+        {
+            let mut state = self.state.write().expect("supervisor view lock");
+            state.allocations.clear();
+            state.statuses.clear();
+        }
+        for kv in listing {
+            let key = String::from_utf8_lossy(&kv.key);
+            if key.starts_with(ALLOCS_PREFIX) || key.starts_with(STATUS_PREFIX) {
+                self.apply_inner(&key, Some(&kv.value));
+            }
+        }
+        self.state.write().expect("supervisor view lock").listed = true;
+        self.changed.notify_one();
+    }
+
+    /// Takes one change of a key of `/keel/` (keys outside the allocations
+    /// and statuses are ignored); `None` is a deletion.
+    pub fn apply(&self, key: &str, value: Option<&[u8]>) {
+        if !key.starts_with(ALLOCS_PREFIX) && !key.starts_with(STATUS_PREFIX) {
+            return;
+        }
+        self.apply_inner(key, value);
+        self.changed.notify_one();
+    }
+
+    fn apply_inner(&self, key: &str, value: Option<&[u8]>) {
         let mut state = self.state.write().expect("supervisor view lock");
         if let Some(rest) = key.strip_prefix(ALLOCS_PREFIX) {
             let Some((_node, id)) = rest.split_once('/') else {
@@ -180,8 +209,6 @@ pub fn spawn(shared: Arc<Shared>, gossip: Arc<Gossip>) -> JoinHandle<()> {
                     reason: "detection failed".into(),
                 }),
         );
-        let mut background = JoinSet::new();
-        background.spawn(watch_allocations(shared.clone()));
         let mut supervisor = Supervisor {
             shared,
             gossip,
@@ -194,64 +221,29 @@ pub fn spawn(shared: Arc<Shared>, gossip: Arc<Gossip>) -> JoinHandle<()> {
             cleanups: JoinSet::new(),
             done: BTreeSet::new(),
             deleting: BTreeSet::new(),
-            system: sysinfo::System::new(),
+            system: process_sampler(),
         };
         supervisor.run().await;
     })
 }
 
-/// Lists `/keel/alloc…` and watches it, feeding the view.
-async fn watch_allocations(shared: Arc<Shared>) {
-    let view = &shared.supervisor;
-    let mut retry_delay = STORE_RETRY_MIN;
-    loop {
-        let listing = match shared.client.get_prefix(WATCH_PREFIX).await {
-            Ok(listing) => listing,
-            Err(error) => {
-                tracing::warn!(%error, "cannot list the allocations; retrying");
-                tokio::time::sleep(retry_delay).await;
-                retry_delay = (retry_delay * 2).min(STORE_RETRY_MAX);
-                continue;
-            }
-        };
-        let revision = listing.header.as_ref().map_or(0, |header| header.revision);
-        {
-            let mut state = view.state.write().expect("supervisor view lock");
-            state.allocations.clear();
-            state.statuses.clear();
-        }
-        for kv in &listing.kvs {
-            view.apply(&String::from_utf8_lossy(&kv.key), Some(&kv.value));
-        }
-        view.state.write().expect("supervisor view lock").listed = true;
-        view.changed.notify_one();
-        let options = WatchOptions::prefix(WATCH_PREFIX).from_revision(revision + 1);
-        let mut watcher = match shared.client.watch(options).await {
-            Ok(watcher) => watcher,
-            Err(error) => {
-                tracing::warn!(%error, "cannot watch the allocations; retrying");
-                tokio::time::sleep(retry_delay).await;
-                retry_delay = (retry_delay * 2).min(STORE_RETRY_MAX);
-                continue;
-            }
-        };
-        retry_delay = STORE_RETRY_MIN;
-        while let Some(response) = watcher.next().await {
-            let Ok(response) = response else { break };
-            if response.canceled || response.compact_revision > 0 {
-                break;
-            }
-            for event in response.events {
-                let deleted = event.r#type() == WatchEventType::Delete;
-                let Some(kv) = event.kv else { continue };
-                let key = String::from_utf8_lossy(&kv.key).into_owned();
-                view.apply(&key, (!deleted).then_some(&kv.value[..]));
-            }
-            view.changed.notify_one();
-        }
-        tracing::warn!("the allocations watch ended; listing again");
-        tokio::time::sleep(STORE_RETRY_MIN).await;
-    }
+/// Whether an allocation id is safe as a directory name (the controller
+/// draws UUID-shaped ids).
+fn valid_alloc_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= crate::definition::NAME_BYTES_MAX
+        && id
+            .chars()
+            .all(|character| character.is_ascii_alphanumeric() || matches!(character, '-' | '_'))
+}
+
+/// Why an allocation's job spec could not be had.
+enum JobError {
+    /// The store did not answer: try again later.
+    Unavailable(String),
+    /// The job or its version is not there (or unreadable): the allocation
+    /// cannot run, ever.
+    Missing(String),
 }
 
 /// Why a runner's tasks must stop.
@@ -386,6 +378,13 @@ impl Supervisor {
             if self.runners.contains_key(id) || self.done.contains(id) {
                 continue;
             }
+            if !valid_alloc_id(id) {
+                // It names a directory under --data-dir: nothing that could
+                // walk out of it is run.
+                tracing::error!(alloc = %id, "an allocation id that is not letters, digits, `-` and `_`; not run");
+                self.done.insert(id.clone());
+                continue;
+            }
             let stored = statuses.get(id);
             if stored.is_some_and(|status| status.client.status.is_terminal()) {
                 self.done.insert(id.clone());
@@ -405,7 +404,11 @@ impl Supervisor {
             }
             match self.job(&allocation.job, allocation.job_version).await {
                 Ok(job) => self.start_runner(allocation.clone(), stored.cloned(), job),
-                Err(reason) => {
+                Err(JobError::Unavailable(reason)) => {
+                    // The store is away: try again at the next reconcile.
+                    tracing::warn!(alloc = %id, %reason, "cannot read the allocation's job yet");
+                }
+                Err(JobError::Missing(reason)) => {
                     tracing::error!(alloc = %id, %reason, "cannot run the allocation");
                     self.done.insert(id.clone());
                     let mut status = stored.cloned().unwrap_or_else(|| {
@@ -449,22 +452,24 @@ impl Supervisor {
 
     /// The job state holding `version` of `job` (read from the store once
     /// per version: a version never changes).
-    async fn job(&mut self, job: &str, version: u64) -> Result<Arc<JobState>, String> {
+    async fn job(&mut self, job: &str, version: u64) -> Result<Arc<JobState>, JobError> {
         if let Some(state) = self.jobs.get(&(job.to_string(), version)) {
             return Ok(state.clone());
         }
         let key = format!("{JOBS_PREFIX}{job}");
-        let kv = self
-            .shared
-            .client
-            .get(key.clone())
+        let read = tokio::time::timeout(JOB_READ_TIMEOUT, self.shared.client.get(key.clone()))
             .await
-            .map_err(|error| format!("cannot read {key}: {error}"))?
-            .ok_or_else(|| format!("job {job:?} not found ({key})"))?;
+            .map_err(|_| {
+                JobError::Unavailable(format!("no answer for {key} within {JOB_READ_TIMEOUT:?}"))
+            })?
+            .map_err(|error| JobError::Unavailable(format!("cannot read {key}: {error}")))?;
+        let kv = read.ok_or_else(|| JobError::Missing(format!("job {job:?} not found ({key})")))?;
         let state: JobState = serde_json::from_slice(&kv.value)
-            .map_err(|error| format!("{key} does not decode: {error}"))?;
+            .map_err(|error| JobError::Missing(format!("{key} does not decode: {error}")))?;
         if state.version(version).is_none() {
-            return Err(format!("job {job:?} has no version {version}"));
+            return Err(JobError::Missing(format!(
+                "job {job:?} has no version {version}"
+            )));
         }
         let state = Arc::new(state);
         self.jobs.insert((job.to_string(), version), state.clone());
@@ -575,35 +580,14 @@ impl Supervisor {
                 true,
                 sysinfo::ProcessRefreshKind::nothing().with_cpu(),
             );
-            let mut children: BTreeMap<sysinfo::Pid, Vec<sysinfo::Pid>> = BTreeMap::new();
-            for (pid, process) in self.system.processes() {
-                if let Some(parent) = process.parent() {
-                    children.entry(parent).or_default().push(*pid);
-                }
-            }
-            leaders
-                .into_iter()
-                .map(|(id, pids)| {
-                    let mut percent = 0f32;
-                    let mut pending: Vec<sysinfo::Pid> =
-                        pids.into_iter().map(sysinfo::Pid::from_u32).collect();
-                    let mut seen = BTreeSet::new();
-                    while let Some(pid) = pending.pop() {
-                        if !seen.insert(pid) {
-                            continue;
-                        }
-                        if let Some(process) = self.system.process(pid) {
-                            percent += process.cpu_usage();
-                        }
-                        if let Some(descendants) = children.get(&pid) {
-                            pending.extend(descendants.iter().copied());
-                        }
-                    }
-                    // sysinfo gives percent of one core; 100 % = 1,000 millicores.
-                    (id, (percent * 10.0).round() as u64)
-                })
-                .collect()
+            cpu_millicores(&self.system, leaders)
         };
+        self.shared
+            .supervisor
+            .state
+            .write()
+            .expect("supervisor view lock")
+            .cpu_millicores = usage.clone();
         self.gossip.publish_allocation_usage(&usage).await;
     }
 
@@ -641,6 +625,51 @@ impl Supervisor {
             }
         }
     }
+}
+
+/// A sysinfo system for per-process CPU use: processes' CPU use is a share
+/// of the machine's CPU time, so the CPU list must be known first.
+fn process_sampler() -> sysinfo::System {
+    sysinfo::System::new_with_specifics(
+        sysinfo::RefreshKind::nothing()
+            .with_cpu(sysinfo::CpuRefreshKind::nothing().with_cpu_usage()),
+    )
+}
+
+/// The CPU use of each allocation, in millicores: the sum over its task
+/// leaders and all their descendants, from `system`'s last two refreshes.
+fn cpu_millicores(
+    system: &sysinfo::System,
+    leaders: BTreeMap<String, Vec<u32>>,
+) -> BTreeMap<String, u64> {
+    let mut children: BTreeMap<sysinfo::Pid, Vec<sysinfo::Pid>> = BTreeMap::new();
+    for (pid, process) in system.processes() {
+        if let Some(parent) = process.parent() {
+            children.entry(parent).or_default().push(*pid);
+        }
+    }
+    leaders
+        .into_iter()
+        .map(|(id, pids)| {
+            let mut percent = 0f32;
+            let mut pending: Vec<sysinfo::Pid> =
+                pids.into_iter().map(sysinfo::Pid::from_u32).collect();
+            let mut seen = BTreeSet::new();
+            while let Some(pid) = pending.pop() {
+                if !seen.insert(pid) {
+                    continue;
+                }
+                if let Some(process) = system.process(pid) {
+                    percent += process.cpu_usage();
+                }
+                if let Some(descendants) = children.get(&pid) {
+                    pending.extend(descendants.iter().copied());
+                }
+            }
+            // sysinfo gives percent of one core; 100 % = 1,000 millicores.
+            (id, (percent * 10.0).round() as u64)
+        })
+        .collect()
 }
 
 /// Writes a status, retrying until the store takes it.
@@ -736,6 +765,20 @@ impl AllocationRun {
         self.publish.send_replace(snapshot);
     }
 
+    /// Follows the readiness checks: a status change only when readiness
+    /// changed (cheap when nothing did: this runs every health poll).
+    fn refresh_readiness(&self) {
+        let ready = self.ready();
+        let changed = {
+            let status = self.status.lock().expect("status lock");
+            status.client.status == ClientStatus::Running
+                && status.client.ready_since.is_some() != ready
+        };
+        if changed {
+            self.update(|_| {});
+        }
+    }
+
     /// The instance ids of the services of `task`.
     fn service_ids(&self, task_name: &str, task: &Task) -> Vec<String> {
         task.services
@@ -826,7 +869,7 @@ async fn run_allocation(
                 }
             }
             _ = health.tick() => {
-                run.update(|_| {});
+                run.refresh_readiness();
                 let running = run.status.lock().expect("status lock").client.status == ClientStatus::Running;
                 if running && !started_recorded {
                     started_recorded = true;
@@ -876,6 +919,9 @@ async fn run_allocation(
         );
     }
     let _ = process::write_pids(&run.alloc_dir, &BTreeMap::new());
+    for name in run.group.tasks.keys() {
+        run.limiter.forget(&task_cgroup_name(run.id(), name));
+    }
     // The final status must be in the store before the runner ends (the
     // reconcile loop then knows the allocation ran here for good), and
     // before a deletion, which must be the last word.
@@ -910,6 +956,11 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// The name of a task's cgroup (under the agent's `keel-allocations`).
+fn task_cgroup_name(alloc_id: &str, task: &str) -> String {
+    format!("{alloc_id}.{task}")
+}
+
 /// How a task's run ended.
 enum Outcome {
     /// It ended by itself (or its liveness check killed it).
@@ -923,7 +974,7 @@ async fn run_task(run: Arc<AllocationRun>, name: String, task: Task) {
     let mut desire = run.desire.subscribe();
     let launch = task_launch(&run.allocation, &name, &task);
     let service_ids = run.service_ids(&name, &task);
-    let cgroup_name = format!("{}.{}", run.id(), name);
+    let cgroup_name = task_cgroup_name(run.id(), &name);
     loop {
         if *desire.borrow_and_update() != Desire::Run {
             mark_dead(&run, &name, "Stopped before starting");
@@ -1182,6 +1233,10 @@ async fn run_once(
             Outcome::Ended(TaskEnd::LivenessCritical)
         },
         _ = wait_stop(desire) => {
+            // Out of discovery first, so no new request reaches a stopping task.
+            for id in service_ids {
+                let _ = run.shared.deregister(id).await;
+            }
             let exit = process::stop(&mut started.child, pid, KILL_TIMEOUT).await;
             let now = now_time();
             run.update(|status| {
@@ -1244,5 +1299,58 @@ async fn poll_liveness(run: &AllocationRun, service_ids: &[String]) -> String {
         if let Some(reason) = run.liveness_critical(service_ids) {
             return reason;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocation_ids_are_safe_directory_names() {
+        assert!(valid_alloc_id("5b0c5a6e-0000-4000-8000-000000000001"));
+        assert!(!valid_alloc_id(".."));
+        assert!(!valid_alloc_id("a/../b"));
+        assert!(!valid_alloc_id(""));
+        assert!(!valid_alloc_id(&"a".repeat(200)));
+    }
+
+    #[test]
+    fn cpu_use_counts_a_task_and_its_descendants() {
+        // A shell whose child burns CPU: the leader itself is idle.
+        use std::os::unix::process::CommandExt;
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sh -c 'while :; do :; done' & wait"])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let leader = child.id();
+        let mut system = process_sampler();
+        let refresh = |system: &mut sysinfo::System| {
+            system.refresh_processes_specifics(
+                sysinfo::ProcessesToUpdate::All,
+                true,
+                sysinfo::ProcessRefreshKind::nothing().with_cpu(),
+            );
+        };
+        // sysinfo needs a process's CPU times non-zero at the first sample
+        // to compute a use at the second.
+        std::thread::sleep(Duration::from_millis(300));
+        refresh(&mut system);
+        std::thread::sleep(Duration::from_millis(1000));
+        refresh(&mut system);
+        let usage = cpu_millicores(
+            &system,
+            BTreeMap::from([
+                ("busy".to_string(), vec![leader]),
+                ("gone".to_string(), vec![u32::MAX - 1]),
+            ]),
+        );
+        process::signal_group(leader, nix::sys::signal::Signal::SIGKILL);
+        let _ = child.wait();
+        // A spinning process gets a good share of a core even on a loaded
+        // machine; an idle shell alone would be 0.
+        assert!(usage["busy"] >= 50, "{usage:?}");
+        assert_eq!(usage["gone"], 0);
     }
 }

@@ -3,6 +3,7 @@
 //! etcd-protocol client for the basics; `keel bench` measures a cluster.
 
 mod agent_command;
+mod alloc_command;
 mod availability;
 mod bench;
 mod chaos;
@@ -64,6 +65,8 @@ enum Command {
     Availability(availability::Arguments),
     /// Inject faults into running members (needs --experimental-enable-fault-injection).
     Chaos(chaos::Arguments),
+    /// Show allocations and their tasks, print their logs (via an agent).
+    Alloc(alloc_command::AllocArguments),
 }
 
 fn main() -> std::process::ExitCode {
@@ -95,6 +98,7 @@ fn main() -> std::process::ExitCode {
             Command::Job(arguments) => job_command::run(arguments).await,
             Command::Availability(arguments) => availability::run(arguments).await,
             Command::Chaos(arguments) => chaos::run(arguments).await,
+            Command::Alloc(arguments) => alloc_command::run(arguments).await,
         }
     });
     match result {

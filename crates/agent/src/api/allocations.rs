@@ -51,7 +51,12 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 
 /// One allocation as the API shows it: a summary for tables, the desired
 /// half with the reported `client` joined in, and the full status.
-fn joined(allocation: &Allocation, status: Option<&AllocationStatus>, full: bool) -> Value {
+fn joined(
+    allocation: &Allocation,
+    status: Option<&AllocationStatus>,
+    cpu_millicores: Option<u64>,
+    full: bool,
+) -> Value {
     let mut desired = allocation.clone();
     if let Some(status) = status {
         desired.client = status.client;
@@ -74,6 +79,8 @@ fn joined(allocation: &Allocation, status: Option<&AllocationStatus>, full: bool
         "client_status": desired.client.status,
         "restarts": status.map_or(0, |status| status.tasks.values().map(|task| task.restarts).sum::<u32>()),
         "resource_limits": status.and_then(|status| status.resource_limits).map(|limits| limits.as_str()),
+        // Sampled by the allocation's own node (null elsewhere).
+        "cpu_millicores": cpu_millicores,
         "allocation": desired,
     });
     if full {
@@ -102,7 +109,14 @@ async fn list(State(shared): State<Arc<Shared>>, Query(parameters): Parameters) 
     });
     let values: Vec<Value> = entries
         .into_iter()
-        .map(|allocation| joined(allocation, view.statuses.get(&allocation.id.0), false))
+        .map(|allocation| {
+            joined(
+                allocation,
+                view.statuses.get(&allocation.id.0),
+                view.cpu_millicores.get(&allocation.id.0).copied(),
+                false,
+            )
+        })
         .collect();
     axum::Json(Value::Array(values)).into_response()
 }
@@ -110,9 +124,13 @@ async fn list(State(shared): State<Arc<Shared>>, Query(parameters): Parameters) 
 async fn one(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
     let view = shared.supervisor.read();
     match view.allocations.get(&id) {
-        Some(allocation) => {
-            axum::Json(joined(allocation, view.statuses.get(&id), true)).into_response()
-        }
+        Some(allocation) => axum::Json(joined(
+            allocation,
+            view.statuses.get(&id),
+            view.cpu_millicores.get(&id).copied(),
+            true,
+        ))
+        .into_response(),
         None => error(StatusCode::NOT_FOUND, format!("no allocation {id:?}")),
     }
 }

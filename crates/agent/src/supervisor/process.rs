@@ -5,11 +5,13 @@
 //! behind.
 
 use std::collections::BTreeMap;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use keel_scheduler::TaskLaunch;
+use nix::fcntl::{fcntl, FcntlArg};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
@@ -18,6 +20,9 @@ use super::resource_limits::{Applied, WRAPPER_SHELL};
 
 /// The file, in an allocation's directory, naming its running process groups.
 pub const PIDS_FILE: &str = "pids";
+/// The capacity asked for each task output pipe (Linux's default is 64 KiB;
+/// 1 MiB is the default `/proc/sys/fs/pipe-max-size`).
+pub const PIPE_BUFFER_BYTES: i32 = 1024 * 1024;
 /// Most allocation directories looked at for leftovers at start.
 pub const LEFTOVER_DIRECTORIES_MAX: usize = 10_000;
 
@@ -181,6 +186,19 @@ pub fn start(
         command: launch.command.clone(),
         source,
     })?;
+    // A wider pipe lets a task keep writing while the agent is paused
+    // (SIGSTOP, a long GC-like stall) before its writes block.
+    for pipe in [
+        child.stdout.as_ref().map(|pipe| pipe.as_fd()),
+        child.stderr.as_ref().map(|pipe| pipe.as_fd()),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if let Err(error) = fcntl(pipe, FcntlArg::F_SETPIPE_SZ(PIPE_BUFFER_BYTES)) {
+            tracing::debug!(%error, "cannot widen a task's output pipe");
+        }
+    }
     let pid = child.id().unwrap_or(0);
     let start_time = start_time_of(pid).unwrap_or(0);
     Ok(Started {
@@ -216,4 +234,58 @@ pub async fn stop(
     };
     signal_group(pid, Signal::SIGKILL);
     status
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::supervisor::resource_limits::Limiter;
+
+    #[tokio::test]
+    async fn a_task_runs_in_its_own_group_with_wide_output_pipes() {
+        let directory = tempfile::tempdir().unwrap();
+        let launch = TaskLaunch {
+            command: "sleep".into(),
+            args: vec!["30".into()],
+            env: BTreeMap::new(),
+            work_dir: None,
+        };
+        let limits = Limiter::Rlimits {
+            reason: "test".into(),
+        }
+        .apply("test.task", 100, 64);
+        let mut started = start(&launch, &limits, directory.path()).unwrap();
+        let stdout = started.child.stdout.as_ref().unwrap();
+        let size = fcntl(stdout.as_fd(), FcntlArg::F_GETPIPE_SZ).unwrap();
+        assert_eq!(size, PIPE_BUFFER_BYTES);
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", started.pid)).unwrap();
+        let group: u32 = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .nth(2)
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(group, started.pid, "the task leads its own process group");
+        let exit = stop(&mut started.child, started.pid, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&exit),
+            Some(15)
+        );
+        assert!(matches!(
+            start(
+                &TaskLaunch {
+                    command: "no-such-command-anywhere".into(),
+                    ..launch
+                },
+                &limits,
+                directory.path()
+            ),
+            Err(StartError::NotFound(_))
+        ));
+    }
 }

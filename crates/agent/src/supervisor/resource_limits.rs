@@ -108,6 +108,19 @@ impl Limiter {
     }
 }
 
+impl Limiter {
+    /// Removes the cgroup of task `name` if there is one left (a task whose
+    /// cgroup could not be removed when it ended).
+    pub fn forget(&self, name: &str) {
+        if let Limiter::CgroupV2 { parent } = self {
+            let cgroup = parent.join(name);
+            if cgroup.exists() {
+                remove_cgroup(&cgroup);
+            }
+        }
+    }
+}
+
 /// `cpu.max`'s quota for `millicores` (at least 1 ms per period).
 fn cpu_quota(millicores: u64) -> u64 {
     (millicores.saturating_mul(CPU_PERIOD_MICROSECONDS) / 1000).max(1000)
@@ -146,11 +159,26 @@ fn prepare_cgroup_v2() -> Result<PathBuf, String> {
         std::fs::create_dir_all(&leaf).map_err(|error| format!("{}: {error}", leaf.display()))?;
         std::fs::write(leaf.join("cgroup.procs"), std::process::id().to_string())
             .map_err(|error| format!("{}/cgroup.procs: {error}", leaf.display()))?;
-        enable(&own)?;
+        if let Err(reason) = enable(&own) {
+            // Other processes share the agent's cgroup (a login session):
+            // leave everything as it was.
+            let _ = std::fs::write(own.join("cgroup.procs"), std::process::id().to_string());
+            let _ = std::fs::remove_dir(&leaf);
+            return Err(reason);
+        }
     }
     let parent = own.join(ALLOCATIONS_CGROUP);
     std::fs::create_dir_all(&parent).map_err(|error| format!("{}: {error}", parent.display()))?;
     enable(&parent)?;
+    // Task cgroups of a previous run whose processes are gone (the kernel
+    // refuses to remove one that still holds a process).
+    if let Ok(entries) = std::fs::read_dir(&parent) {
+        for entry in entries.flatten() {
+            if entry.path().is_dir() {
+                remove_cgroup(&entry.path());
+            }
+        }
+    }
     Ok(parent)
 }
 

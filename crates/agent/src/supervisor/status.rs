@@ -165,12 +165,17 @@ impl AllocationStatus {
         if self.client.status.is_terminal() {
             return;
         }
-        let all_running = !self.tasks.is_empty()
+        // Running: some task runs and none waits to start or restart (a
+        // batch task that completed is dead and does not hold it back).
+        let running = self
+            .tasks
+            .values()
+            .any(|task| task.state == TaskState::Running)
             && self
                 .tasks
                 .values()
-                .all(|task| task.state == TaskState::Running);
-        if all_running {
+                .all(|task| task.state != TaskState::Pending);
+        if running {
             if self.client.status != ClientStatus::Running {
                 self.client.status = ClientStatus::Running;
                 self.client.started_at.get_or_insert(now);
@@ -241,6 +246,10 @@ mod tests {
         assert_eq!(status.client.ready_since, Some(Time(30)));
         status.refresh_client(true, Time(40));
         assert_eq!(status.client.ready_since, Some(Time(30)));
+        // A completed (dead) task does not hold a running allocation back.
+        status.tasks.get_mut("one").unwrap().state = TaskState::Dead;
+        status.refresh_client(true, Time(45));
+        assert_eq!(status.client.status, ClientStatus::Running);
         status.finish(ClientStatus::Failed, Time(50));
         status.refresh_client(true, Time(60));
         assert_eq!(status.client.status, ClientStatus::Failed);
