@@ -574,6 +574,7 @@ async fn evaluation_pass(
         if plan.is_empty() {
             continue;
         }
+        let write_started = std::time::Instant::now();
         match write_plan(
             client,
             fence,
@@ -586,6 +587,15 @@ async fn evaluation_pass(
         .await
         {
             Ok(revision) => {
+                tracing::info!(
+                    job = %name,
+                    version = plan.job_version,
+                    placements = plan.placements.len(),
+                    stops = plan.stops.len(),
+                    revision,
+                    write_ms = write_started.elapsed().as_millis() as u64,
+                    "controller: plan written"
+                );
                 note(revision);
                 context.stats.plans.fetch_add(1, Ordering::Relaxed);
                 context

@@ -23,6 +23,11 @@ pub struct DevArguments {
     /// etcd's own Procfile does (2379, 12379, 22379).
     #[arg(long, default_value_t = 2379)]
     base_port: u16,
+    /// Also run the demo job (examples/jobs/web.toml: three Python HTTP
+    /// servers registered as service `web`) once the agents are up, to watch
+    /// it fail over when an agent is killed.
+    #[arg(long)]
+    demo: bool,
     /// --log-level and --log-format, for this command and its members.
     #[command(flatten)]
     log: crate::logging::LogArguments,
@@ -131,6 +136,13 @@ pub async fn run(arguments: DevArguments) -> anyhow::Result<()> {
             }
         };
     crate::dev_agents::print(&agents);
+    if arguments.demo {
+        if let Err(error) = crate::dev_agents::run_demo(&agents).await {
+            crate::dev_agents::stop(&mut agents).await;
+            stop(&mut members).await;
+            return Err(error);
+        }
+    }
     println!();
     println!("try:");
     println!("  etcdctl --endpoints={endpoints} put greeting hello");

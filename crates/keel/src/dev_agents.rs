@@ -38,6 +38,37 @@ pub fn ports() -> Vec<(String, u16, &'static str)> {
         .collect()
 }
 
+/// Dynamic port ranges of the three agents (clear of keel dev's members,
+/// 22379, and of the agents' own ports).
+const DYNAMIC_PORTS: [&str; 3] = ["20000-20999", "21000-21999", "23000-23999"];
+
+/// The demo job of `keel dev --demo`.
+const DEMO_JOB: &str = include_str!("../../../examples/jobs/web.toml");
+
+/// Registers the demo job through the first agent and says how to watch it.
+pub async fn run_demo(agents: &[DevAgent]) -> anyhow::Result<()> {
+    let Some(first) = agents.first() else {
+        anyhow::bail!("no agent to run the demo job on");
+    };
+    let job = keel_scheduler::Job::from_toml_validated(DEMO_JOB).context("the demo job")?;
+    let body: serde_json::Value = serde_json::from_str(&job.to_json())?;
+    ApiClient::new(&first.http_addr)
+        .call(keel_agent::api_client::Method::PUT, "/v1/jobs", Some(&body))
+        .await
+        .context("registering the demo job")?;
+    println!();
+    println!(
+        "demo: job {} runs 3 instances of python3 -m http.server (examples/jobs/web.toml)",
+        job.name
+    );
+    println!(
+        "  keel job status {} --agent-addr {}",
+        job.name, first.http_addr
+    );
+    println!("  kill one agent (its instances move after its TTL and the job's 10 s grace)");
+    Ok(())
+}
+
 /// Starts three agents for the members at `endpoints`, data and logs under
 /// `data_dir`, and waits until each answers.
 pub async fn start(
@@ -75,6 +106,9 @@ pub async fn start(
             .args(["--dns-addr", &dns_addr])
             .args(["--gossip-addr", &gossip[index]])
             .args(["--join", &join.join(",")])
+            // Agents share 127.0.0.1: disjoint dynamic port ranges, so two
+            // allocations on two nodes never get the same port.
+            .args(["--dynamic-ports", DYNAMIC_PORTS[index]])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))

@@ -20,6 +20,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agent_support::{get, request, wait_until, Agents};
@@ -28,13 +29,20 @@ use keel_client::keel_types::mvccpb::event::EventType as WatchEventType;
 use keel_client::{Client, ClientConfig, WatchOptions};
 use serde_json::Value;
 
+/// The tests of this file take turns: each runs six keel processes and
+/// real tasks (one burns a CPU), and two cores do not carry both at once
+/// within the health deadlines the tests give their jobs.
+static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::new(());
+
 const FAILURES_MEMBERS_PORT_BASE: u16 = 30500;
 const FAILURES_AGENTS_PORT_BASE: u16 = 30510;
 /// Dynamic ports of node N: 30600 + 100 × (N - 1) …
 const FAILURES_DYNAMIC_PORTS_BASE: u16 = 30600;
 const NODE_TTL_SECONDS: u64 = 3;
 
-/// Three Python HTTP servers, ready and alive when `/` answers; lost 2 s
+/// Three Python HTTP servers, ready and alive when `/` answers (liveness
+/// only probed 3 s after the start, so a slow start on a loaded machine is
+/// not killed); lost 2 s
 /// after their node is down; stopped by their own agent after 4 s cut off
 /// from the store (at most TTL + grace, so no more than 3 ever serve).
 const WEB_JOB: &str = r#"
@@ -61,7 +69,7 @@ healthy_deadline = "30s"
 [group.web.task.server]
 config = { command = "python3", args = ["-m", "http.server", "${KEEL_PORT_http}", "--bind", "127.0.0.1"] }
 port.http = {}
-resources = { cpu_millicores = 100, memory_mib = 64 }
+resources = { cpu_millicores = 100, memory_mib = 256 }
 
 [[group.web.task.server.service]]
 name = "web"
@@ -80,9 +88,10 @@ name = "alive"
 kind = "liveness"
 type = "http"
 path = "/"
+initial_delay = "3s"
 interval = "500ms"
 timeout = "500ms"
-failures_before_critical = 3
+failures_before_critical = 4
 "#;
 
 /// Runs `keel` with `arguments`; returns (success, stdout, stderr).
@@ -152,6 +161,38 @@ fn kill_tasks_of(allocations: &[Value], node: &str) {
                 let _ = Command::new("kill")
                     .args(["-KILL", "--", &format!("-{pid}")])
                     .status();
+            }
+        }
+    }
+}
+
+/// Kills, when dropped, every task process group the agents recorded
+/// (`<data-dir>/allocs/<id>/pids`): the agents are killed with SIGKILL at the
+/// end of a test (or when it fails), which would leave their tasks running.
+struct TaskReaper {
+    data_dirs: Vec<std::path::PathBuf>,
+}
+
+impl Drop for TaskReaper {
+    fn drop(&mut self) {
+        for data_dir in &self.data_dirs {
+            let Ok(allocations) = std::fs::read_dir(data_dir.join("allocs")) else {
+                continue;
+            };
+            for allocation in allocations.flatten() {
+                let Ok(text) = std::fs::read_to_string(allocation.path().join("pids")) else {
+                    continue;
+                };
+                let Ok(recorded) = serde_json::from_str::<BTreeMap<String, Value>>(&text) else {
+                    continue;
+                };
+                for process in recorded.values() {
+                    if let Some(pid) = process["pid"].as_u64() {
+                        let _ = Command::new("kill")
+                            .args(["-KILL", "--", &format!("-{pid}")])
+                            .status();
+                    }
+                }
             }
         }
     }
@@ -309,6 +350,9 @@ fn kill_node(agents: &mut Agents, index: usize, address: &str) {
 
 #[test]
 fn node_failures_drain_and_controller_failover() {
+    let _turn = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let cluster = Cluster::start(3, FAILURES_MEMBERS_PORT_BASE);
     let mut agents = Agents::new(
         3,
@@ -324,6 +368,13 @@ fn node_failures_drain_and_controller_failover() {
         );
     }
     agents.start_all();
+    let _reaper = TaskReaper {
+        data_dirs: agents
+            .agents
+            .iter()
+            .map(|agent| agent.data_dir.clone())
+            .collect(),
+    };
     let addresses: Vec<String> = agents
         .agents
         .iter()
@@ -350,7 +401,7 @@ fn node_failures_drain_and_controller_failover() {
 
     // A bad spec is refused as a whole, naming the field, by the API and
     // by the CLI (before sending).
-    let bad = WEB_JOB.replace("memory_mib = 64", "memory_mib = 0");
+    let bad = WEB_JOB.replace("memory_mib = 256", "memory_mib = 0");
     let job: Value =
         serde_json::to_value(keel_scheduler::Job::from_toml(&bad).expect("the bad job parses"))
             .expect("JSON");
@@ -397,9 +448,33 @@ fn node_failures_drain_and_controller_failover() {
     // `keel job run`: three instances on three nodes, passing in DNS.
     let (ok, stdout, stderr) = keel(&["job", "run", &job_path, "--agent-addr", &addresses[2]]);
     assert!(ok, "{stderr}\n{}", agents.logs());
-    assert!(
-        stdout.contains("job web registered as version 0"),
-        "{stdout}"
+    // What the README shows `keel job run examples/jobs/web.toml` print.
+    let lines: Vec<String> = stdout
+        .lines()
+        .map(|line| line.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    assert_eq!(lines.len(), 10, "{stdout}");
+    assert_eq!(lines[0], "job web registered as version 0");
+    assert_eq!(lines[1], "evaluation:");
+    for index in 0..3 {
+        assert!(
+            lines[2 + index].starts_with(&format!("+ place web.web[{index}] on node"))
+                && lines[2 + index].ends_with("(new, version 0)"),
+            "{stdout}"
+        );
+        assert!(
+            lines[7 + index].contains(&format!(" web[{index}] 0 node"))
+                && lines[7 + index].contains(" run "),
+            "{stdout}"
+        );
+    }
+    assert_eq!(
+        lines[5],
+        "3 to place, 0 to stop, 0 to update in place, 0 unplaceable"
+    );
+    assert_eq!(
+        lines[6],
+        "ID INSTANCE VERSION NODE DESIRED STATUS READY RESTARTS RESCHEDULES CREATED"
     );
     let running = wait_for_three_serving(
         &addresses[0],
@@ -632,4 +707,402 @@ fn node_failures_drain_and_controller_failover() {
     let revisions = runtime.block_on(check_allocation_history(&client, "web", 3));
     // Placement, the lost one's replacement, the drain, the failover, the stop.
     assert!(revisions >= 5, "{revisions} revisions checked");
+}
+
+const TASKS_MEMBERS_PORT_BASE: u16 = 30520;
+const TASKS_AGENTS_PORT_BASE: u16 = 30530;
+/// Dynamic ports of node N: 30900 + 100 × (N - 1) …
+const TASKS_DYNAMIC_PORTS_BASE: u16 = 30900;
+
+/// A task that exits 1: restarted once, then failed and rescheduled with
+/// exponentially growing delays (1s, 2s, 4s, …).
+const CRASH_JOB: &str = r#"
+name = "crash"
+
+[group.crash]
+count = 1
+
+[group.crash.restart]
+attempts = 1
+interval = "1m"
+delay = "300ms"
+mode = "fail"
+
+[group.crash.reschedule]
+delay = "1s"
+delay_function = "exponential"
+max_delay = "8s"
+unlimited = true
+
+[group.crash.task.main]
+config = { command = "sh", args = ["-c", "sleep 0.2; exit 1"] }
+resources = { cpu_millicores = 50, memory_mib = 32 }
+"#;
+
+/// A server whose liveness endpoint fails 2 s after it starts but which
+/// keeps running: its supervisor must kill and restart it.
+const LIVENESS_JOB: &str = r#"
+name = "stuck"
+
+[group.stuck]
+count = 1
+
+[group.stuck.restart]
+attempts = 5
+interval = "1m"
+delay = "300ms"
+mode = "fail"
+
+[group.stuck.task.server]
+config = { command = "python3", args = ["-c", """
+import http.server, os, time
+start = time.time()
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        alive = self.path != "/live" or time.time() - start < 2
+        self.send_response(200 if alive else 500)
+        self.end_headers()
+    def log_message(self, *arguments):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(os.environ["KEEL_PORT_http"])), Handler).serve_forever()
+"""] }
+port.http = {}
+resources = { cpu_millicores = 50, memory_mib = 32 }
+
+[[group.stuck.task.server.service]]
+name = "stuck"
+port = "http"
+
+[[group.stuck.task.server.service.check]]
+name = "alive"
+kind = "liveness"
+type = "http"
+path = "/live"
+interval = "300ms"
+timeout = "300ms"
+failures_before_critical = 2
+"#;
+
+/// Burns a CPU while the file named by $BURN exists, then idles; scaled
+/// on its CPU use between 1 and 3 instances.
+const BURN_JOB: &str = r#"
+name = "burn"
+
+[group.burn]
+count = 1
+
+[group.burn.scaling]
+min = 1
+max = 3
+target_cpu_percent = 50
+cooldown = "2s"
+
+[group.burn.task.main]
+config = { command = "python3", args = ["-c", """
+import os, time
+while os.path.exists(os.environ["BURN"]):
+    pass
+while True:
+    time.sleep(1)
+"""] }
+env = { BURN = "BURN_FLAG" }
+resources = { cpu_millicores = 100, memory_mib = 32 }
+"#;
+
+/// The web job with a rolling update that reverts a version never ready.
+fn web_job_with_update(readiness_path: &str) -> String {
+    WEB_JOB
+        .replace(
+            "[group.web.disconnect]",
+            "[group.web.update]\nmax_parallel = 1\nmin_healthy_time = \"1s\"\nhealthy_deadline = \"10s\"\nauto_revert = true\n\n[group.web.disconnect]",
+        )
+        .replacen("path = \"/\"", &format!("path = \"{readiness_path}\""), 1)
+}
+
+/// The job's state (`JobState` JSON) as `/v1/job/<name>` shows it.
+fn job_state(address: &str, job: &str) -> Value {
+    get(address, &format!("/v1/job/{job}"))
+        .map(|response| response.json()["job"].clone())
+        .unwrap_or(Value::Null)
+}
+
+/// Polls DNS and HTTP every 100 ms: a poll where no instance listed in
+/// DNS answers HTTP 200 is a gap. Stopped and read by `finish`.
+struct ServingPoller {
+    gaps: Arc<Mutex<Vec<String>>>,
+    polls: Arc<std::sync::atomic::AtomicU64>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ServingPoller {
+    fn start(dns_port: u16) -> ServingPoller {
+        let gaps = Arc::new(Mutex::new(Vec::new()));
+        let polls = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let (gaps, polls, stop) = (gaps.clone(), polls.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let ports = dns_ports(dns_port);
+                    let answered = ports.iter().any(|port| {
+                        get(&format!("127.0.0.1:{port}"), "/")
+                            .is_ok_and(|response| response.status == 200)
+                    });
+                    if !answered {
+                        gaps.lock()
+                            .expect("gaps lock")
+                            .push(format!("DNS ports {ports:?}"));
+                    }
+                    polls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+        };
+        ServingPoller {
+            gaps,
+            polls,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> (u64, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        let gaps = self.gaps.lock().expect("gaps lock").clone();
+        (self.polls.load(std::sync::atomic::Ordering::Relaxed), gaps)
+    }
+}
+
+impl Drop for ServingPoller {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn task_failures_rolling_update_and_autoscaling() {
+    let _turn = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let cluster = Cluster::start(3, TASKS_MEMBERS_PORT_BASE);
+    let mut agents = Agents::new(
+        3,
+        TASKS_AGENTS_PORT_BASE,
+        &cluster.endpoints(),
+        &format!("{NODE_TTL_SECONDS}s"),
+    );
+    for index in 0..3 {
+        let first = TASKS_DYNAMIC_PORTS_BASE + 100 * index as u16;
+        agents.add_arguments(
+            index,
+            &["--dynamic-ports", &format!("{first}-{}", first + 99)],
+        );
+    }
+    agents.start_all();
+    let _reaper = TaskReaper {
+        data_dirs: agents
+            .agents
+            .iter()
+            .map(|agent| agent.data_dir.clone())
+            .collect(),
+    };
+    let address = agents.agents[0].http_addr();
+    let dns_port = agents.agents[0].dns_port;
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let endpoints: Vec<String> = cluster
+        .members
+        .iter()
+        .map(|member| member.endpoint())
+        .collect();
+    let client = runtime
+        .block_on(Client::connect(&endpoints, ClientConfig::default()))
+        .expect("client");
+    let directory = tempfile::tempdir().expect("temporary directory");
+    let write_job = |name: &str, text: &str| -> String {
+        let path = directory.path().join(format!("{name}.toml"));
+        std::fs::write(&path, text).expect("job file");
+        path.display().to_string()
+    };
+    let run = |path: &str| {
+        let (ok, stdout, stderr) =
+            keel(&["job", "run", path, "--detach", "--agent-addr", &address]);
+        assert!(ok, "keel job run {path}: {stderr}");
+        stdout
+    };
+    wait_until(Duration::from_secs(20), "a controller is elected", || {
+        controller_index(&client, &runtime)
+    });
+    run(&write_job("crash", CRASH_JOB));
+    run(&write_job("stuck", LIVENESS_JOB));
+    run(&write_job("web", &web_job_with_update("/")));
+
+    // The crashing task: restarted once per allocation, then rescheduled
+    // with growing delays, visible in `keel job status` and the events.
+    let chain = wait_until(
+        Duration::from_secs(40),
+        "three reschedules of the crashing task",
+        || {
+            allocations(&address, "crash")
+                .into_iter()
+                .find(|allocation| {
+                    allocation["reschedule_events"]
+                        .as_array()
+                        .is_some_and(|events| events.len() >= 3)
+                })
+        },
+    );
+    let delays: Vec<String> = chain["reschedule_events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|event| event["delay"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        delays[..3],
+        ["1s", "2s", "4s"],
+        "exponential delays: {delays:?}"
+    );
+    let failed = allocations(&address, "crash");
+    assert!(
+        failed.iter().any(|allocation| {
+            allocation["client"]["status"] == "failed"
+                && allocation["status"]["tasks"]["main"]["restarts"].as_u64() >= Some(1)
+        }),
+        "a failed allocation was restarted first: {failed:#?}"
+    );
+    let (ok, stdout, _) = keel(&["job", "status", "crash", "--agent-addr", &address]);
+    assert!(ok);
+    assert!(stdout.contains("1s,2s,4s"), "{stdout}");
+    let (ok, stdout, _) = keel(&["job", "history", "crash", "--agent-addr", &address]);
+    assert!(ok);
+    assert!(
+        stdout.matches("allocation.rescheduled").count() >= 3,
+        "{stdout}"
+    );
+    keel(&["job", "stop", "crash", "--agent-addr", &address]);
+
+    // The task whose liveness fails while it keeps running: restarted in
+    // place (same allocation), not rescheduled.
+    let stuck = wait_until(
+        Duration::from_secs(30),
+        "the stuck task is restarted",
+        || {
+            allocations(&address, "stuck")
+                .into_iter()
+                .find(|allocation| {
+                    allocation["status"]["tasks"]["server"]["restarts"].as_u64() >= Some(1)
+                })
+        },
+    );
+    assert_eq!(
+        allocations(&address, "stuck").len(),
+        1,
+        "restarted, not replaced"
+    );
+    assert_eq!(stuck["desired_status"]["status"], "run");
+    keel(&["job", "stop", "stuck", "--agent-addr", &address]);
+
+    // A rolling update to a version that never turns ready is reverted
+    // and the old version serves throughout.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while job_state(&address, "web")["versions"][0]["stable"] != true {
+        assert!(
+            Instant::now() < deadline,
+            "web version 0 is not stable after 40s: deployment {}, now {}, allocations {:?}",
+            job_state(&address, "web")["deployment"],
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis(),
+            allocations(&address, "web")
+                .iter()
+                .map(|allocation| format!(
+                    "{} v{} {} created {} client {} health {}",
+                    allocation["node"],
+                    allocation["job_version"],
+                    allocation["desired_status"],
+                    allocation["created_at"],
+                    allocation["client"],
+                    allocation["deployment_healthy"]
+                ))
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_for_three_serving(
+        &address,
+        dns_port,
+        None,
+        Duration::from_secs(20),
+        "web serves",
+    );
+    let poller = ServingPoller::start(dns_port);
+    let stdout = run(&write_job("web-v1", &web_job_with_update("/never-ready")));
+    assert!(stdout.contains("version 1"), "{stdout}");
+    wait_until(
+        Duration::from_secs(40),
+        "version 1 is reverted and the revert is stable",
+        || {
+            let state = job_state(&address, "web");
+            let versions = state["versions"].as_array()?;
+            let current = versions.last()?;
+            (versions.len() == 3 && current["version"] == 2 && current["stable"] == true)
+                .then_some(())
+        },
+    );
+    let serving_after = wait_for_three_serving(
+        &address,
+        dns_port,
+        None,
+        Duration::from_secs(20),
+        "the reverted version serves",
+    );
+    assert!(serving_after
+        .iter()
+        .all(|allocation| allocation["job_version"] != 1));
+    let (polls, gaps) = poller.finish();
+    assert!(polls > 20, "{polls} polls");
+    assert!(
+        gaps.is_empty(),
+        "the old version served throughout: {gaps:?}"
+    );
+    let (ok, stdout, _) = keel(&["job", "history", "web", "--agent-addr", &address]);
+    assert!(ok && stdout.contains("reverted to version 0"), "{stdout}");
+    keel(&["job", "stop", "web", "--agent-addr", &address]);
+
+    // Autoscaling: the burning task scales the group up to its max, and
+    // back to its min once the load stops.
+    let flag = directory.path().join("burn.flag");
+    std::fs::write(&flag, "").expect("flag file");
+    run(&write_job(
+        "burn",
+        &BURN_JOB.replace("BURN_FLAG", &flag.display().to_string()),
+    ));
+    let counts = |state: &Value| -> Vec<u64> {
+        state["versions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|version| version["job"]["group"]["burn"]["count"].as_u64())
+            .collect()
+    };
+    wait_until(Duration::from_secs(40), "burn scales up to 3", || {
+        let running = wanted_running(&allocations(&address, "burn")).len();
+        (counts(&job_state(&address, "burn")).last() == Some(&3) && running == 3).then_some(())
+    });
+    std::fs::remove_file(&flag).expect("the load stops");
+    wait_until(Duration::from_secs(40), "burn scales down to 1", || {
+        let running = wanted_running(&allocations(&address, "burn")).len();
+        (counts(&job_state(&address, "burn")).last() == Some(&1) && running == 1).then_some(())
+    });
+    let history = counts(&job_state(&address, "burn"));
+    assert!(
+        history.iter().all(|count| (1..=3).contains(count)),
+        "within bounds: {history:?}"
+    );
+    keel(&["job", "stop", "burn", "--agent-addr", &address]);
 }
