@@ -9,6 +9,9 @@
 # sizes, and the Raft term before and after (an election in the run changes it).
 #
 # Usage: bench/stalls.sh [SECONDS] [KEYS] [SNAPSHOT_COUNT] [RUNS]
+# STALLS_SYSTEMS="keel" (or "etcd") runs one system only;
+# With STALLS_LOGS=DIRECTORY, the members' logs of each run are kept there
+# (keel logs every member loop batch over 100 ms with where its time went).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,8 +32,13 @@ if ! command -v etcd >/dev/null 2>&1; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq etcd-server etcd-client >/dev/null
 fi
-cargo build --release -p keel >/dev/null
-keel=target/release/keel
+# STALLS_KEEL=PATH runs that keel binary (say, a build of another commit)
+# instead of building this tree's.
+keel=${STALLS_KEEL:-}
+if [ -z "$keel" ]; then
+  cargo build --release -p keel >/dev/null
+  keel=target/release/keel
+fi
 export ETCDCTL_API=3
 
 # Client port of member INDEX of SYSTEM (peer port one above); below the
@@ -125,6 +133,10 @@ print(json.dumps({
 }))
 PYEOF
   for index in 1 2 3; do kill -9 "${member_pid[$system$index]}" 2>/dev/null || true; done
+  if [ -n "${STALLS_LOGS:-}" ]; then
+    mkdir -p "$STALLS_LOGS"
+    for index in 1 2 3; do cp "$data/$system$index.log" "$STALLS_LOGS/$system-$run-$index.log"; done
+  fi
   for index in 1 2 3; do
     wait "${member_pid[$system$index]}" 2>/dev/null || true
     unset "member_pid[$system$index]"
@@ -133,6 +145,5 @@ PYEOF
 }
 
 for run in $(seq 1 "$runs"); do
-  run_once keel "$run"
-  run_once etcd "$run"
+  for system in ${STALLS_SYSTEMS:-keel etcd}; do run_once "$system" "$run"; done
 done

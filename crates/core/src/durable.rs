@@ -20,7 +20,8 @@
 //! [`DurableState::open`] completes.
 
 use keel_storage::{
-    Disk, HardState, LogEntry, SnapshotOptions, SnapshotStore, StorageError, Wal, WalOptions,
+    Disk, HardState, LogEntry, ReleasedSegments, SnapshotOptions, SnapshotStore, StorageError, Wal,
+    WalOptions,
 };
 use keel_types::keelpb::MemberRecord;
 use protobuf::Message as _;
@@ -69,8 +70,15 @@ impl<D: Disk> SnapshotWriter<D> {
     /// the node is never told about a snapshot that is not durable.
     pub fn write(&self, capture: &SnapshotCapture) -> Result<Snapshot, DurableError> {
         let snapshot = capture.encode();
-        save_snapshot_file(&self.snapshots, &snapshot)?;
+        self.save(&snapshot)?;
         Ok(snapshot)
+    }
+
+    /// The second half of [`SnapshotWriter::write`], for a caller that
+    /// encodes the capture itself (to time the two halves apart): saves an
+    /// encoded capture durably.
+    pub fn save(&self, snapshot: &Snapshot) -> Result<(), DurableError> {
+        save_snapshot_file(&self.snapshots, snapshot)
     }
 }
 
@@ -218,6 +226,24 @@ impl<D: Disk + Clone> DurableState<D> {
             .save_snapshot_marker(compaction.snapshot_index, compaction.snapshot_term)?;
         self.wal.release_before(compaction.compact_index)?;
         Ok(())
+    }
+
+    /// [`DurableState::compact_log`] for a shell with a helper thread: records
+    /// the marker here and returns the log segments to delete, which the helper
+    /// deletes ([`ReleasedSegments::remove`]) so that the member loop never
+    /// waits for it. `None` when there is nothing to delete.
+    pub fn compact_log_detached(
+        &mut self,
+        compaction: &LogCompaction,
+    ) -> Result<Option<ReleasedSegments<D>>, DurableError> {
+        let marker_index = self.wal.snapshot_marker().map_or(0, |marker| marker.index);
+        if compaction.snapshot_index <= marker_index {
+            return Ok(None);
+        }
+        self.wal
+            .save_snapshot_marker(compaction.snapshot_index, compaction.snapshot_term)?;
+        let released = self.wal.detach_before(compaction.compact_index)?;
+        Ok((!released.is_empty()).then_some(released))
     }
 
     fn save_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), DurableError> {
@@ -381,6 +407,66 @@ mod tests {
         assert_eq!(indexes, vec![7, 8, 9, 10]);
         assert_eq!(recovered.entries[0].data.as_ref(), &[7]);
         assert_eq!(recovered.hard_state.unwrap().commit, 10);
+    }
+
+    /// The server's way of compacting: the marker on the loop, the segments
+    /// deleted later (by its snapshot thread); a restart in between recovers
+    /// the same log.
+    #[test]
+    fn detached_compaction_recovers_the_same_log_before_and_after_the_deletion() {
+        let disk = SimDisk::new();
+        let (mut durable, _) = DurableState::open(disk.clone()).unwrap();
+        durable.bootstrap(vec![member(1)], 7).unwrap();
+        // Entries of 1 MiB fill the first 64 MiB segment at about index 64.
+        let payload = bytes::Bytes::from(vec![7u8; 1024 * 1024]);
+        for index in 2..=70 {
+            durable
+                .persist(&Persist {
+                    snapshot: None,
+                    entries: vec![Entry {
+                        index,
+                        term: 1,
+                        data: payload.clone(),
+                        ..Default::default()
+                    }],
+                    hard_state: None,
+                    must_sync: true,
+                })
+                .unwrap();
+        }
+        let capture = SnapshotCapture {
+            metadata: SnapshotMetadata {
+                index: 68,
+                term: 1,
+                ..Default::default()
+            },
+            state: crate::StateMachine::new(vec![member(1)], 7).capture(),
+        };
+        durable.snapshot_writer().write(&capture).unwrap();
+        let compaction = LogCompaction {
+            snapshot_index: 68,
+            snapshot_term: 1,
+            compact_index: 67,
+        };
+        let released = durable
+            .compact_log_detached(&compaction)
+            .unwrap()
+            .expect("the first segment is behind index 67");
+        // Marked already: the same compaction again finds nothing to do.
+        assert!(durable.compact_log_detached(&compaction).unwrap().is_none());
+        let indexes = |disk: &SimDisk| {
+            let (_, recovered) = DurableState::open(disk.clone()).unwrap();
+            let recovered = recovered.unwrap();
+            assert_eq!(recovered.snapshot.get_metadata().index, 68);
+            recovered
+                .entries
+                .iter()
+                .map(|entry| entry.index)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(indexes(&disk), [69, 70], "before the deletion");
+        released.remove().unwrap();
+        assert_eq!(indexes(&disk), [69, 70], "after the deletion");
     }
 
     /// A hard state that only moves the commit index costs no fsync of its

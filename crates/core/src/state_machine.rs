@@ -119,11 +119,17 @@ impl StateMachine {
     }
 
     /// Restores a state machine from snapshot bytes written by [`StateMachine::encode`].
+    ///
+    /// The versions, nearly all of the bytes, are restored from where they lie
+    /// ([`KeySpace::from_encoded_versions`]); prost decodes the other fields.
     pub fn decode(bytes: &[u8]) -> Result<Self, SnapshotDecodeError> {
-        let mut snapshot = StateMachineSnapshot::decode(bytes)?;
-        let key_space = KeySpace::take_from_snapshot(&mut snapshot)?;
-        // The versions' keys and emptied values are not needed any more.
-        snapshot.versions = Vec::new();
+        let (header, versions) = split_snapshot(bytes)?;
+        let snapshot = StateMachineSnapshot::decode(header.as_slice())?;
+        let key_space = KeySpace::from_encoded_versions(
+            snapshot.current_revision,
+            snapshot.compact_revision,
+            &versions,
+        )?;
         // Which keys are attached to which lease is not stored: every live key
         // version carries its lease, so the index is rebuilt from them.
         let leases = LeaseTable::from_records(&snapshot.leases, key_space.live_leases());
@@ -452,11 +458,42 @@ impl StateMachineCapture {
         self.header
             .encode(&mut image)
             .expect("a Vec grows to fit the snapshot");
-        self.key_space.for_each_snapshot_version(|version| {
-            prost::encoding::message::encode(SNAPSHOT_VERSIONS_FIELD, &version, &mut image);
-        });
+        self.key_space
+            .encode_snapshot_versions(SNAPSHOT_VERSIONS_FIELD, &mut image);
         image
     }
+}
+
+/// Splits an encoded `StateMachineSnapshot` into its fields other than the
+/// versions (re-encoded together, for prost to decode) and each version's
+/// encoded `KeyVersion`, in order. Protobuf allows the fields in any order.
+fn split_snapshot(mut bytes: &[u8]) -> Result<(Vec<u8>, Vec<&[u8]>), SnapshotDecodeError> {
+    use prost::encoding::{decode_key, decode_varint, skip_field, DecodeContext, WireType};
+    let mut header = Vec::new();
+    let mut versions = Vec::new();
+    while !bytes.is_empty() {
+        let field_start = bytes;
+        let (tag, wire_type) = decode_key(&mut bytes)?;
+        if tag == SNAPSHOT_VERSIONS_FIELD && wire_type == WireType::LengthDelimited {
+            let length = decode_varint(&mut bytes)?;
+            let length = usize::try_from(length)
+                .ok()
+                .filter(|length| *length <= bytes.len())
+                .ok_or_else(|| {
+                    KeySpaceError::CorruptSnapshot(format!(
+                        "version {} runs past the end of the snapshot ({length} bytes)",
+                        versions.len()
+                    ))
+                })?;
+            let (version, rest) = bytes.split_at(length);
+            versions.push(version);
+            bytes = rest;
+        } else {
+            skip_field(wire_type, tag, &mut bytes, DecodeContext::default())?;
+            header.extend_from_slice(&field_start[..field_start.len() - bytes.len()]);
+        }
+    }
+    Ok((header, versions))
 }
 
 /// True for requests that can grow the key space: refused while NOSPACE is raised.
@@ -486,6 +523,27 @@ mod tests {
 
     use super::*;
 
+    /// A key space large enough to be restored on two threads comes back the
+    /// same as it was.
+    #[test]
+    fn a_large_key_space_round_trips() {
+        let mut state_machine = StateMachine::new(Vec::new(), 1);
+        for index in 0..60_000u64 {
+            let put = PutRequest {
+                key: format!("key/{:06}", index % 40_000).into_bytes(),
+                value: index.to_be_bytes().to_vec(),
+                ..Default::default()
+            };
+            state_machine
+                .apply_write(index + 2, &log_request::Request::Put(put))
+                .unwrap();
+        }
+        let image = state_machine.encode();
+        let restored = StateMachine::decode(&image).unwrap();
+        assert_eq!(restored.key_space(), state_machine.key_space());
+        assert_eq!(restored.encode(), image);
+    }
+
     /// The hand-streamed encoding must decode to exactly what encoding the whole
     /// message at once would have described.
     #[test]
@@ -506,19 +564,59 @@ mod tests {
                 .apply_write(index as u64 + 2, &log_request::Request::Put(put))
                 .unwrap();
         }
+        // A tombstone (its value, version and lease unset) and a txn's second
+        // change (sub-revision 1) are encoded by hand as well.
+        let delete = keel_types::etcdserverpb::DeleteRangeRequest {
+            key: b"b".to_vec(),
+            ..Default::default()
+        };
+        let put = |key: &str| keel_types::etcdserverpb::RequestOp {
+            request: Some(keel_types::etcdserverpb::request_op::Request::RequestPut(
+                PutRequest {
+                    key: key.into(),
+                    value: b"v".to_vec(),
+                    ..Default::default()
+                },
+            )),
+        };
+        let txn = keel_types::etcdserverpb::TxnRequest {
+            success: vec![put("c"), put("d")],
+            ..Default::default()
+        };
+        state_machine
+            .apply_write(5, &log_request::Request::DeleteRange(delete))
+            .unwrap();
+        state_machine
+            .apply_write(6, &log_request::Request::Txn(txn))
+            .unwrap();
         let image = state_machine.encode();
         let decoded = StateMachineSnapshot::decode(image.as_slice()).unwrap();
-        assert_eq!(decoded.applied_index, 4);
+        assert_eq!(decoded.applied_index, 6);
         assert_eq!(decoded.cluster_id, 42);
         assert_eq!(decoded.members.len(), 1);
-        assert_eq!(decoded.current_revision, 4);
+        assert_eq!(decoded.current_revision, 6);
         assert_eq!(
             decoded.versions,
             state_machine.key_space().snapshot_versions()
         );
-        assert_eq!(decoded.versions.len(), 3);
+        assert_eq!(decoded.versions.len(), 6);
+        assert!(decoded.versions.iter().any(|version| version.deleted));
+        assert!(decoded
+            .versions
+            .iter()
+            .any(|version| version.sub_revision == 1));
 
         let restored = StateMachine::decode(&image).unwrap();
         assert_eq!(restored.encode(), image);
+        // Byte for byte what prost writes for the header and then each version.
+        let mut expected = StateMachineSnapshot {
+            versions: Vec::new(),
+            ..decoded.clone()
+        }
+        .encode_to_vec();
+        for version in &decoded.versions {
+            prost::encoding::message::encode(SNAPSHOT_VERSIONS_FIELD, version, &mut expected);
+        }
+        assert_eq!(image, expected);
     }
 }

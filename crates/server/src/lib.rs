@@ -17,6 +17,7 @@ pub mod grpc;
 pub mod health;
 pub mod lease;
 pub mod lock;
+pub mod loop_timing;
 pub mod member;
 pub mod member_observer;
 pub mod metrics;

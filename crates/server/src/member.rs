@@ -31,11 +31,13 @@ use keel_core::{
     DurableError, DurableState, Event, Node, NodeStatus, Output, Reply, RequestError, Response,
     SnapshotCapture, WriteRequest,
 };
+use keel_storage::ReleasedSegments;
 use keel_types::etcdserverpb::{RangeRequest, RangeResponse};
 use keel_types::keelpb::MemberRecord;
 use tokio::sync::oneshot;
 
 use crate::fault_injection::TickClock;
+use crate::loop_timing::{LoopTimer, Phase};
 use crate::member_observer::MemberObserver;
 use crate::metrics::disk::MeteredDisk;
 use crate::metrics::MemberMetrics;
@@ -161,6 +163,9 @@ pub enum Input {
     /// The snapshot thread finished writing an own snapshot: durable, or failed
     /// (which stops the member, as any storage failure does).
     SnapshotWritten(Result<Box<Snapshot>, DurableError>),
+    /// The snapshot thread could not delete released log segments: a storage
+    /// failure, which stops the member.
+    StorageFailed(DurableError),
     /// Stop the loop.
     Shutdown,
 }
@@ -237,6 +242,7 @@ pub fn run(
     std::thread::Builder::new()
         .name("keel-capture".to_owned())
         .spawn(move || {
+            lower_current_thread_priority();
             while let Ok(job) = capture_jobs.recv() {
                 let job: CaptureJob = job;
                 job();
@@ -252,6 +258,7 @@ pub fn run(
     let mut waiting = Waiting::new(metrics);
     let mut next_token: u64 = 0;
     let mut next_tick = Instant::now() + tick_clock.interval();
+    let mut timer = LoopTimer::new();
     loop {
         let timeout = next_tick.saturating_duration_since(Instant::now());
         let first = match inputs.recv_timeout(timeout) {
@@ -259,6 +266,7 @@ pub fn run(
             Err(RecvTimeoutError::Timeout) => None,
             Err(RecvTimeoutError::Disconnected) => return Ok(StopReason::Shutdown),
         };
+        timer.begin_batch();
         let mut handled = 0;
         let mut next_input = first;
         while let Some(input) = next_input.take() {
@@ -269,6 +277,7 @@ pub fn run(
                     // the member stops, and the node never hears of it.
                     node.step(Event::SnapshotDurable(result?));
                 }
+                Input::StorageFailed(error) => return Err(error),
                 input => handle_input(
                     &mut node,
                     input,
@@ -286,6 +295,7 @@ pub fn run(
         if handled > 0 {
             observer.batch_taken(handled);
         }
+        timer.end_phase(Phase::Inputs);
         let now = Instant::now();
         if now >= next_tick {
             node.step(Event::Tick);
@@ -297,11 +307,15 @@ pub fn run(
                 next_tick = now + tick_interval;
             }
         }
+        timer.end_phase(Phase::Other);
+        let mut readies = 0;
         while node.has_ready() {
+            readies += 1;
             // Committed entries are applied inside `ready` and `advance`.
             let started = Instant::now();
             let output = node.ready();
             let mut apply = started.elapsed();
+            timer.end_phase(Phase::Node);
             carry_out(
                 output,
                 &mut durable,
@@ -309,10 +323,12 @@ pub fn run(
                 &input_sender,
                 &mut waiting,
                 &snapshot_sender,
+                &mut timer,
             )?;
             let advancing = Instant::now();
             let output = node.advance();
             apply += advancing.elapsed();
+            timer.end_phase(Phase::Node);
             carry_out(
                 output,
                 &mut durable,
@@ -320,9 +336,11 @@ pub fn run(
                 &input_sender,
                 &mut waiting,
                 &snapshot_sender,
+                &mut timer,
             )?;
             observer.ready_carried_out(apply, started.elapsed());
         }
+        timer.count(handled, readies);
         let current = node.state_machine().key_space().current_revision();
         revision.send_if_modified(|published| {
             let changed = *published != current;
@@ -344,6 +362,7 @@ pub fn run(
                 .store(corrupt, std::sync::atomic::Ordering::Relaxed);
         }
         observer.batch_done(&node, waiting.proposals);
+        timer.end_batch();
         if removed || node.is_removed_and_done() {
             tracing::warn!("this member has been removed from the cluster; stopping");
             return Ok(StopReason::Removed);
@@ -351,39 +370,104 @@ pub fn run(
     }
 }
 
+/// Work for the snapshot thread.
+enum SnapshotJob {
+    /// Encode, write and fsync a capture, and report it.
+    Write(SnapshotCapture),
+    /// Delete log segments behind a durable snapshot.
+    ReleaseSegments(ReleasedSegments<MeteredDisk>),
+}
+
+/// Jobs waiting for the snapshot thread. The node has at most one capture
+/// outstanding, and log segments are released once per durable snapshot, after
+/// the thread reported it: at most one of each is ever queued, so the loop
+/// never waits to hand one over.
+const SNAPSHOT_JOBS_MAX: usize = 2;
+
+/// The scheduling niceness of the snapshot and capture threads (0 is the
+/// default, 19 the lowest priority). Encoding a snapshot or hashing the key
+/// space takes a core for a second or more at a few hundred thousand keys;
+/// at the default priority the member loop then waited tens to a hundred
+/// milliseconds for a CPU each time it woke (measured on two cores, see
+/// docs/BENCHMARKS.md). At 10 such a thread gets about a tenth of a core's
+/// share against the loop, yet still all of an otherwise idle one.
+const HELPER_THREAD_NICENESS: i32 = 10;
+
+/// Lowers the calling thread's scheduling priority to
+/// [`HELPER_THREAD_NICENESS`]; on Linux the niceness of a thread id is that
+/// thread's alone. Failing only costs latency, so it is logged, not fatal.
+fn lower_current_thread_priority() {
+    let thread = rustix::thread::gettid();
+    if let Err(error) = rustix::process::setpriority_process(Some(thread), HELPER_THREAD_NICENESS) {
+        tracing::warn!(%error, "could not lower a helper thread's scheduling priority");
+    }
+}
+
 /// Starts the thread that encodes, writes and fsyncs the node's snapshot
-/// captures, and returns where to send them. The node has at most one capture
-/// outstanding, so a queue of one never makes the loop wait.
+/// captures and deletes released log segments, and returns where to send them.
 fn spawn_snapshot_thread(
     durable: &Durable,
     input_sender: SyncSender<Input>,
-) -> SyncSender<SnapshotCapture> {
+) -> SyncSender<SnapshotJob> {
     let writer = durable.snapshot_writer();
-    let (sender, captures) = std::sync::mpsc::sync_channel::<SnapshotCapture>(1);
+    let (sender, jobs) = std::sync::mpsc::sync_channel::<SnapshotJob>(SNAPSHOT_JOBS_MAX);
     std::thread::Builder::new()
         .name("keel-snapshot".to_owned())
         .spawn(move || {
-            while let Ok(capture) = captures.recv() {
-                let started = Instant::now();
-                let result = writer.write(&capture).map(Box::new);
-                match &result {
-                    Ok(snapshot) => tracing::info!(
-                        index = capture.metadata.index,
-                        bytes = snapshot.data.len(),
-                        milliseconds = started.elapsed().as_millis() as u64,
-                        "snapshot written off the member loop"
-                    ),
-                    Err(error) => tracing::error!(%error, "writing a snapshot failed"),
-                }
+            lower_current_thread_priority();
+            while let Ok(job) = jobs.recv() {
+                let report = match job {
+                    SnapshotJob::Write(capture) => write_snapshot(&writer, &capture),
+                    SnapshotJob::ReleaseSegments(released) => {
+                        let started = Instant::now();
+                        let count = released.len();
+                        match released.remove() {
+                            Ok(()) => {
+                                tracing::debug!(
+                                    segments = count,
+                                    milliseconds = started.elapsed().as_millis() as u64,
+                                    "log segments released off the member loop"
+                                );
+                                continue;
+                            }
+                            Err(error) => {
+                                tracing::error!(%error, "deleting released log segments failed");
+                                Input::StorageFailed(error.into())
+                            }
+                        }
+                    }
+                };
                 // A blocking send: the report must not be lost, and the loop
                 // drains the queue continually.
-                if input_sender.send(Input::SnapshotWritten(result)).is_err() {
+                if input_sender.send(report).is_err() {
                     return;
                 }
             }
         })
         .expect("the snapshot thread starts");
     sender
+}
+
+/// Encodes, writes and fsyncs one capture; the report for the loop.
+fn write_snapshot(
+    writer: &keel_core::durable::SnapshotWriter<MeteredDisk>,
+    capture: &SnapshotCapture,
+) -> Input {
+    let started = Instant::now();
+    let snapshot = capture.encode();
+    let encoded = started.elapsed();
+    let result = writer.save(&snapshot).map(|()| Box::new(snapshot));
+    match &result {
+        Ok(snapshot) => tracing::info!(
+            index = capture.metadata.index,
+            bytes = snapshot.data.len(),
+            milliseconds = started.elapsed().as_millis() as u64,
+            encode_milliseconds = encoded.as_millis() as u64,
+            "snapshot written off the member loop"
+        ),
+        Err(error) => tracing::error!(%error, "writing a snapshot failed"),
+    }
+    Input::SnapshotWritten(result)
 }
 
 /// Runs `job` on the capture thread, or gives it back when that thread's queue
@@ -457,10 +541,15 @@ fn handle_input(
             let key_space = node.state_machine().key_space().clone();
             let header = node.header(0);
             let job: CaptureJob = Box::new(move || {
+                let started = Instant::now();
                 let result = key_space.hash_kv(revision).map(|mut response| {
                     response.header = Some(header);
                     response
                 });
+                tracing::debug!(
+                    milliseconds = started.elapsed().as_millis() as u64,
+                    "key space hashed off the member loop"
+                );
                 let _ = reply.send(result);
             });
             if submit_capture_job(capture_sender, job).is_err() {
@@ -533,36 +622,49 @@ fn handle_input(
         Input::Unreachable(peer) => node.step(Event::Unreachable(peer)),
         Input::SnapshotFailed(peer) => node.step(Event::SnapshotFailed(peer)),
         Input::SnapshotSent(peer) => node.step(Event::SnapshotSent(peer)),
-        Input::Shutdown | Input::SnapshotWritten(_) => unreachable!("handled by the loop"),
+        Input::Shutdown | Input::SnapshotWritten(_) | Input::StorageFailed(_) => {
+            unreachable!("handled by the loop")
+        }
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn carry_out(
     output: Output,
     durable: &mut Durable,
     peers: &PeerSenders,
     input_sender: &SyncSender<Input>,
     waiting: &mut Waiting,
-    snapshot_sender: &SyncSender<SnapshotCapture>,
+    snapshot_sender: &SyncSender<SnapshotJob>,
+    timer: &mut LoopTimer,
 ) -> Result<(), DurableError> {
     // First: a received snapshot in this output's `persist` may be newer, and
     // the log's snapshot markers only move forward.
     if let Some(compaction) = &output.log_compaction {
-        durable.compact_log(compaction)?;
+        if let Some(released) = durable.compact_log_detached(compaction)? {
+            snapshot_sender
+                .send(SnapshotJob::ReleaseSegments(released))
+                .expect("the snapshot thread runs as long as the loop");
+        }
+        timer.end_phase(Phase::CompactLog);
     }
     for message in output.messages {
         peers.send(message, input_sender);
     }
+    timer.end_phase(Phase::Send);
     durable.persist(&output.persist)?;
+    timer.end_phase(Phase::Persist);
     for message in output.messages_after_persist {
         peers.send(message, input_sender);
     }
+    timer.end_phase(Phase::Send);
     waiting.deliver(output.replies);
+    timer.end_phase(Phase::Deliver);
     if let Some(capture) = output.snapshot_capture {
         // Never blocks: the node keeps at most one capture outstanding, and the
         // thread takes it before reporting the previous one.
         snapshot_sender
-            .send(capture)
+            .send(SnapshotJob::Write(capture))
             .expect("the snapshot thread runs as long as the loop");
     }
     Ok(())

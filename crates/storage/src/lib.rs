@@ -26,10 +26,13 @@ mod sim_disk;
 mod snapshot;
 mod wal;
 
-pub use disk::{Disk, DiskFaults, DiskFile, FileDisk, FileDiskFile, TEMPORARY_SUFFIX};
+pub use disk::{
+    Disk, DiskFaults, DiskFile, FileDisk, FileDiskFile, ATOMIC_WRITE_SYNC_BYTES, TEMPORARY_SUFFIX,
+};
 pub use error::StorageError;
 pub use sim_disk::{Crash, SimDisk, SimDiskFile, SimDiskStats};
 pub use snapshot::{Snapshot, SnapshotOptions, SnapshotStore};
 pub use wal::{
-    HardState, LogEntry, Recovered, SnapshotMarker, TruncatedTail, Wal, WalOptions, WalStats,
+    HardState, LogEntry, Recovered, ReleasedSegments, SnapshotMarker, TruncatedTail, Wal,
+    WalOptions, WalStats,
 };

@@ -432,13 +432,46 @@ impl<D: Disk> Wal<D> {
     /// leaves consecutive segments, and an older segment never outlives a newer one whose
     /// entries overwrote its own.
     pub fn release_before(&mut self, index: u64) -> Result<usize, StorageError> {
+        let paths = self.detach_paths_before(index)?;
+        let removed = paths.len();
+        let mut result = Ok(());
+        for path in &paths {
+            result = self.remove_segment(path);
+            if result.is_err() {
+                break;
+            }
+        }
+        self.poison_on_error(result)?;
+        Ok(removed)
+    }
+
+    /// The first half of [`Wal::release_before`]: forgets the segments it would delete and
+    /// returns them, to be deleted by [`ReleasedSegments::remove`], which may run on another
+    /// thread (deleting a 64 MiB file and fsyncing the directory after it takes tens of
+    /// milliseconds that the member loop should not wait). Until they are deleted the log
+    /// goes on without them: a crash first leaves them on disk behind the snapshot marker,
+    /// the same state as a crash between saving the marker and releasing, which
+    /// [`Wal::open`] reads back as usual.
+    pub fn detach_before(&mut self, index: u64) -> Result<ReleasedSegments<D>, StorageError>
+    where
+        D: Clone,
+    {
+        let paths = self.detach_paths_before(index)?;
+        Ok(ReleasedSegments {
+            disk: self.disk.clone(),
+            directory: self.options.directory.clone(),
+            paths,
+        })
+    }
+
+    fn detach_paths_before(&mut self, index: u64) -> Result<Vec<PathBuf>, StorageError> {
         self.check_writable()?;
         let marker_index = self.snapshot_marker.map(|marker| marker.index);
         assert!(
             marker_index.is_some_and(|marker_index| index <= marker_index),
             "release_before({index}) beyond the durable snapshot marker {marker_index:?}"
         );
-        let mut removed = 0;
+        let mut paths = Vec::new();
         while self.segments.len() > 1 {
             let oldest = &self.segments[0];
             if oldest
@@ -447,15 +480,12 @@ impl<D: Disk> Wal<D> {
             {
                 break;
             }
-            let path = self.options.directory.join(oldest.file_name());
-            let result = self.remove_segment(&path);
-            self.poison_on_error(result)?;
+            paths.push(self.options.directory.join(oldest.file_name()));
             self.segments.remove(0);
             self.stats.segments_removed += 1;
-            removed += 1;
         }
         self.check_invariants();
-        Ok(removed)
+        Ok(paths)
     }
 
     /// Index of the last entry, or of the snapshot marker when no entry follows it, or 0.
@@ -654,11 +684,9 @@ impl<D: Disk> Wal<D> {
     }
 
     fn remove_segment(&mut self, path: &Path) -> Result<(), StorageError> {
-        self.disk
-            .remove_file(path)
-            .map_err(|source| StorageError::io(format!("removing {}", path.display()), source))?;
-        tracing::debug!(file = %path.display(), "removed write-ahead log segment");
-        self.sync_directory()
+        remove_segment_file(&self.disk, &self.options.directory, path)?;
+        self.stats.fsyncs += 1;
+        Ok(())
     }
 
     fn sync_directory(&mut self) -> Result<(), StorageError> {
@@ -679,6 +707,55 @@ impl<D: Disk> Wal<D> {
             .join(segment.file_name())
             .display()
             .to_string()
+    }
+}
+
+/// Deletes one segment and makes its deletion durable.
+fn remove_segment_file<D: Disk>(
+    disk: &D,
+    directory: &Path,
+    path: &Path,
+) -> Result<(), StorageError> {
+    disk.remove_file(path)
+        .map_err(|source| StorageError::io(format!("removing {}", path.display()), source))?;
+    tracing::debug!(file = %path.display(), "removed write-ahead log segment");
+    disk.sync_directory(directory)
+        .map_err(|source| StorageError::FsyncFailed {
+            file: directory.display().to_string(),
+            source,
+        })
+}
+
+/// Segments behind a durable snapshot that the log no longer reads, from
+/// [`Wal::detach_before`], waiting to be deleted.
+#[derive(Debug)]
+#[must_use = "the segments stay on disk until removed"]
+pub struct ReleasedSegments<D: Disk> {
+    disk: D,
+    directory: PathBuf,
+    /// Oldest first.
+    paths: Vec<PathBuf>,
+}
+
+impl<D: Disk> ReleasedSegments<D> {
+    /// How many segments there are.
+    pub fn len(&self) -> usize {
+        self.paths.len()
+    }
+
+    /// True when there is nothing to delete.
+    pub fn is_empty(&self) -> bool {
+        self.paths.is_empty()
+    }
+
+    /// Deletes the segments oldest first, with a directory fsync after each, and stops at the
+    /// first error: what is left on disk is then still a run of consecutive segments, which
+    /// [`Wal::open`] accepts. An error must stop the member like any log error.
+    pub fn remove(self) -> Result<(), StorageError> {
+        for path in &self.paths {
+            remove_segment_file(&self.disk, &self.directory, path)?;
+        }
+        Ok(())
     }
 }
 

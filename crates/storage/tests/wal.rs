@@ -13,6 +13,7 @@ on_both_disks!(
     overwrite_across_segments,
     segment_rollover,
     release_before_deletes_whole_segments,
+    detached_segments_are_removed_later_and_the_log_goes_on,
     marker_beyond_log_discards_it,
     torn_tail_cut_mid_record,
     torn_tail_header_incomplete,
@@ -233,6 +234,42 @@ fn max_entry_index<D: Disk>(disk: &D, name: &str) -> u64 {
         .map(|offset| u64::from_le_bytes(bytes[offset + 9..offset + 17].try_into().unwrap()))
         .max()
         .unwrap_or(0)
+}
+
+/// The member loop detaches released segments and another thread deletes them: the log
+/// appends meanwhile, and reopening before or after the deletion finds the same entries.
+fn detached_segments_are_removed_later_and_the_log_goes_on<D: Disk + Clone>(disk: D) {
+    let options = small_segments(250);
+    let (mut wal, _) = open(&disk, &options);
+    for index in 1..=40 {
+        wal.append(&entries(index..=index, 1), None).unwrap();
+    }
+    let names_before = segment_names(&disk);
+    wal.save_snapshot_marker(20, 1).unwrap();
+    let released = wal.detach_before(20).unwrap();
+    assert!(!released.is_empty());
+    let count = released.len();
+    assert_eq!(wal.segment_count(), names_before.len() - count);
+    // Still on disk, and the log appends (and may roll over) before they go.
+    assert_eq!(segment_names(&disk), names_before);
+    wal.append(&entries(41..=50, 1), None).unwrap();
+    {
+        let (_, recovered) = open(&disk, &options);
+        assert_eq!(
+            positions(&recovered.entries),
+            positions(&entries(21..=50, 1)),
+            "segments not yet deleted are read back behind the marker"
+        );
+    }
+    let names_kept = segment_names(&disk)[count..].to_vec();
+    released.remove().unwrap();
+    assert_eq!(segment_names(&disk), names_kept);
+    drop(wal);
+    let (_, recovered) = open(&disk, &options);
+    assert_eq!(
+        positions(&recovered.entries),
+        positions(&entries(21..=50, 1))
+    );
 }
 
 fn marker_beyond_log_discards_it<D: Disk + Clone>(disk: D) {

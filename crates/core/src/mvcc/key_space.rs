@@ -679,24 +679,73 @@ impl KeySpace {
     pub(super) fn restore_histories(
         &mut self,
         histories: Vec<(Arc<[u8]>, KeyHistory)>,
-        mut revisions: Vec<(Revision, Arc<[u8]>)>,
+        revisions: Vec<(Revision, Arc<[u8]>)>,
     ) -> Result<(), Revision> {
-        revisions.sort_unstable_by_key(|(revision, _)| *revision);
-        if let Some(pair) = revisions.windows(2).find(|pair| pair[0].0 == pair[1].0) {
-            return Err(pair[0].0);
-        }
+        let revision_count = revisions.len();
         for (key, history) in &histories {
             for version in &history.versions {
                 self.approximate_bytes += version_bytes(key, version);
             }
         }
-        self.keys = histories
-            .into_iter()
-            .map(|(key, history)| (key, Arc::new(history)))
-            .collect();
-        self.revisions = revisions.into_iter().collect();
+        // The two maps do not depend on each other: a large key space builds them
+        // on two threads (after reading the files, a restart's largest cost). The
+        // result is the same either way, so the node stays deterministic.
+        let mut histories = Some(histories);
+        let mut revisions = Some(revisions);
+        let parallel = if revision_count >= PARALLEL_RESTORE_VERSIONS_MIN {
+            std::thread::scope(|scope| {
+                let revisions = &mut revisions;
+                let spawned = std::thread::Builder::new()
+                    .name("keel-restore".to_owned())
+                    .spawn_scoped(scope, move || {
+                        build_revision_map(revisions.take().expect("taken once"))
+                    });
+                // No thread to be had: the maps are built one after the other below.
+                spawned.ok().map(|handle| {
+                    let keys = build_key_map(histories.take().expect("taken once"));
+                    let revisions = handle
+                        .join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                    (keys, revisions)
+                })
+            })
+        } else {
+            None
+        };
+        let (keys, revisions) = match parallel {
+            Some(maps) => maps,
+            None => (
+                build_key_map(histories.take().expect("not taken")),
+                build_revision_map(revisions.take().expect("not taken")),
+            ),
+        };
+        self.keys = keys;
+        self.revisions = revisions?;
         Ok(())
     }
+}
+
+/// A restore of at least this many versions builds the key and revision maps
+/// on two threads; below it, a thread costs more than it saves.
+const PARALLEL_RESTORE_VERSIONS_MIN: usize = 50_000;
+
+/// The key map of a restore, from histories in key order.
+fn build_key_map(histories: Vec<(Arc<[u8]>, KeyHistory)>) -> OrdMap<Arc<[u8]>, Arc<KeyHistory>> {
+    histories
+        .into_iter()
+        .map(|(key, history)| (key, Arc::new(history)))
+        .collect()
+}
+
+/// The revision map of a restore, or the revision given to two changes.
+fn build_revision_map(
+    mut revisions: Vec<(Revision, Arc<[u8]>)>,
+) -> Result<OrdMap<Revision, Arc<[u8]>>, Revision> {
+    revisions.sort_unstable_by_key(|(revision, _)| *revision);
+    if let Some(pair) = revisions.windows(2).find(|pair| pair[0].0 == pair[1].0) {
+        return Err(pair[0].0);
+    }
+    Ok(revisions.into_iter().collect())
 }
 
 /// The bounds of a key range, as `OrdMap::range` takes them.
