@@ -457,7 +457,7 @@ fn signal_group(group: i32, signal: Signal) {
 /// even if this agent is gone by then.
 fn continue_group_later(group: i32, duration: Duration) {
     spawn_detached(&format!(
-        "sleep {:.3}; kill -CONT -- -{group}",
+        "sleep {:.3}; kill -s CONT -- -{group}",
         duration.as_secs_f64()
     ));
 }

@@ -390,7 +390,7 @@ async fn lead_from_listing(context: &Context, fence: &Fence) -> Result<Never, Wr
             // Gather what arrives right behind the first change.
             let deadline = tokio::time::Instant::now() + CHANGE_DEBOUNCE;
             while let Ok(response) = tokio::time::timeout_at(deadline, watcher.next()).await {
-                apply_watch_response(&mut view, response)?;
+                apply_watch_response(&mut view, response, context)?;
             }
             dirty = false;
             let outcome = evaluation_pass(context, fence, &view).await?;
@@ -407,7 +407,7 @@ async fn lead_from_listing(context: &Context, fence: &Fence) -> Result<Never, Wr
         });
         tokio::select! {
             response = watcher.next() => {
-                if apply_watch_response(&mut view, response)? == Touched::Relevant {
+                if apply_watch_response(&mut view, response, context)? == Touched::Relevant {
                     dirty = true;
                 }
             }
@@ -420,11 +420,13 @@ async fn lead_from_listing(context: &Context, fence: &Fence) -> Result<Never, Wr
     }
 }
 
-/// Applies one watch response to the view. (node.down is recorded once,
-/// when the fenced `/keel/node-down/` key is written.)
+/// Applies one watch response to the view; records node.down when a
+/// node's record vanishes (its lease expired). Only the active controller
+/// watches, so the log gets one node.down per failure.
 fn apply_watch_response(
     view: &mut StoreView,
     response: Option<Result<keel_client::keel_types::etcdserverpb::WatchResponse, ClientError>>,
+    context: &Context,
 ) -> Result<Touched, WriteError> {
     let response = match response {
         Some(Ok(response)) => response,
@@ -449,6 +451,14 @@ fn apply_watch_response(
         let key = String::from_utf8_lossy(&kv.key).into_owned();
         view.revision = view.revision.max(kv.mod_revision);
         let change = if deleted {
+            if let Some(node) = key.strip_prefix(NODES_PREFIX) {
+                context.events.record(
+                    EventType::NodeDown,
+                    node.to_string(),
+                    format!("node {node} is down: its lease expired"),
+                    [("node".to_string(), node.to_string())],
+                );
+            }
             view.delete(&key)
         } else {
             match view.put(&key, &kv.value, kv.mod_revision) {
@@ -511,12 +521,7 @@ async fn evaluation_pass(
                         modify_revision: revision,
                     },
                 );
-                context.events.record(
-                    EventType::NodeDown,
-                    node.clone(),
-                    format!("node {node} is down; its allocations are lost after their disconnect grace"),
-                    [("node".to_string(), node.clone())],
-                );
+                tracing::info!(%node, "node down: its allocations are lost after their disconnect grace");
             }
             Err(WriteError::Conflict) => {}
             Err(error) => return Err(error),

@@ -211,9 +211,8 @@ pub fn node_events(
                 events::EventType::NodeAlive,
                 format!("node {name} registered and is alive"),
             ),
-            // node.down is the controller's to record: it writes the node's
-            // `/keel/node-down/` key once, fenced, and records the event then,
-            // so the log has one event per failure whoever observes it.
+            // node.down is the controller's to record: only the active
+            // controller watches for it, so the log has one event per failure.
             (_, NodeStatus::Down) => continue,
         };
         let mut fields = vec![("status".to_string(), status.as_str().to_string())];
@@ -268,12 +267,22 @@ pub async fn poll_members(shared: Arc<Shared>) {
             }
         }
         *shared.observed.cluster.write().expect("cluster lock") = snapshot.clone();
-        // A failed listing keeps the last known membership for the next diff.
+        // A failed listing keeps the last known membership for the next diff;
+        // a poll during an election (no leader) keeps the last known leader,
+        // so the next leader.elected says whom it replaced.
+        let last_leader = previous
+            .as_ref()
+            .and_then(|previous| previous.leader.clone());
         if snapshot.error.is_none() || previous.is_none() {
             previous = Some(snapshot.clone());
         } else if let Some(previous) = previous.as_mut() {
             previous.leader = snapshot.leader.clone();
             previous.term = snapshot.term;
+        }
+        if let (Some(previous), Some(leader)) = (previous.as_mut(), last_leader) {
+            if previous.leader.is_none() {
+                previous.leader = Some(leader);
+            }
         }
         if due(last_sample, sample_interval) {
             last_sample = Some(Instant::now());

@@ -57,6 +57,62 @@ fn events(cluster: &Cluster) -> Vec<(String, String, String)> {
         .collect()
 }
 
+/// A job of one long-sleeping task pinned to node1, in the agents' directory.
+fn directory_job(agents: &Agents) -> std::path::PathBuf {
+    let path = agents.directory.path().join("sleeper.toml");
+    std::fs::write(
+        &path,
+        r#"name = "sleeper"
+type = "service"
+
+[group.sleeper]
+count = 1
+
+[[group.sleeper.constraint]]
+attribute = "${node.unique.name}"
+operator = "="
+value = "node1"
+
+[group.sleeper.restart]
+attempts = 5
+interval = "1m"
+delay = "100ms"
+mode = "fail"
+
+[group.sleeper.task.sleeper]
+driver = "exec"
+config = { command = "sleep", args = ["600"] }
+resources = { cpu_millicores = 50, memory_mib = 32 }
+"#,
+    )
+    .expect("job file");
+    path
+}
+
+/// `keel alloc status -o json` through the agent.
+fn alloc_status(agent: &str) -> Option<serde_json::Value> {
+    let output = keel(&["alloc", "status", "-o", "json", "--agent-addr", agent]);
+    serde_json::from_slice(&output.stdout).ok()
+}
+
+/// The pid of the allocation's running task, from its status.
+fn task_pid(agent: &str, allocation: &str) -> Option<u32> {
+    let output = keel(&[
+        "alloc",
+        "status",
+        allocation,
+        "-o",
+        "json",
+        "--agent-addr",
+        agent,
+    ]);
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+    let task = &status["status"]["tasks"]["sleeper"];
+    (task["state"] == "running")
+        .then(|| task["pid"].as_u64())?
+        .map(|pid| pid as u32)
+}
+
 /// The state letter of `/proc/<pid>/stat` (`T` when stopped by a signal).
 fn process_state(pid: u32) -> Option<char> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -73,6 +129,12 @@ fn agents_are_paused_and_killed_on_request_and_refuse_what_they_cannot_do() {
     let endpoints = cluster.endpoints();
     let mut agents = Agents::new(2, AGENTS_PORT_BASE, &cluster.members[0].url(), "4s");
     agents.agents[0].arguments.push("--enable-chaos".into());
+    for agent in &mut agents.agents {
+        // The job's ports, if it had any, would come from this test's range.
+        agent
+            .arguments
+            .extend(["--dynamic-ports".into(), "32400-32449".into()]);
+    }
     agents.start_all();
     let chaotic = agents.agents[0].http_addr();
     wait_until(Duration::from_secs(20), "both nodes registered", || {
@@ -219,6 +281,74 @@ fn agents_are_paused_and_killed_on_request_and_refuse_what_they_cannot_do() {
         events(&cluster)
             .iter()
             .any(|(kind, subject, _)| kind == "fault.injected" && *subject == member),
+        "{:?}",
+        events(&cluster)
+    );
+
+    // Faults on a supervised task, carried out by the agent of its node: a
+    // pause stops the task's process group for a while, a kill makes the
+    // supervisor restart it by its restart block.
+    let job = directory_job(&agents);
+    let output = keel(&[
+        "job",
+        "run",
+        job.to_str().expect("UTF-8"),
+        "--agent-addr",
+        &chaotic,
+    ]);
+    assert!(output.status.success(), "{}", text(&output));
+    let (allocation, pid) = wait_until(Duration::from_secs(30), "the task runs on node1", || {
+        let status = alloc_status(&chaotic)?;
+        let allocation = status.as_array()?.iter().find(|allocation| {
+            allocation["node"] == "node1" && allocation["client_status"] == "running"
+        })?;
+        let id = allocation["id"].as_str()?.to_owned();
+        let pid = task_pid(&chaotic, &id)?;
+        Some((id, pid))
+    });
+    let target = format!("{allocation}/sleeper");
+    let output = keel(&[
+        "chaos",
+        "inject",
+        "pause",
+        "--target",
+        &target,
+        "--for",
+        "2s",
+        "--endpoints",
+        &endpoints,
+    ]);
+    assert!(output.status.success(), "{}", text(&output));
+    wait_until(Duration::from_secs(5), "the task is stopped", || {
+        (process_state(pid) == Some('T')).then_some(())
+    });
+    wait_until(Duration::from_secs(10), "the task runs again", || {
+        matches!(process_state(pid), Some('S' | 'R')).then_some(())
+    });
+    let output = keel(&[
+        "chaos",
+        "inject",
+        "kill",
+        "--target",
+        &target,
+        "--for",
+        "1s",
+        "--endpoints",
+        &endpoints,
+    ]);
+    assert!(output.status.success(), "{}", text(&output));
+    wait_until(
+        Duration::from_secs(30),
+        "the supervisor restarted the killed task",
+        || {
+            let restarted = task_pid(&chaotic, &allocation)?;
+            (restarted != pid).then_some(())
+        },
+    );
+    assert!(
+        events(&cluster)
+            .iter()
+            .any(|(kind, subject, _)| kind == "fault.injected" && *subject == target),
         "{:?}",
         events(&cluster)
     );

@@ -364,8 +364,7 @@ fn agents_export_metrics_and_record_events_that_follow_the_cluster() {
         downs.iter().all(|event| event["subject"] == "node3"),
         "{downs:?}"
     );
-    // The controller records it once, when it writes the node's fenced
-    // `/keel/node-down/` key, whichever agents saw the node go.
+    // The active controller records it, once, whichever agents saw it go.
     assert_eq!(
         downs.len(),
         1,

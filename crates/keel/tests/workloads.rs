@@ -166,38 +166,6 @@ fn kill_tasks_of(allocations: &[Value], node: &str) {
     }
 }
 
-/// Kills, when dropped, every task process group the agents recorded
-/// (`<data-dir>/allocs/<id>/pids`): the agents are killed with SIGKILL at the
-/// end of a test (or when it fails), which would leave their tasks running.
-struct TaskReaper {
-    data_dirs: Vec<std::path::PathBuf>,
-}
-
-impl Drop for TaskReaper {
-    fn drop(&mut self) {
-        for data_dir in &self.data_dirs {
-            let Ok(allocations) = std::fs::read_dir(data_dir.join("allocs")) else {
-                continue;
-            };
-            for allocation in allocations.flatten() {
-                let Ok(text) = std::fs::read_to_string(allocation.path().join("pids")) else {
-                    continue;
-                };
-                let Ok(recorded) = serde_json::from_str::<BTreeMap<String, Value>>(&text) else {
-                    continue;
-                };
-                for process in recorded.values() {
-                    if let Some(pid) = process["pid"].as_u64() {
-                        let _ = Command::new("kill")
-                            .args(["-KILL", "--", &format!("-{pid}")])
-                            .status();
-                    }
-                }
-            }
-        }
-    }
-}
-
 /// Allocations wanted running that run and are ready.
 fn serving(allocations: &[Value]) -> Vec<&Value> {
     allocations
@@ -368,13 +336,6 @@ fn node_failures_drain_and_controller_failover() {
         );
     }
     agents.start_all();
-    let _reaper = TaskReaper {
-        data_dirs: agents
-            .agents
-            .iter()
-            .map(|agent| agent.data_dir.clone())
-            .collect(),
-    };
     let addresses: Vec<String> = agents
         .agents
         .iter()
@@ -903,13 +864,6 @@ fn task_failures_rolling_update_and_autoscaling() {
         );
     }
     agents.start_all();
-    let _reaper = TaskReaper {
-        data_dirs: agents
-            .agents
-            .iter()
-            .map(|agent| agent.data_dir.clone())
-            .collect(),
-    };
     let address = agents.agents[0].http_addr();
     let dns_port = agents.agents[0].dns_port;
     let runtime = tokio::runtime::Runtime::new().expect("runtime");

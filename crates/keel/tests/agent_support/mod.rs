@@ -181,6 +181,35 @@ impl Drop for Agents {
             }
             self.kill(index);
         }
+        // Killed agents leave their supervised tasks running (as a real
+        // agent crash does): end every process group they recorded.
+        for agent in &self.agents {
+            reap_tasks(&agent.data_dir);
+        }
+    }
+}
+
+/// SIGKILLs every task process group an agent recorded in
+/// `<data-dir>/allocs/<id>/pids`.
+pub fn reap_tasks(data_dir: &std::path::Path) {
+    let Ok(allocations) = std::fs::read_dir(data_dir.join("allocs")) else {
+        return;
+    };
+    for allocation in allocations.flatten() {
+        let Ok(text) = std::fs::read_to_string(allocation.path().join("pids")) else {
+            continue;
+        };
+        let Ok(recorded) = serde_json::from_str::<std::collections::BTreeMap<String, Value>>(&text)
+        else {
+            continue;
+        };
+        for process in recorded.values() {
+            if let Some(pid) = process["pid"].as_u64() {
+                let _ = Command::new("kill")
+                    .args(["-KILL", "--", &format!("-{pid}")])
+                    .status();
+            }
+        }
     }
 }
 
