@@ -158,6 +158,8 @@ pub struct Shared {
     pub metrics: crate::agent_metrics::AgentMetrics,
     /// Allocations and their statuses, for the supervisor and the API.
     pub supervisor: crate::supervisor::SupervisorView,
+    /// The controller's counters (for `/metrics`), once it is started.
+    pub controller_stats: std::sync::OnceLock<Arc<crate::controller::ControllerStats>>,
 }
 
 impl Shared {
@@ -416,6 +418,7 @@ impl Agent {
             observed: crate::observer::Observed::default(),
             metrics: crate::agent_metrics::AgentMetrics::new(),
             supervisor: crate::supervisor::SupervisorView::default(),
+            controller_stats: std::sync::OnceLock::new(),
         });
 
         // Services: those persisted from the API, then the config directory's.
@@ -482,6 +485,9 @@ impl Agent {
                 shared.events.clone(),
             )
         });
+        if let Some(controller) = &controller {
+            let _ = shared.controller_stats.set(controller.stats.clone());
+        }
         if config.chaos.enabled {
             tracing::warn!("fault injection is on (--enable-chaos)");
         }

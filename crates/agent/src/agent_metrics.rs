@@ -83,6 +83,11 @@ pub struct AgentMetrics {
     view_stale: Gauge,
     node_lease_healthy: Gauge,
     members_reachable: Gauge,
+    controller_active: Gauge,
+    controller_elections: Counter,
+    controller_evaluations: Counter,
+    controller_plans: Counter,
+    controller_placements: Counter,
     /// One scrape at a time refreshes and encodes.
     scrape: Mutex<()>,
 }
@@ -113,6 +118,11 @@ impl AgentMetrics {
             view_stale: Gauge::default(),
             node_lease_healthy: Gauge::default(),
             members_reachable: Gauge::default(),
+            controller_active: Gauge::default(),
+            controller_elections: Counter::default(),
+            controller_evaluations: Counter::default(),
+            controller_plans: Counter::default(),
+            controller_placements: Counter::default(),
             registry: Registry::default(),
             scrape: Mutex::new(()),
         };
@@ -186,6 +196,35 @@ impl AgentMetrics {
             "keel_agent_members_reachable",
             "Store members that answered this agent's last Status poll",
             metrics.members_reachable.clone(),
+        );
+        for (name, help, counter) in [
+            (
+                "keel_controller_elections",
+                "Times this agent was elected controller",
+                &metrics.controller_elections,
+            ),
+            (
+                "keel_controller_evaluations",
+                "Job evaluations this agent's controller ran",
+                &metrics.controller_evaluations,
+            ),
+            (
+                "keel_controller_plans",
+                "Non-empty plans this agent's controller wrote (fenced)",
+                &metrics.controller_plans,
+            ),
+            (
+                "keel_controller_placements",
+                "Allocations this agent's controller placed",
+                &metrics.controller_placements,
+            ),
+        ] {
+            registry.register(name, help, counter.clone());
+        }
+        registry.register(
+            "keel_controller_active",
+            "1 while this agent is the cluster's controller",
+            metrics.controller_active.clone(),
         );
         AgentMetrics {
             registry,
@@ -296,6 +335,14 @@ impl AgentMetrics {
             .filter(|member| member.reachable)
             .count();
         self.members_reachable.set(reachable as i64);
+        if let Some(stats) = shared.controller_stats.get() {
+            let stats = stats.snapshot();
+            self.controller_active.set(i64::from(stats.active));
+            catch_up(&self.controller_elections, stats.elections);
+            catch_up(&self.controller_evaluations, stats.evaluations);
+            catch_up(&self.controller_plans, stats.plans);
+            catch_up(&self.controller_placements, stats.placements);
+        }
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .expect("writing to a String cannot fail");

@@ -284,6 +284,48 @@ pub struct Scrape {
     pub fsync_buckets: Vec<(f64, f64)>,
     pub fsync_sum: f64,
     pub fsync_count: f64,
+    /// `etcd_network_snapshot_send_success` by receiving member (its `To`
+    /// label, the member id in hex): snapshots this member sent.
+    pub snapshots_sent: BTreeMap<String, u64>,
+}
+
+/// The `snapshot.sent` events between two scrapes of one member: one per
+/// receiving member whose count went up (a member restarted from zero
+/// reports nothing until it sends again).
+pub fn snapshot_events(
+    sender: &MemberView,
+    previous: &Scrape,
+    current: &Scrape,
+    members: &[MemberView],
+) -> Vec<Observation> {
+    current
+        .snapshots_sent
+        .iter()
+        .filter(|(to, count)| {
+            previous
+                .snapshots_sent
+                .get(*to)
+                .is_some_and(|before| *count > before)
+        })
+        .map(|(to, _)| {
+            let receiver = members
+                .iter()
+                .find(|member| member.id == *to)
+                .map(|member| member.name.clone())
+                .filter(|name| !name.is_empty())
+                .unwrap_or_else(|| to.clone());
+            Observation::new(
+                EventType::SnapshotSent,
+                receiver.clone(),
+                format!(
+                    "{} sent a snapshot to {receiver}, which had fallen behind the log",
+                    sender.name
+                ),
+            )
+            .field("from", &sender.id)
+            .field("to", to)
+        })
+        .collect()
 }
 
 /// Reads the figures of [`Scrape`] from a Prometheus/OpenMetrics text
@@ -312,6 +354,15 @@ pub fn parse_exposition(text: &str) -> Scrape {
         };
         match name {
             "grpc_server_handled_total" => scrape.requests_handled += value,
+            "etcd_network_snapshot_send_success" | "etcd_network_snapshot_send_success_total" => {
+                if let Some(to) = labels
+                    .split(',')
+                    .find_map(|label| label.strip_prefix("To="))
+                    .map(|to| to.trim_matches('"'))
+                {
+                    scrape.snapshots_sent.insert(to.to_string(), value as u64);
+                }
+            }
             "etcd_disk_wal_fsync_duration_seconds_sum" => scrape.fsync_sum += value,
             "etcd_disk_wal_fsync_duration_seconds_count" => scrape.fsync_count += value,
             "etcd_disk_wal_fsync_duration_seconds_bucket" => {
@@ -371,6 +422,11 @@ pub struct Sampler {
 }
 
 impl Sampler {
+    /// The member's scrape of the last sampling round, if it answered then.
+    pub fn previous_scrape(&self, id: &str) -> Option<&Scrape> {
+        self.previous.as_ref()?.2.get(id)
+    }
+
     /// Takes the figures of one sampling round: the time, the highest
     /// commit index seen, each reachable member's scrape by id, and the
     /// timed read. A member's counters that went down (it restarted) count
@@ -472,6 +528,31 @@ pub fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_snapshot_counter_that_grows_is_one_event_naming_the_receiver() {
+        let exposition = |count: u64| {
+            format!(
+                "# TYPE etcd_network_snapshot_send_success counter\n\
+                 etcd_network_snapshot_send_success_total{{To=\"b2\"}} {count}\n\
+                 etcd_network_snapshot_send_success_total{{To=\"c3\"}} 1\n"
+            )
+        };
+        let before = parse_exposition(&exposition(1));
+        let after = parse_exposition(&exposition(2));
+        assert_eq!(after.snapshots_sent.get("b2"), Some(&2));
+        let members = vec![
+            member("a1", "m1", true, "a1", 2),
+            member("b2", "m2", true, "a1", 2),
+            member("c3", "m3", true, "a1", 2),
+        ];
+        let events = snapshot_events(&members[0], &before, &after, &members);
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0].kind, EventType::SnapshotSent);
+        assert_eq!(events[0].subject, "m2");
+        assert!(events[0].message.starts_with("m1 sent a snapshot to m2"));
+        assert!(snapshot_events(&members[0], &after, &after, &members).is_empty());
+    }
 
     fn member(id: &str, name: &str, reachable: bool, leader: &str, term: u64) -> MemberView {
         MemberView {

@@ -478,12 +478,26 @@ async fn sample(shared: &Shared, snapshot: &ClusterSnapshot) {
         .map(|status| status.commit_index)
         .max()
         .unwrap_or(0);
-    shared
-        .observed
-        .sampler
-        .lock()
-        .expect("sampler lock")
-        .record(events::now_unix_ms(), commit_index, scrapes, read_latency);
+    let mut sampler = shared.observed.sampler.lock().expect("sampler lock");
+    // Snapshots sent show as counters in the sender's metrics (members have
+    // no events recorder of their own); the reporter turns increases into events.
+    let mut observations = Vec::new();
+    if shared.observed.reporter.load(Ordering::Relaxed) {
+        for (id, scrape) in &scrapes {
+            let sender = snapshot.members.iter().find(|member| member.id == *id);
+            if let (Some(sender), Some(previous)) = (sender, sampler.previous_scrape(id)) {
+                observations.extend(crate::members::snapshot_events(
+                    sender,
+                    previous,
+                    scrape,
+                    &snapshot.members,
+                ));
+            }
+        }
+    }
+    sampler.record(events::now_unix_ms(), commit_index, scrapes, read_latency);
+    drop(sampler);
+    record_all(shared, observations);
 }
 
 #[cfg(test)]

@@ -96,6 +96,11 @@ const AGENT_SAMPLES: &[&str] = &[
     "keel_agent_view_stale",
     "keel_agent_node_lease_healthy",
     "keel_agent_members_reachable",
+    "keel_controller_active",
+    "keel_controller_elections_total",
+    "keel_controller_evaluations_total",
+    "keel_controller_plans_total",
+    "keel_controller_placements_total",
 ];
 
 /// A `keel events --follow` process whose stdout lines arrive on a channel;
@@ -217,6 +222,25 @@ fn agents_export_metrics_and_record_events_that_follow_the_cluster() {
             member.name
         );
     }
+    // A member's /ui sends the operator to a registered agent's dashboard.
+    let redirect = wait_until(CONVERGE_TIMEOUT, "a member's /ui redirects", || {
+        agent_support::request(
+            &cluster.members[0].endpoint(),
+            "GET",
+            "/ui",
+            None,
+            Duration::from_secs(5),
+        )
+        .ok()
+        .filter(|response| response.status == 307)
+    });
+    let location = redirect.header("location").expect("a Location header");
+    assert!(
+        addresses
+            .iter()
+            .any(|address| location == format!("http://{address}/ui")),
+        "{location}"
+    );
     for address in &addresses {
         wait_until(CONVERGE_TIMEOUT, "the agent is ready", || {
             get(address, "/readyz").ok()

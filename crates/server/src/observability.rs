@@ -1,5 +1,11 @@
-//! The member's HTTP endpoints for operators: `/metrics` (Prometheus), and
-//! `/health`, `/livez`, `/readyz` (see `health.rs`), as one axum `Router`.
+//! The member's HTTP endpoints for operators: `/metrics` (Prometheus),
+//! `/health`, `/livez`, `/readyz` (see `health.rs`), and `/ui`, as one axum
+//! `Router`.
+//!
+//! The web dashboard is the agents' (they hold the gossip and registry view
+//! it shows); a member's `/ui` redirects to the dashboard of an agent
+//! registered in its store (`/keel/nodes/`), so an operator who knows only a
+//! member's address still finds it.
 //!
 //! The router is served on `--listen-metrics-urls` (etcd's flag: its own
 //! listener, so scrapes and probes never queue behind client traffic), and is
@@ -43,7 +49,71 @@ pub fn router(observability: Observability) -> Router {
         .route("/livez/{check}", get(serve_livez_check))
         .route("/readyz", get(serve_readyz))
         .route("/readyz/{check}", get(serve_readyz_check))
+        .route("/ui", get(serve_dashboard_redirect))
+        .route("/ui/", get(serve_dashboard_redirect))
         .with_state(observability)
+}
+
+/// Where agents register their nodes (JSON with their `http_address`).
+const NODES_PREFIX: &[u8] = b"/keel/nodes/";
+/// Node records read to find an agent's dashboard.
+const NODES_READ_MAX: i64 = 64;
+/// How long finding an agent may take.
+const DASHBOARD_LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// `/ui`: a temporary redirect to a registered agent's dashboard (the first
+/// by node name, from this member's own view: serializable, so it answers
+/// without a leader too), or 503 saying how to get one.
+async fn serve_dashboard_redirect(State(observability): State<Observability>) -> Response {
+    let mut range_end = NODES_PREFIX.to_vec();
+    *range_end.last_mut().expect("not empty") += 1;
+    let request = keel_types::etcdserverpb::RangeRequest {
+        key: NODES_PREFIX.to_vec(),
+        range_end,
+        limit: NODES_READ_MAX,
+        serializable: true,
+        ..Default::default()
+    };
+    let read = tokio::time::timeout(
+        DASHBOARD_LOOKUP_TIMEOUT,
+        crate::api::etcdserverpb::kv_server::Kv::range(
+            &observability.services,
+            tonic::Request::new(request),
+        ),
+    )
+    .await;
+    let nodes = match read {
+        Ok(Ok(response)) => response.into_inner().kvs,
+        Ok(Err(status)) => {
+            return unavailable(format!(
+                "reading the registered agents: {}",
+                status.message()
+            ))
+        }
+        Err(_) => return unavailable("reading the registered agents took too long".to_owned()),
+    };
+    let dashboard = nodes.iter().find_map(|node| {
+        let record: serde_json::Value = serde_json::from_slice(&node.value).ok()?;
+        let address = record.get("http_address")?.as_str()?;
+        Some(format!("http://{address}/ui"))
+    });
+    match dashboard {
+        Some(location) => (
+            StatusCode::TEMPORARY_REDIRECT,
+            [(header::LOCATION, location.clone())],
+            format!("the dashboard is served by the agents: {location}\n"),
+        )
+            .into_response(),
+        None => unavailable(
+            "no agent is registered: the dashboard is served by `keel agent` at /ui on its \
+             HTTP address (keel dev starts three, the first on http://127.0.0.1:8500/ui)"
+                .to_owned(),
+        ),
+    }
+}
+
+fn unavailable(message: String) -> Response {
+    (StatusCode::SERVICE_UNAVAILABLE, format!("{message}\n")).into_response()
 }
 
 /// Serves `router` on `listener` until the task is aborted.
