@@ -166,6 +166,25 @@ fn kill_tasks_of(allocations: &[Value], node: &str) {
     }
 }
 
+/// Waits until every agent's view has nodes node1 to node3 alive.
+fn wait_for_all_alive(addresses: &[String]) {
+    wait_until(
+        Duration::from_secs(30),
+        "every agent sees three alive nodes",
+        || {
+            addresses
+                .iter()
+                .all(|address| {
+                    (1..=3).all(|index| {
+                        agent_support::node_status(address, &format!("node{index}")).as_deref()
+                            == Some("alive")
+                    })
+                })
+                .then_some(())
+        },
+    );
+}
+
 /// Allocations wanted running that run and are ready.
 fn serving(allocations: &[Value]) -> Vec<&Value> {
     allocations
@@ -359,6 +378,9 @@ fn node_failures_drain_and_controller_failover() {
     wait_until(Duration::from_secs(20), "a controller is elected", || {
         controller_index(&client, &runtime)
     });
+    // Placement spreads a group over the nodes that are alive when it runs:
+    // wait until every agent sees all three (none still suspect from start-up).
+    wait_for_all_alive(&addresses);
 
     // A bad spec is refused as a whole, naming the field, by the API and
     // by the CLI (before sending).
@@ -890,6 +912,14 @@ fn task_failures_rolling_update_and_autoscaling() {
     wait_until(Duration::from_secs(20), "a controller is elected", || {
         controller_index(&client, &runtime)
     });
+    // Placement spreads a group over the nodes that are alive when it runs:
+    // wait until every agent sees all three (none still suspect from start-up).
+    let all_addresses: Vec<String> = agents
+        .agents
+        .iter()
+        .map(|agent| agent.http_addr())
+        .collect();
+    wait_for_all_alive(&all_addresses);
     run(&write_job("crash", CRASH_JOB));
     run(&write_job("stuck", LIVENESS_JOB));
     run(&write_job("web", &web_job_with_update("/")));

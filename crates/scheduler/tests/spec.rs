@@ -329,7 +329,7 @@ fn the_web_example_launches_with_its_port() {
     );
     assert_eq!(launch.env["KEEL_PORT_http"], port);
     assert_eq!(launch.env["KEEL_ALLOC_ID"], allocation.id.0);
-    assert_eq!(launch.env["KEEL_MEMORY_LIMIT"], "64");
+    assert_eq!(launch.env["KEEL_MEMORY_LIMIT"], "128");
     let ports: std::collections::BTreeSet<u16> = plan
         .placements
         .iter()

@@ -205,8 +205,10 @@ pub fn reap_tasks(data_dir: &std::path::Path) {
         };
         for process in recorded.values() {
             if let Some(pid) = process["pid"].as_u64() {
+                // Most are gone already (stopped by their agent): say nothing.
                 let _ = Command::new("kill")
                     .args(["-KILL", "--", &format!("-{pid}")])
+                    .stderr(Stdio::null())
                     .status();
             }
         }
