@@ -310,18 +310,39 @@ async fn poll_once(shared: &Shared, channels: &mut BTreeMap<String, Channel>) ->
         Ok(response) => response.members,
         Err(error) => {
             snapshot.error = Some(error.to_string());
-            // Fall back to the configured endpoints, so their status still shows.
-            shared
-                .config
-                .endpoints
+            // The listing needs a leader, so it fails during an election: ask
+            // the members last listed (names kept), or else the configured
+            // endpoints, so their status still shows.
+            let known: Vec<keel_client::keel_types::etcdserverpb::Member> = shared
+                .observed
+                .cluster
+                .read()
+                .expect("cluster lock")
+                .members
                 .iter()
-                .map(|endpoint| keel_client::keel_types::etcdserverpb::Member {
-                    client_ur_ls: vec![
-                        keel_client::endpoint_url(endpoint).unwrap_or_else(|_| endpoint.clone())
-                    ],
-                    ..Default::default()
+                .filter(|member| !member.name.is_empty())
+                .map(|member| keel_client::keel_types::etcdserverpb::Member {
+                    id: u64::from_str_radix(&member.id, 16).unwrap_or(0),
+                    name: member.name.clone(),
+                    peer_ur_ls: member.peer_urls.clone(),
+                    client_ur_ls: member.client_urls.clone(),
+                    is_learner: member.is_learner,
                 })
-                .collect()
+                .collect();
+            if !known.is_empty() {
+                known
+            } else {
+                shared
+                    .config
+                    .endpoints
+                    .iter()
+                    .map(|endpoint| keel_client::keel_types::etcdserverpb::Member {
+                        client_ur_ls: vec![keel_client::endpoint_url(endpoint)
+                            .unwrap_or_else(|_| endpoint.clone())],
+                        ..Default::default()
+                    })
+                    .collect()
+            }
         }
     };
     let mut tasks = tokio::task::JoinSet::new();
