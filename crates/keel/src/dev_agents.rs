@@ -20,6 +20,8 @@ pub struct DevAgent {
     pub name: String,
     pub http_addr: String,
     pub dns_addr: String,
+    /// The agent's `--data-dir`, where its supervisor records its tasks.
+    data_dir: std::path::PathBuf,
     child: Child,
 }
 
@@ -116,6 +118,7 @@ pub async fn start(
             .spawn()
             .with_context(|| format!("starting {name}"))?;
         agents.push(DevAgent {
+            data_dir: data_dir.join(&name),
             name,
             http_addr,
             dns_addr,
@@ -178,6 +181,16 @@ pub async fn stop(agents: &mut [DevAgent]) {
         {
             eprintln!("{} did not stop in time; killing it", agent.name);
             let _ = agent.child.kill().await;
+        }
+        // An agent leaves its tasks running when it stops (so that restarting
+        // an agent does not restart its workloads); "Ctrl-C stops them all"
+        // includes the workloads of a dev cluster.
+        let allocations = agent
+            .data_dir
+            .join(keel_agent::supervisor::ALLOCS_DIRECTORY);
+        let stopped = keel_agent::supervisor::process::kill_leftovers(&allocations);
+        if !stopped.is_empty() {
+            println!("{}: stopped {} allocation(s)", agent.name, stopped.len());
         }
     }
 }
