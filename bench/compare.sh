@@ -380,8 +380,9 @@ lines += [
 ]
 with open("docs/BENCHMARKS.md") as existing:
     text = existing.read()
-# Sections appended by hand (micro-benchmarks) are kept.
-marker = "\n## Micro-benchmarks"
+# Only the top section (up to the first "## " heading) is this script's; the
+# sections after it (micro-benchmarks, stalls, workloads, ...) are kept.
+marker = "\n## "
 kept = text[text.index(marker):] if marker in text else ""
 open("docs/BENCHMARKS.md", "w").write("\n".join(lines) + "\n" + kept)
 print("\n".join(lines))
