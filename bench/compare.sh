@@ -369,10 +369,10 @@ def both(title, etcd_value, keel_value, unit):
     lines.append(f"| {title} | {etcd_value} {unit} | {keel_value} {unit} |")
 lines += ["", "| measure | etcd | keel |", "|---|---|---|"]
 both("peak resident memory of a member during the workloads above", etcd_summary["peak"][0], keel_summary["peak"][0], "MiB")
-lines += ["", f"The largest ZooKeeper server's peak resident memory during its workloads was {zookeeper_summary['peak'][0]} MiB (JVM defaults)."]
 both("failover: kill -9 of the leader under 16 writers until a write succeeds", etcd_summary["failover"][0], keel_summary["failover"][0], "ms")
 both(f"resident memory of a member at {memory_keys:,} keys (64-byte values)", etcd_summary["million"][0], keel_summary["million"][0], "MiB")
 both(f"recovery: restart after kill -9 of a member holding {memory_keys:,} keys until it answers a read", etcd_summary["million"][1], keel_summary["million"][1], "ms")
+lines += ["", f"The largest ZooKeeper server's peak resident memory during its workloads was {zookeeper_summary['peak'][0]} MiB (JVM defaults)."]
 lines += [
     "",
     "Failover is measured with etcdctl probes in a tight loop (each a process start, so the",
