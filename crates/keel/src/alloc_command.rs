@@ -7,6 +7,8 @@ use std::io::Write;
 use keel_agent::api_client::{ApiClient, ApiError};
 use serde_json::Value;
 
+use crate::operations::print_table;
+
 /// Most events of a task shown by `keel alloc status ID`.
 const EVENTS_SHOWN_MAX: usize = 10;
 
@@ -63,27 +65,6 @@ fn text(value: &Value) -> String {
         Value::String(text) => text.clone(),
         Value::Null => "-".into(),
         other => other.to_string(),
-    }
-}
-
-fn print_table(header: &[&str], rows: &[Vec<String>]) {
-    let mut widths: Vec<usize> = header.iter().map(|title| title.len()).collect();
-    for row in rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
-        }
-    }
-    let line = |cells: Vec<String>| {
-        let padded: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|(cell, width)| format!("{cell:<width$}"))
-            .collect();
-        println!("{}", padded.join("  ").trim_end());
-    };
-    line(header.iter().map(|title| title.to_string()).collect());
-    for row in rows {
-        line(row.clone());
     }
 }
 

@@ -11,7 +11,8 @@ use keel_agent::api_client::{ApiClient, Method};
 use keel_scheduler::Job;
 use serde_json::Value;
 
-use crate::registry_command::{print_table, text, AgentAddress};
+use crate::operations::print_table;
+use crate::registry_command::{text, AgentAddress};
 
 /// How long `keel job run` waits for the controller to place the version.
 const PLACEMENT_WAIT: Duration = Duration::from_secs(15);

@@ -178,8 +178,9 @@ fn human_bytes(bytes: u64) -> String {
     }
 }
 
-/// Prints rows under a header, each column as wide as its widest cell.
-fn print_table(header: &[&str], rows: &[Vec<String>]) {
+/// Prints rows under a header, each column as wide as its widest cell (the
+/// tables of every command: `keel member list`, `service`, `job`, `alloc`, …).
+pub(crate) fn print_table(header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|cell| cell.chars().count()).collect();
     for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {

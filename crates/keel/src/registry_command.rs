@@ -8,6 +8,8 @@ use anyhow::Context;
 use keel_agent::api_client::ApiClient;
 use serde_json::Value;
 
+use crate::operations::print_table;
+
 /// Where the agent's HTTP API is.
 #[derive(Debug, clap::Args)]
 pub(crate) struct AgentAddress {
@@ -94,27 +96,6 @@ pub(crate) fn text(value: &Value) -> String {
         Value::String(text) => text.clone(),
         Value::Null => "-".into(),
         other => other.to_string(),
-    }
-}
-
-pub(crate) fn print_table(header: &[&str], rows: &[Vec<String>]) {
-    let mut widths: Vec<usize> = header.iter().map(|title| title.len()).collect();
-    for row in rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
-        }
-    }
-    let line = |cells: Vec<String>| {
-        let padded: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|(cell, width)| format!("{cell:<width$}"))
-            .collect();
-        println!("{}", padded.join("  ").trim_end());
-    };
-    line(header.iter().map(|title| title.to_string()).collect());
-    for row in rows {
-        line(row.clone());
     }
 }
 

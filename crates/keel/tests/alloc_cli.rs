@@ -92,6 +92,10 @@ fn alloc_status_and_logs_and_a_kill_9_agent_started_again() {
     let cluster = Cluster::start(1, MEMBERS_PORT_BASE);
     let endpoints = cluster.endpoints();
     let mut agents = Agents::new(1, AGENTS_PORT_BASE, &endpoints, "5s");
+    // This test writes the job and its allocation itself, as a controller
+    // would; a controller of its own would evaluate the job too and could
+    // stop the hand-written allocation under the test's feet.
+    agents.add_arguments(0, &["--no-controller"]);
     agents.start(0);
     let agent_addr = agents.agents[0].http_addr();
     let job = r#"{"versions":[{"version":0,"stable":false,"job":{"name":"cli","group":{"g":{"task":{"main":{"config":{"command":"sh","args":["-c","sleep 300 & echo hello-cli; wait"]}}}}}}}]}"#;
