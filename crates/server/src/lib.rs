@@ -571,9 +571,8 @@ pub fn restore_backup(config: &ServerConfig, backup: &[u8]) -> Result<(), Server
 /// membership. Founding members could derive it from the flags, but a member
 /// added at run time got its id from MemberAdd, so the data is the authority.
 fn own_member_id(config: &ServerConfig, recovered: &keel_core::Recovered) -> u64 {
-    let members = keel_core::StateMachine::decode(&recovered.snapshot.data)
-        .map(|state_machine| state_machine.members().to_vec())
-        .unwrap_or_default();
+    let members =
+        keel_core::StateMachine::decode_members(&recovered.snapshot.data).unwrap_or_default();
     members
         .iter()
         .find(|member| {

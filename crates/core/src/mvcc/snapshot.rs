@@ -167,7 +167,7 @@ impl KeySpace {
             ..KeySpace::new()
         };
         let (size_hint, _) = versions.size_hint();
-        let mut histories: Vec<(Arc<[u8]>, KeyHistory)> = Vec::new();
+        let mut histories: Vec<(Arc<[u8]>, KeyHistory)> = Vec::with_capacity(size_hint);
         let mut revisions: Vec<(Revision, Arc<[u8]>)> = Vec::with_capacity(size_hint);
         let mut previous: Option<VersionRef<'a>> = None;
         for entry in versions {
