@@ -18,7 +18,7 @@ pub mod node;
 pub mod raft_logger;
 pub mod state_machine;
 
-pub use durable::{DurableError, DurableState};
+pub use durable::{DurableError, DurableState, OpeningState};
 pub use node::{
     bootstrap_snapshot, AutoCompactionPolicy, DeliberateBug, Event, LogCompaction,
     MembershipChange, Node, NodeConfig, NodeStatus, Output, Persist, Recovered, Reply,
