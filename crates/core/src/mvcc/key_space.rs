@@ -654,21 +654,33 @@ impl KeySpace {
             sub: batch.change_count,
         };
         batch.change_count += 1;
-        let key: Arc<[u8]> = match self.keys.get_key_value(key) {
-            Some((existing, _)) => Arc::clone(existing),
-            None => Arc::from(key),
+        self.approximate_bytes += version_bytes(key, &version);
+        let revision = version.revision;
+        // One walk of the key map per change (a lookup, then an entry, cost two more
+        // walks each): a restart replays up to a snapshot's worth of writes here.
+        let key: Arc<[u8]> = match self.keys.get_key_value_mut(key) {
+            Some((existing, history)) => {
+                let existing = Arc::clone(existing);
+                let history = Arc::make_mut(history);
+                if let Some(last) = history.versions.last() {
+                    assert!(
+                        last.revision < version.revision,
+                        "history only grows forwards"
+                    );
+                }
+                history.push(version);
+                existing
+            }
+            None => {
+                let key: Arc<[u8]> = Arc::from(key);
+                let mut history = KeyHistory::default();
+                history.push(version);
+                self.keys.insert(Arc::clone(&key), Arc::new(history));
+                key
+            }
         };
-        self.approximate_bytes += version_bytes(&key, &version);
-        let previous_key = self.revisions.insert(version.revision, Arc::clone(&key));
+        let previous_key = self.revisions.insert(revision, key);
         assert!(previous_key.is_none(), "a revision is given out once");
-        let history = Arc::make_mut(self.keys.entry(key).or_default());
-        if let Some(last) = history.versions.last() {
-            assert!(
-                last.revision < version.revision,
-                "history only grows forwards"
-            );
-        }
-        history.push(version);
     }
 
     /// Installs the histories recovered from a snapshot, already checked by the
