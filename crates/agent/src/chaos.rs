@@ -2,13 +2,18 @@
 //! --enable-chaos`, off by default), for `keel chaos inject kill|pause`.
 //!
 //! The agent on the target machine carries the fault out, as a member does
-//! for its own faults: it SIGKILLs itself (an agent crash: its tasks go on,
-//! orphaned, as they would), SIGSTOPs itself for a while (a stall: its node
-//! lease is not renewed, gossip stops), or SIGKILLs / SIGSTOPs the process
-//! group of a supervised task (the supervisor then restarts it by its
-//! `restart` block, or its liveness check sees it hang). A pause is ended by
-//! a detached helper process that sends SIGCONT after the duration, so it
-//! heals by itself even if the injector, or the agent, is gone.
+//! for its own faults: it SIGKILLs itself and comes back after the duration
+//! (an agent crash and its restart: its tasks go on, orphaned, as they
+//! would, and the restarted agent ends them and starts its allocations
+//! afresh), SIGSTOPs itself for a while (a stall: its node lease is not
+//! renewed, gossip stops), or SIGKILLs / SIGSTOPs the process group of a
+//! supervised task (the supervisor then restarts it by its `restart` block,
+//! or its liveness check sees it hang). A pause is ended by a detached
+//! helper process that sends SIGCONT after the duration; a kill, by a
+//! detached helper started just before it that sleeps for the duration and
+//! then `exec`s this executable again with the agent's arguments, working
+//! directory, environment, standard output and error. Either heals by itself
+//! even if the injector, or the agent, is gone.
 //!
 //! The routes (`GET /v1/chaos`, `POST /v1/chaos/inject`, `POST
 //! /v1/chaos/heal`) answer callers on the loopback interface and, when the
@@ -60,7 +65,8 @@ pub struct ChaosConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FaultKind {
-    /// SIGKILL.
+    /// SIGKILL; an agent restarts itself after the duration, a task is
+    /// restarted by its supervisor.
     Kill,
     /// SIGSTOP, then SIGCONT after the duration.
     Pause,
@@ -74,7 +80,9 @@ pub struct InjectRequest {
     /// `agent` (this agent), or `<allocation id>` (every task of it), or
     /// `<allocation id>/<task>`.
     pub target: String,
-    /// How long a pause lasts, in milliseconds (ignored by kill).
+    /// How long a pause lasts, or how long after a kill of the agent it
+    /// restarts, in milliseconds (a killed task's supervisor restarts it by
+    /// its `restart` block instead).
     #[serde(default)]
     pub duration_milliseconds: u64,
 }
@@ -251,17 +259,18 @@ impl AgentChaos {
 
     async fn inject(self: &Arc<Self>, request: InjectRequest) -> Result<InjectResponse, Refusal> {
         let duration = Duration::from_millis(request.duration_milliseconds);
-        if request.kind == FaultKind::Pause && (duration.is_zero() || duration > FAULT_DURATION_MAX)
-        {
+        let victim = self.victim(&request.target).await?;
+        let timed = request.kind == FaultKind::Pause || victim == Victim::Agent;
+        if timed && (duration.is_zero() || duration > FAULT_DURATION_MAX) {
             return Err(Refusal(
                 StatusCode::BAD_REQUEST,
                 format!(
-                    "a pause must last more than 0 and at most {} s (duration_milliseconds)",
+                    "a pause, or a kill of the agent (restarted after it), must last more \
+                     than 0 and at most {} s (duration_milliseconds)",
                     FAULT_DURATION_MAX.as_secs()
                 ),
             ));
         }
-        let victim = self.victim(&request.target).await?;
         let description = describe(request.kind, &victim, duration);
         let fault_id = {
             let mut next_id = self.next_id.lock().expect("not poisoned");
@@ -294,7 +303,7 @@ impl AgentChaos {
                 format!("{:?}", request.kind).to_lowercase(),
             ),
         ];
-        if request.kind == FaultKind::Pause {
+        if timed {
             fields.push((
                 "expires_unix_ms".to_owned(),
                 (events::now_unix_ms() + duration.as_millis() as u64).to_string(),
@@ -438,9 +447,13 @@ fn describe(kind: FaultKind, victim: &Victim, duration: Duration) -> String {
             .collect::<Vec<_>>()
             .join(", "),
     };
-    match kind {
-        FaultKind::Kill => format!("kill {what} (SIGKILL)"),
-        FaultKind::Pause => format!(
+    match (kind, victim) {
+        (FaultKind::Kill, Victim::Agent) => format!(
+            "kill {what} (SIGKILL), restarted after {:.1} s",
+            duration.as_secs_f64()
+        ),
+        (FaultKind::Kill, Victim::Tasks(_)) => format!("kill {what} (SIGKILL)"),
+        (FaultKind::Pause, _) => format!(
             "pause {what} for {:.1} s (SIGSTOP, then SIGCONT)",
             duration.as_secs_f64()
         ),
@@ -462,14 +475,18 @@ fn continue_group_later(group: i32, duration: Duration) {
     ));
 }
 
-/// Kills or stops this agent a moment after the answer left. A stopped
-/// process cannot wake itself: a detached helper sends the SIGCONT.
+/// Kills or stops this agent a moment after the answer left. A killed
+/// process cannot restart itself, nor a stopped one wake itself: a detached
+/// helper, started first, does it after the duration.
 fn signal_self_later(kind: FaultKind, duration: Duration) {
     let pid = std::process::id();
     tokio::spawn(async move {
         tokio::time::sleep(SELF_FAULT_DELAY).await;
         match kind {
             FaultKind::Kill => {
+                if let Err(error) = restart_after(duration) {
+                    tracing::error!(%error, "cannot start the helper that restarts this agent; killing it anyway");
+                }
                 if let Err(error) = signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL) {
                     tracing::error!(%error, "cannot kill this agent");
                 }
@@ -480,6 +497,41 @@ fn signal_self_later(kind: FaultKind, duration: Duration) {
             )),
         }
     });
+}
+
+/// What the restart helper runs: `$1` is the delay in seconds, the rest the
+/// command. `exec` keeps the helper's process id, so the restarted agent has
+/// the pid the line before it logs.
+const RESTART_SCRIPT: &str = "sleep \"$1\"; shift; \
+     echo \"keel chaos: restarting the killed process as pid $$: $*\" >&2; exec \"$@\"";
+
+/// Starts a detached `/bin/sh` that runs this executable again, with the
+/// same arguments, working directory, environment, standard output and
+/// error, after `delay`. It is this agent's child only until the kill: then
+/// init (or the nearest subreaper) adopts it, and it goes on. Not reaped by
+/// a thread as other helpers are: it must outlive this process, and ends
+/// only by becoming the restarted agent.
+fn restart_after(delay: Duration) -> std::io::Result<()> {
+    let executable = std::env::current_exe()?;
+    // A binary replaced since this process started (a rebuild) is named
+    // "<path> (deleted)" by Linux: the path itself is what a restart wants.
+    let executable = match executable
+        .to_str()
+        .and_then(|path| path.strip_suffix(" (deleted)"))
+    {
+        Some(path) => std::path::PathBuf::from(path),
+        None => executable,
+    };
+    std::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(RESTART_SCRIPT)
+        .arg("sh")
+        .arg(format!("{:.3}", delay.as_secs_f64()))
+        .arg(executable)
+        .args(std::env::args_os().skip(1))
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .map(drop)
 }
 
 fn spawn_detached(script: &str) {
@@ -605,8 +657,12 @@ mod tests {
             "pause task a1/server (process group 4242) for 3.0 s (SIGSTOP, then SIGCONT)"
         );
         assert_eq!(
-            describe(FaultKind::Kill, &Victim::Agent, Duration::ZERO),
-            "kill the agent (SIGKILL)"
+            describe(FaultKind::Kill, &Victim::Agent, Duration::from_secs(2)),
+            "kill the agent (SIGKILL), restarted after 2.0 s"
+        );
+        assert_eq!(
+            describe(FaultKind::Kill, &victim, Duration::ZERO),
+            "kill task a1/server (process group 4242) (SIGKILL)"
         );
     }
 }

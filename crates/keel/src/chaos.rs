@@ -8,7 +8,9 @@
 //! pause only) or allocations (`<id>` or `<id>/<task>`: their tasks' process groups,
 //! through the agent of their node). The command talks to each target directly; the
 //! fault is carried out by the target itself and heals by itself after `--for`, even if
-//! this command is gone. Faults on members are recorded in the events log here
+//! this command is gone: a killed member or agent restarts itself after `--for` (a
+//! helper it starts before the SIGKILL runs it again with the same arguments), a killed
+//! task is restarted by its supervisor. Faults on members are recorded in the events log here
 //! (members have no recorder); agents record their own. Callers outside the targets'
 //! loopback interface present a token (`--token-file`).
 
@@ -27,6 +29,7 @@ use keel_types::keelchaospb::{
 };
 use tonic::transport::Channel;
 
+mod nodes;
 mod report;
 mod run;
 mod scenario;
@@ -79,7 +82,7 @@ enum Output {
 
 #[derive(Debug, clap::Subcommand)]
 enum Command {
-    /// Start a fault on the target members for a while.
+    /// Start a fault on the target members, nodes or tasks for a while.
     Inject(InjectArguments),
     /// End faults early (all faults on every member by default).
     Heal {
@@ -91,7 +94,8 @@ enum Command {
         fault_id: Option<u64>,
     },
     /// Run a scenario file: a cluster, a workload, a fault schedule and a hypothesis;
-    /// starts its own members (--endpoints is not used).
+    /// starts its own members, and agents and their job when it has [agents]
+    /// (--endpoints is not used).
     Run(run::RunArguments),
     /// The faults active on each member.
     List {
@@ -118,7 +122,8 @@ enum Kind {
     SlowFsync,
     // Make the targets' disk writes fail.
     WriteError,
-    // SIGKILL the targets.
+    // SIGKILL the targets; members and agents restart after --for (same arguments, data
+    // and log), tasks by their supervisor's restart block.
     Kill,
     // SIGSTOP the targets, and SIGCONT them after --for.
     Pause,
@@ -137,13 +142,16 @@ enum PartitionDirection {
 #[derive(Debug, clap::Args)]
 struct InjectArguments {
     /// partition, drop, delay, clock, fsync-error, slow-fsync, write-error, kill or pause.
+    /// kill is SIGKILL and restart: a member or agent runs again after --for with the
+    /// same arguments, data and log; a task is restarted by its supervisor.
     #[arg(value_enum)]
     kind: Kind,
     /// Comma-separated targets: member names, node names (their agents, started with
     /// --enable-chaos), or allocations (`<id>` or `<id>/<task>`: their tasks).
     #[arg(long, value_delimiter = ',', required = true)]
     target: Vec<String>,
-    /// How long the fault lasts (e.g. 10s); the member heals it by itself afterwards.
+    /// How long the fault lasts (e.g. 10s); the target heals it by itself afterwards: a
+    /// killed member or agent is restarted by a helper it started before the kill.
     #[arg(long = "for", value_parser = duration)]
     for_duration: Duration,
     /// Peers the fault applies to (partition: the other side; drop/delay: whom to

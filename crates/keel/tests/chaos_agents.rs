@@ -1,7 +1,8 @@
 //! `keel chaos` against agents (`keel agent --enable-chaos`), and who may
 //! inject at all: an agent paused for two seconds stops answering and
 //! answers again by itself, with both the fault and its end in the events
-//! log; an agent killed dies of SIGKILL; an agent without `--enable-chaos`,
+//! log; an agent killed dies of SIGKILL and restarts by itself after
+//! `--for`, registering its node again; an agent without `--enable-chaos`,
 //! a member fault aimed at an agent and an unknown name are refused with a
 //! message naming the problem. Then, in two network namespaces this test
 //! creates (a member and an agent in one, the caller in the other), a
@@ -55,6 +56,16 @@ fn events(cluster: &Cluster) -> Vec<(String, String, String)> {
             )
         })
         .collect()
+}
+
+/// The lease of a node's registration, `/keel/nodes/<node>` (each agent
+/// process registers under a lease of its own).
+fn node_lease(cluster: &Cluster, node: &str) -> Option<i64> {
+    let output = cluster.etcdctl(&["get", &format!("/keel/nodes/{node}"), "-w", "json"]);
+    let answer: serde_json::Value = serde_json::from_str(&output).ok()?;
+    answer["kvs"][0]["lease"]
+        .as_i64()
+        .filter(|&lease| lease != 0)
 }
 
 /// A job of one long-sleeping task pinned to node1, in the agents' directory.
@@ -353,7 +364,11 @@ fn agents_are_paused_and_killed_on_request_and_refuse_what_they_cannot_do() {
         events(&cluster)
     );
 
-    // A kill: the agent dies of SIGKILL.
+    // A kill: the agent dies of SIGKILL, and runs again after --for by
+    // itself: its API answers, its node is registered and alive again.
+    let old_pid = agents.agents[0].pid();
+    let old_lease = node_lease(&cluster, "node1").expect("node1 is registered");
+    let killed_at = std::time::Instant::now();
     let output = keel(&[
         "chaos",
         "inject",
@@ -361,7 +376,7 @@ fn agents_are_paused_and_killed_on_request_and_refuse_what_they_cannot_do() {
         "--target",
         "node1",
         "--for",
-        "1s",
+        "2s",
         "--endpoints",
         &endpoints,
     ]);
@@ -372,7 +387,57 @@ fn agents_are_paused_and_killed_on_request_and_refuse_what_they_cannot_do() {
     });
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(status.signal(), Some(9), "{status:?}");
+    // No child of this test from here: the agents' drop finds the restarted
+    // agent by its data directory and kills it by pid.
     agents.agents[0].process = None;
+    wait_until(
+        Duration::from_secs(20),
+        "the killed agent answers again",
+        || get(&chaotic, "/v1/agent/self").ok(),
+    );
+    assert!(
+        killed_at.elapsed() >= Duration::from_millis(1_800),
+        "answered again {:?} after a kill restarting after 2 s",
+        killed_at.elapsed()
+    );
+    let restarted = common::processes_naming(&agents.agents[0].data_dir);
+    assert_eq!(restarted.len(), 1, "one agent process: {restarted:?}");
+    assert_ne!(restarted[0], old_pid);
+    assert!(
+        agents.agents[0].log().contains(&format!(
+            "keel chaos: restarting the killed process as pid {}",
+            restarted[0]
+        )),
+        "{}",
+        agents.agents[0].log()
+    );
+    wait_until(
+        Duration::from_secs(20),
+        "node1 is registered again (a new lease) and alive",
+        || {
+            let registered = node_lease(&cluster, "node1").is_some_and(|lease| lease != old_lease);
+            let alive = agent_support::node_status(&agents.agents[1].http_addr(), "node1")
+                .as_deref()
+                == Some("alive");
+            (registered && alive).then_some(())
+        },
+    );
+    assert!(
+        events(&cluster)
+            .iter()
+            .any(|(kind, subject, message)| kind == "fault.injected"
+                && subject == "node1"
+                && message.contains("restarted after 2.0 s")),
+        "{:?}",
+        events(&cluster)
+    );
+    let data_dir = agents.agents[0].data_dir.clone();
+    drop(agents);
+    wait_until(
+        Duration::from_secs(10),
+        "the restarted agent is gone",
+        || common::processes_naming(&data_dir).is_empty().then_some(()),
+    );
 }
 
 /// A network namespace this test creates, deleted (with what runs in it) on drop.

@@ -290,7 +290,7 @@ fn delay_shows_in_write_latency_and_full_drop_deposes_the_leader() {
 }
 
 #[test]
-fn pause_stops_answering_for_its_duration_and_kill_ends_the_process() {
+fn pause_stops_answering_for_its_duration_and_kill_restarts_the_process() {
     let mut cluster = start(3, 28040, FAULT_INJECTION);
     let leader = cluster.wait_for_leader();
     let paused = (leader + 1) % 3;
@@ -312,9 +312,29 @@ fn pause_stops_answering_for_its_duration_and_kill_ends_the_process() {
         injected_at.elapsed()
     );
 
+    // A kill: SIGKILL, then the member runs again after --for, by itself, with
+    // its member id and its data.
     let killed = (leader + 2) % 3;
     let killed_name = cluster.members[killed].name.clone();
-    inject(&cluster, &["kill", "--target", &killed_name, "--for", "1s"]);
+    let killed_id = member_id(&cluster, killed);
+    assert!(put(&cluster, leader, "before-kill").is_some());
+    let holds_the_key = |cluster: &Cluster| {
+        cluster
+            .local_range(
+                killed,
+                keel_types::etcdserverpb::RangeRequest {
+                    key: b"before-kill".to_vec(),
+                    ..Default::default()
+                },
+            )
+            .is_some_and(|response| response.kvs.len() == 1)
+    };
+    wait_until("the member to be killed holds the key", || {
+        holds_the_key(&cluster)
+    });
+    let old_pid = cluster.members[killed].pid().expect("runs");
+    let killed_at = Instant::now();
+    inject(&cluster, &["kill", "--target", &killed_name, "--for", "2s"]);
     wait_until("the killed member exits", || {
         cluster.members[killed]
             .process
@@ -323,11 +343,43 @@ fn pause_stops_answering_for_its_duration_and_kill_ends_the_process() {
     });
     let status = cluster.members[killed]
         .process
-        .as_mut()
-        .and_then(|child| child.try_wait().ok().flatten())
+        .take()
+        .and_then(|mut child| child.try_wait().ok().flatten())
         .expect("exited");
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(status.signal(), Some(9), "killed by SIGKILL: {status}");
+    // From here the member is no child of this test: the cluster's drop finds
+    // it (and its restart helper) by its data directory and kills it by pid.
+    wait_until("the killed member answers again", || {
+        cluster.status(killed).is_some()
+    });
+    assert!(
+        killed_at.elapsed() >= Duration::from_millis(1_800),
+        "answered again {:?} after a kill restarting after 2 s",
+        killed_at.elapsed()
+    );
+    assert_eq!(member_id(&cluster, killed), killed_id, "the same member");
+    assert!(holds_the_key(&cluster), "the restarted member has its data");
+    let restarted = common::processes_naming(&cluster.members[killed].data_dir);
+    assert_eq!(restarted.len(), 1, "one process: {restarted:?}");
+    assert_ne!(restarted[0], old_pid);
+    let log = cluster.log(killed);
+    assert!(
+        log.contains(&format!(
+            "keel chaos: restarting the killed process as pid {}",
+            restarted[0]
+        )),
+        "{log}"
+    );
+    wait_until("all three agree on a leader again", || {
+        agreed_leader(&cluster, &[0, 1, 2]).is_some()
+    });
+    // Dropping the cluster ends the restarted member too.
+    let data_dir = cluster.members[killed].data_dir.clone();
+    drop(cluster);
+    wait_until("the restarted member is gone", || {
+        common::processes_naming(&data_dir).is_empty()
+    });
 }
 
 #[test]

@@ -11,8 +11,14 @@
 //!   slow clock lengthens elections and lease TTLs, as a slow timer would;
 //! - the disk layer ([`keel_storage::DiskFaults`]): fsync errors (which stop the member, as
 //!   the storage invariant requires), slow fsyncs, write errors;
-//! - the process itself: SIGKILL, or SIGSTOP with a helper process that sends SIGCONT
-//!   after the duration (a stopped process cannot wake itself).
+//! - the process itself: SIGKILL and restart, or SIGSTOP with a helper process that
+//!   sends SIGCONT after the duration (a stopped process cannot wake itself). Before the
+//!   SIGKILL, a detached helper (`/bin/sh`) is started that sleeps for the duration and
+//!   then `exec`s this same executable with this process's arguments, working directory
+//!   and environment, writing to the same standard output and error: the member comes
+//!   back on its data directory, with its member id and data, as a supervisor would
+//!   bring it back, even if the injector is gone by then. (`keel chaos run` does not use
+//!   this: it kills and restarts the member processes it started itself.)
 //!
 //! Every injection and every heal (by request or by expiry) is a log line at WARN.
 //! The admin API ([`ChaosService`], gRPC on the client port) answers callers on the
@@ -492,7 +498,9 @@ fn describe(fault: &Fault) -> Result<String, FaultError> {
             }
         },
         Some(fault::Kind::Process(process)) => Ok(match process.kind() {
-            process_fault::Kind::Kill => "kill the process (SIGKILL)".to_owned(),
+            process_fault::Kind::Kill => {
+                "kill the process (SIGKILL), restarted after the duration".to_owned()
+            }
             process_fault::Kind::Pause => "pause the process (SIGSTOP, then SIGCONT)".to_owned(),
         }),
     }
@@ -506,7 +514,14 @@ fn carry_out_process_fault(kind: process_fault::Kind, duration: Duration) {
     std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(200));
         let script = match kind {
-            process_fault::Kind::Kill => format!("kill -KILL {pid}"),
+            process_fault::Kind::Kill => {
+                // Started before the kill, and not killed with this process: it brings
+                // the member back after the duration even if nobody else is left to.
+                if let Err(error) = restart_after(duration) {
+                    tracing::error!(%error, "cannot start the helper that restarts this member; killing it anyway");
+                }
+                format!("kill -KILL {pid}")
+            }
             // The helper outlives the stop, and the injector: it continues the member
             // after the duration even if nobody else is left to do it.
             process_fault::Kind::Pause => format!(
@@ -522,6 +537,39 @@ fn carry_out_process_fault(kind: process_fault::Kind, duration: Duration) {
             tracing::error!(%error, "cannot signal this process for a process fault");
         }
     });
+}
+
+/// What the restart helper runs: `$1` is the delay in seconds, the rest the command.
+/// `exec` keeps the helper's process id, so the restarted member has the pid the line
+/// before it logs.
+const RESTART_SCRIPT: &str = "sleep \"$1\"; shift; \
+     echo \"keel chaos: restarting the killed process as pid $$: $*\" >&2; exec \"$@\"";
+
+/// Starts a detached `/bin/sh` that runs this executable again, with the same
+/// arguments, working directory, environment, standard output and error, after
+/// `delay`. It is a child of this process only until the kill: then it is adopted by
+/// init (or the nearest subreaper), and goes on.
+fn restart_after(delay: Duration) -> std::io::Result<()> {
+    let executable = std::env::current_exe()?;
+    // When the binary was replaced since this process started (a rebuild), Linux names
+    // the old one "<path> (deleted)": the path itself is what a restart wants.
+    let executable = match executable
+        .to_str()
+        .and_then(|path| path.strip_suffix(" (deleted)"))
+    {
+        Some(path) => std::path::PathBuf::from(path),
+        None => executable,
+    };
+    std::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(RESTART_SCRIPT)
+        .arg("sh")
+        .arg(format!("{:.3}", delay.as_secs_f64()))
+        .arg(executable)
+        .args(std::env::args_os().skip(1))
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .map(drop)
 }
 
 /// The gRPC admin service `keelchaospb.Chaos`.

@@ -1,13 +1,16 @@
 //! The judgement of a `keel chaos run`: availability per second (the fraction of 100 ms
 //! windows in which a write was acknowledged), errors by kind, write latency over time,
-//! lost acknowledged writes, the linearizability verdict, the hypothesis, and (for random
-//! failures) the availability model's prediction beside the measurement.
+//! lost acknowledged writes, the linearizability verdict, the hypothesis, (for random
+//! failures) the availability model's prediction beside the measurement, and (with a
+//! job on agents) the job's instances serving over time, how long each node fault kept
+//! them below the job's count, and the most allocations ever wanted running at once.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use super::nodes::AllocationHistory;
 use super::run::{FaultSpan, HistoryOperation, HistoryOutput};
 use super::scenario::Scenario;
 
@@ -26,6 +29,88 @@ pub struct Second {
     pub writes_acknowledged: u64,
     pub write_latency_p50_milliseconds: Option<f64>,
     pub write_latency_p99_milliseconds: Option<f64>,
+    /// With a job: the fewest of its instances serving in this second's samples.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instances_serving_min: Option<usize>,
+}
+
+/// What the runner observed of the scenario's job.
+#[derive(Debug, Clone)]
+pub struct JobOutcome {
+    pub name: String,
+    pub count: usize,
+    /// (seconds since the workload started, instances serving), oldest first; goes on
+    /// past the run while the runner waits for the job to serve its count again.
+    pub samples: Vec<(f64, usize)>,
+    pub history: Result<AllocationHistory, String>,
+}
+
+/// What the runner found after the run, beside the history.
+#[derive(Debug, Clone)]
+pub struct Judged {
+    /// Acknowledged writes missing when read back at their revisions.
+    pub acknowledged_writes_lost: u64,
+    /// keel-check's verdict on the history.
+    pub linearizability: String,
+    /// The job's observation, with agents and a job.
+    pub job: Option<JobOutcome>,
+}
+
+/// How long one fault on nodes kept the job below its count.
+#[derive(Debug, Clone, Serialize)]
+pub struct Recovery {
+    pub kind: String,
+    pub targets: Vec<String>,
+    pub start_seconds: f64,
+    /// From the fault's start until the job served its count again and kept it (until
+    /// the next fault on nodes, or the end): 0 if it never went below; none if it never
+    /// came back.
+    pub serving_again_after_seconds: Option<f64>,
+}
+
+/// The job's part of the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobReport {
+    pub name: String,
+    pub count: usize,
+    /// Instances serving in the last sample, once the runner healed everything.
+    pub serving_at_end: usize,
+    pub fewest_serving: usize,
+    pub allocation_history: Option<AllocationHistory>,
+    pub allocation_history_error: Option<String>,
+    pub recoveries: Vec<Recovery>,
+}
+
+/// Per fault on nodes, how long until the job served its count for good.
+fn recoveries(faults: &[FaultSpan], samples: &[(f64, usize)], count: usize) -> Vec<Recovery> {
+    let mut node_faults: Vec<&FaultSpan> = faults.iter().filter(|fault| fault.on_nodes).collect();
+    node_faults.sort_by(|a, b| a.start_seconds.total_cmp(&b.start_seconds));
+    node_faults
+        .iter()
+        .enumerate()
+        .map(|(index, fault)| {
+            let window_end = node_faults
+                .get(index + 1)
+                .map_or(f64::INFINITY, |next| next.start_seconds);
+            let window: Vec<&(f64, usize)> = samples
+                .iter()
+                .filter(|(time, _)| *time >= fault.start_seconds && *time < window_end)
+                .collect();
+            let last_below = window.iter().rposition(|(_, serving)| *serving < count);
+            let serving_again_after_seconds = match last_below {
+                None => Some(0.0),
+                Some(position) => window
+                    .get(position + 1)
+                    .map(|(time, _)| time - fault.start_seconds),
+            };
+            Recovery {
+                kind: fault.kind.clone(),
+                targets: fault.targets.clone(),
+                start_seconds: fault.start_seconds,
+                serving_again_after_seconds,
+            }
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -73,6 +158,8 @@ pub struct Report {
     pub linearizability: String,
     pub hypothesis: Vec<HypothesisCheck>,
     pub model: Option<ModelComparison>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobReport>,
     pub faults: Vec<FaultSpan>,
     pub seconds: Vec<Second>,
     pub passed: bool,
@@ -117,9 +204,13 @@ pub fn build(
     faults: Vec<FaultSpan>,
     down_intervals: &[(usize, f64, f64)],
     duration_seconds: f64,
-    acknowledged_writes_lost: u64,
-    linearizability: String,
+    judged: Judged,
 ) -> Report {
+    let Judged {
+        acknowledged_writes_lost,
+        linearizability,
+        job,
+    } = judged;
     let window_count = ((duration_seconds * 1_000.0) as u64 / WINDOW_MILLISECONDS).max(1) as usize;
     let mut window_available = vec![false; window_count];
     let mut errors_by_kind = BTreeMap::new();
@@ -179,6 +270,13 @@ pub fn build(
                 writes_acknowledged: latencies.len() as u64,
                 write_latency_p50_milliseconds: percentile(&latencies, 0.5),
                 write_latency_p99_milliseconds: percentile(&latencies, 0.99),
+                instances_serving_min: job.as_ref().and_then(|job| {
+                    job.samples
+                        .iter()
+                        .filter(|(time, _)| *time as u64 == second as u64)
+                        .map(|(_, serving)| *serving)
+                        .min()
+                }),
             }
         })
         .collect();
@@ -296,6 +394,83 @@ pub fn build(
             held: model.model_within_interval,
         });
     }
+    let job = job.map(|job| {
+        let recoveries = recoveries(&faults, &job.samples, job.count);
+        let (allocation_history, allocation_history_error) = match job.history {
+            Ok(history) => (Some(history), None),
+            Err(error) => (None, Some(error)),
+        };
+        JobReport {
+            serving_at_end: job.samples.last().map_or(0, |(_, serving)| *serving),
+            fewest_serving: job
+                .samples
+                .iter()
+                .map(|(_, serving)| *serving)
+                .min()
+                .unwrap_or(0),
+            name: job.name,
+            count: job.count,
+            allocation_history,
+            allocation_history_error,
+            recoveries,
+        }
+    });
+    if let Some(job) = &job {
+        hypothesis.push(
+            match (&job.allocation_history, &job.allocation_history_error) {
+                (Some(history), _) => HypothesisCheck {
+                    name: format!(
+                        "allocations of {} wanted running at once (store history, {} revisions)",
+                        job.name, history.revisions_checked
+                    ),
+                    required: format!("≤ {}, no slot or key twice", job.count),
+                    measured: format!(
+                        "{} at most, {} revisions with a shared slot, {} keys created twice",
+                        history.wanted_running_max,
+                        history.revisions_with_a_shared_slot,
+                        history.keys_created_twice
+                    ),
+                    held: history.wanted_running_max <= job.count
+                        && history.revisions_with_a_shared_slot == 0
+                        && history.keys_created_twice == 0
+                        && history.revisions_checked > 0,
+                },
+                (None, error) => HypothesisCheck {
+                    name: format!("allocations of {} wanted running at once", job.name),
+                    required: format!("≤ {}", job.count),
+                    measured: format!("not checked: {}", error.as_deref().unwrap_or("no history")),
+                    held: false,
+                },
+            },
+        );
+        hypothesis.push(HypothesisCheck {
+            name: format!("instances of {} serving after the run", job.name),
+            required: job.count.to_string(),
+            measured: job.serving_at_end.to_string(),
+            held: job.serving_at_end == job.count,
+        });
+        if let Some(bound) = hypothesis_settings.job_recovery_max {
+            for recovery in &job.recoveries {
+                hypothesis.push(HypothesisCheck {
+                    name: format!(
+                        "{} serving {} again after {} of {} at {:.1} s",
+                        job.name,
+                        job.count,
+                        recovery.kind,
+                        recovery.targets.join(","),
+                        recovery.start_seconds
+                    ),
+                    required: format!("≤ {:.1} s", bound.as_secs_f64()),
+                    measured: recovery
+                        .serving_again_after_seconds
+                        .map_or("never".to_owned(), |seconds| format!("{seconds:.1} s")),
+                    held: recovery
+                        .serving_again_after_seconds
+                        .is_some_and(|seconds| seconds <= bound.as_secs_f64()),
+                });
+            }
+        }
+    }
     let passed = hypothesis.iter().all(|check| check.held);
     Report {
         scenario: scenario.name.clone(),
@@ -312,6 +487,7 @@ pub fn build(
         linearizability,
         hypothesis,
         model,
+        job,
         faults,
         seconds,
         passed,
@@ -340,18 +516,51 @@ pub fn print_table(report: &Report) {
         );
     }
     println!();
-    println!("second  availability  writes  p50 ms  p99 ms");
+    let with_job = report.job.is_some();
+    println!(
+        "second  availability  writes  p50 ms  p99 ms{}",
+        if with_job { "  serving" } else { "" }
+    );
     for second in &report.seconds {
         let milliseconds =
             |value: Option<f64>| value.map_or("-".to_owned(), |value| format!("{value:.1}"));
+        let serving = if with_job {
+            format!(
+                "  {:>7}",
+                second
+                    .instances_serving_min
+                    .map_or("-".to_owned(), |serving| serving.to_string())
+            )
+        } else {
+            String::new()
+        };
         println!(
-            "{:>6}  {:>12.1}  {:>6}  {:>6}  {:>6}",
+            "{:>6}  {:>12.1}  {:>6}  {:>6}  {:>6}{serving}",
             second.second,
             second.availability,
             second.writes_acknowledged,
             milliseconds(second.write_latency_p50_milliseconds),
             milliseconds(second.write_latency_p99_milliseconds)
         );
+    }
+    if let Some(job) = &report.job {
+        println!();
+        println!(
+            "job {} ({} instances): {} serving after the run, {} at the fewest",
+            job.name, job.count, job.serving_at_end, job.fewest_serving
+        );
+        for recovery in &job.recoveries {
+            println!(
+                "  {} of {} at {:.1} s: serving {} again after {}",
+                recovery.kind,
+                recovery.targets.join(","),
+                recovery.start_seconds,
+                job.count,
+                recovery
+                    .serving_again_after_seconds
+                    .map_or("never".to_owned(), |seconds| format!("{seconds:.1} s"))
+            );
+        }
     }
     println!();
     println!("errors by kind:");
@@ -487,4 +696,47 @@ pub fn timeline_svg(report: &Report) -> String {
     }
     svg.push_str("</svg>\n");
     svg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn span(kind: &str, start_seconds: f64, end_seconds: f64) -> FaultSpan {
+        FaultSpan {
+            kind: kind.to_owned(),
+            targets: vec!["node1".to_owned()],
+            start_seconds,
+            end_seconds,
+            on_nodes: true,
+        }
+    }
+
+    #[test]
+    fn a_recovery_lasts_until_the_count_serves_for_good() {
+        let samples: Vec<(f64, usize)> = vec![
+            (0.0, 3),
+            (1.0, 3),
+            (2.0, 2),
+            (3.0, 3),
+            (4.0, 2),
+            (5.0, 3),
+            (6.0, 3),
+            (7.0, 3),
+            (8.0, 3),
+            (9.0, 2),
+        ];
+        let faults = vec![span("kill", 1.5, 4.5), span("pause", 6.5, 7.0)];
+        let found = recoveries(&faults, &samples, 3);
+        // Below at 2.0 and again at 4.0: serving for good from 5.0.
+        assert_eq!(found[0].serving_again_after_seconds, Some(3.5));
+        // Never below after the pause until 9.0, where it stays below: never back.
+        assert_eq!(found[1].serving_again_after_seconds, None);
+        let found = recoveries(&faults, &samples[..9], 3);
+        assert_eq!(found[1].serving_again_after_seconds, Some(0.0));
+        // Member faults are not the job's.
+        let mut member_fault = span("kill", 0.0, 1.0);
+        member_fault.on_nodes = false;
+        assert!(recoveries(&[member_fault], &samples, 3).is_empty());
+    }
 }

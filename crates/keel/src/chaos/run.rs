@@ -6,7 +6,17 @@
 //! The runner is the members' supervisor: it kills and restarts processes for `kill` and
 //! `random-kill` faults, and restarts a member that stopped itself (after an injected
 //! fsync error) once the fault's window ends. Other faults are injected through the
-//! members' Chaos service, exactly as `keel chaos inject` does.
+//! members' Chaos service, exactly as `keel chaos inject` does. Its kills do not go
+//! through the Chaos service's `kill`, which restarts the member by itself: a member
+//! restarted that way is no child of the runner, which could then neither wait for it,
+//! nor kill it when the run ends, nor choose when it comes back; the runner kills its
+//! child (SIGKILL, the same fault) and starts it again after `for` instead, so there is
+//! one restart, by one owner.
+//!
+//! With `[agents]` the runner also starts agent processes and their job (`nodes.rs`),
+//! kills and pauses nodes the same way (it owns them too), counts the job's instances
+//! serving every [`JOB_SAMPLE_INTERVAL`], and judges the job beside the key-value
+//! workload.
 //!
 //! The linearizability check runs the `keel-check` binary on the history (written in its
 //! JSON format) rather than linking `keel-check`: the binary must not depend on the
@@ -35,6 +45,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use tonic::transport::Channel;
 
+use super::nodes;
 use super::report::{self, Report};
 use super::scenario::{RandomFailures, Scenario, ScheduledFault};
 
@@ -44,6 +55,12 @@ pub const HISTORY_OPERATIONS_MAX: usize = 500_000;
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long keel-check may search.
 const CHECK_TIMEOUT_SECONDS: u64 = 120;
+/// How often the job's instances serving are counted.
+const JOB_SAMPLE_INTERVAL: Duration = Duration::from_millis(250);
+/// How long the job gets to serve its count, at the start and after the run.
+const JOB_SERVING_TIMEOUT: Duration = Duration::from_secs(60);
+/// Job samples kept at most (an hour at one per 250 ms is 14,400).
+const JOB_SAMPLES_MAX: usize = 100_000;
 
 #[derive(Debug, clap::Args)]
 pub struct RunArguments {
@@ -56,6 +73,10 @@ pub struct RunArguments {
     /// base + 2i + 1 (peer), on 127.0.0.1.
     #[arg(long, default_value_t = 23_790)]
     port_base: u16,
+    /// First port of the agents, when the scenario starts some: agent i uses base + 10i
+    /// (HTTP), + 1 (DNS), + 2 (gossip) and + 3 to + 9 (its tasks' ports), on 127.0.0.1.
+    #[arg(long, default_value_t = 23_900)]
+    agent_port_base: u16,
     /// Where members keep their data and logs, and the history is written (default: a
     /// new directory under the system's temporary directory, removed after a pass).
     #[arg(long)]
@@ -138,6 +159,8 @@ pub struct FaultSpan {
     pub targets: Vec<String>,
     pub start_seconds: f64,
     pub end_seconds: f64,
+    /// The targets are nodes (agents and their tasks), not members.
+    pub on_nodes: bool,
 }
 
 struct RunnerMember {
@@ -349,7 +372,12 @@ pub async fn run(arguments: RunArguments, json: bool) -> anyhow::Result<()> {
     };
     std::fs::create_dir_all(&directory)
         .with_context(|| format!("creating {}", directory.display()))?;
-    let report = run_scenario(&scenario, &arguments, &directory).await?;
+    let scenario_directory = arguments
+        .scenario
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let report = run_scenario(&scenario, &arguments, &scenario_directory, &directory).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -375,6 +403,7 @@ pub async fn run(arguments: RunArguments, json: bool) -> anyhow::Result<()> {
 async fn run_scenario(
     scenario: &Scenario,
     arguments: &RunArguments,
+    scenario_directory: &Path,
     directory: &Path,
 ) -> anyhow::Result<Report> {
     let mut cluster = RunnerCluster::new(scenario, arguments.port_base, directory)?;
@@ -403,6 +432,19 @@ async fn run_scenario(
         };
     }
     let cluster = Arc::new(Mutex::new(cluster));
+    let nodes = match &scenario.agents {
+        Some(settings) => Some(
+            start_nodes(
+                settings,
+                arguments.agent_port_base,
+                &urls,
+                scenario_directory,
+                directory,
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let started = Instant::now();
     let end = started + scenario.duration;
     let history: Arc<Mutex<Vec<HistoryOperation>>> = Arc::default();
@@ -424,9 +466,22 @@ async fn run_scenario(
             history.clone(),
         )));
     }
+    let samples: Arc<Mutex<Vec<(f64, usize)>>> = Arc::default();
+    let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = nodes.as_ref().and_then(|nodes| {
+        let job = nodes.job.clone()?;
+        Some(tokio::spawn(sample_job(
+            nodes.agents.clone(),
+            job,
+            started,
+            samples.clone(),
+            sampling.clone(),
+        )))
+    });
     let mut fault_tasks = Vec::new();
     for (index, fault) in scenario.faults.iter().enumerate() {
         let context = FaultContext {
+            nodes: nodes.clone(),
             cluster: cluster.clone(),
             urls: urls.clone(),
             started,
@@ -464,6 +519,21 @@ async fn run_scenario(
         tracing::info!(?restarted, "restarted members after the run");
     }
     wait_for_leader(&urls).await?;
+    let job_outcome = match &nodes {
+        Some(nodes) => {
+            let restored = nodes.agents.lock().expect("not poisoned").restore()?;
+            if !restored.is_empty() {
+                tracing::info!(?restored, "restored nodes after the run");
+            }
+            match &nodes.job {
+                Some(job) => Some(
+                    judge_job(job, &urls, &samples, &sampling, sampler, elapsed_seconds).await?,
+                ),
+                None => None,
+            }
+        }
+        None => None,
+    };
 
     let mut operations = std::mem::take(&mut *history.lock().expect("not poisoned"));
     operations.sort_by_key(|operation| operation.call_time);
@@ -479,13 +549,150 @@ async fn run_scenario(
         spans,
         &down_intervals,
         elapsed_seconds.min(scenario.duration.as_secs_f64()),
-        lost,
-        verdict,
+        report::Judged {
+            acknowledged_writes_lost: lost,
+            linearizability: verdict,
+            job: job_outcome,
+        },
     ))
+}
+
+/// The agents of a scenario and its job, shared by the fault tasks and the sampler.
+#[derive(Clone)]
+struct Nodes {
+    agents: Arc<Mutex<nodes::RunnerAgents>>,
+    job: Option<nodes::Job>,
+}
+
+/// Starts the agents, waits until every node is alive, registers the job and waits
+/// until all its instances serve.
+async fn start_nodes(
+    settings: &super::scenario::Agents,
+    port_base: u16,
+    urls: &[String],
+    scenario_directory: &Path,
+    directory: &Path,
+) -> anyhow::Result<Nodes> {
+    let endpoints = urls
+        .iter()
+        .map(|url| url.trim_start_matches("http://"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut agents = nodes::RunnerAgents::new(settings, port_base, &endpoints, directory)?;
+    for index in 0..agents.len() {
+        agents.start(index)?;
+    }
+    let agents = Arc::new(Mutex::new(agents));
+    nodes::wait_until_ready(&agents, settings.count).await?;
+    let job = match &settings.job {
+        None => None,
+        Some(path) => {
+            let (job, body) = nodes::Job::read(&scenario_directory.join(path))?;
+            let addresses = agents.lock().expect("not poisoned").answering_addresses();
+            nodes::register(&addresses, &body).await?;
+            wait_for_serving(&agents, &job, "at the start").await?;
+            Some(job)
+        }
+    };
+    Ok(Nodes { agents, job })
+}
+
+/// Waits until the job's count of instances serve.
+async fn wait_for_serving(
+    agents: &Mutex<nodes::RunnerAgents>,
+    job: &nodes::Job,
+    when: &str,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + JOB_SERVING_TIMEOUT;
+    loop {
+        let addresses = agents.lock().expect("not poisoned").answering_addresses();
+        let serving = nodes::serving(&addresses, job).await;
+        if serving == Some(job.count) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "job {} did not serve its {} instances {when} within {JOB_SERVING_TIMEOUT:?} \
+             ({serving:?} serve; see node*.log)",
+            job.name,
+            job.count
+        );
+        tokio::time::sleep(JOB_SAMPLE_INTERVAL).await;
+    }
+}
+
+/// Counts the job's instances serving every [`JOB_SAMPLE_INTERVAL`] while `sampling`.
+async fn sample_job(
+    agents: Arc<Mutex<nodes::RunnerAgents>>,
+    job: nodes::Job,
+    started: Instant,
+    samples: Arc<Mutex<Vec<(f64, usize)>>>,
+    sampling: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let mut interval = tokio::time::interval(JOB_SAMPLE_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while sampling.load(std::sync::atomic::Ordering::Acquire) {
+        interval.tick().await;
+        let addresses = agents.lock().expect("not poisoned").answering_addresses();
+        // No agent answering (all killed or paused): nothing serves that anyone knows of.
+        let serving = nodes::serving(&addresses, &job).await.unwrap_or(0);
+        let mut samples = samples.lock().expect("not poisoned");
+        if samples.len() < JOB_SAMPLES_MAX {
+            samples.push((started.elapsed().as_secs_f64(), serving));
+        }
+    }
+}
+
+/// After the run: waits (bounded) for the job to serve its count again, still
+/// sampling, then replays the allocation history.
+async fn judge_job(
+    job: &nodes::Job,
+    urls: &[String],
+    samples: &Mutex<Vec<(f64, usize)>>,
+    sampling: &std::sync::atomic::AtomicBool,
+    sampler: Option<tokio::task::JoinHandle<()>>,
+    elapsed_seconds: f64,
+) -> anyhow::Result<report::JobOutcome> {
+    let deadline = Instant::now() + JOB_SERVING_TIMEOUT;
+    loop {
+        let newest = samples
+            .lock()
+            .expect("not poisoned")
+            .last()
+            .filter(|(time, _)| *time >= elapsed_seconds)
+            .map(|(_, serving)| *serving);
+        if newest == Some(job.count) || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(JOB_SAMPLE_INTERVAL).await;
+    }
+    sampling.store(false, std::sync::atomic::Ordering::Release);
+    if let Some(sampler) = sampler {
+        sampler.await.context("the job sampler panicked")?;
+    }
+    let samples = std::mem::take(&mut *samples.lock().expect("not poisoned"));
+    let endpoints = urls
+        .iter()
+        .map(|url| url.trim_start_matches("http://"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let history = match crate::kv::client(&endpoints).await {
+        Ok(client) => nodes::allocation_history(&client, job)
+            .await
+            .map_err(|error| format!("{error:#}")),
+        Err(error) => Err(format!("{error:#}")),
+    };
+    Ok(report::JobOutcome {
+        name: job.name.clone(),
+        count: job.count,
+        samples,
+        history,
+    })
 }
 
 /// What every fault task shares.
 struct FaultContext {
+    nodes: Option<Nodes>,
     cluster: Arc<Mutex<RunnerCluster>>,
     urls: Vec<String>,
     started: Instant,
@@ -552,6 +759,7 @@ async fn play_fault(fault: ScheduledFault, context: FaultContext) -> anyhow::Res
         let mut members = Vec::new();
         for index in 0..context.urls.len() {
             let context = FaultContext {
+                nodes: context.nodes.clone(),
                 cluster: context.cluster.clone(),
                 urls: context.urls.clone(),
                 spans: context.spans.clone(),
@@ -573,6 +781,16 @@ async fn play_fault(fault: ScheduledFault, context: FaultContext) -> anyhow::Res
             return Ok(());
         }
         sleep_until(start).await;
+        if super::scenario::targets_nodes(&fault.target) {
+            play_node_fault(&fault, &context).await?;
+            match fault.every {
+                Some(every) => {
+                    at += every;
+                    continue;
+                }
+                None => return Ok(()),
+            }
+        }
         let targets = match context.resolve(&fault.target).await {
             Ok(targets) => targets,
             Err(error) => {
@@ -629,6 +847,7 @@ async fn play_fault(fault: ScheduledFault, context: FaultContext) -> anyhow::Res
                 targets: context.names(&targets),
                 start_seconds,
                 end_seconds: context.now_seconds(),
+                on_nodes: false,
             });
         }
         match fault.every {
@@ -636,6 +855,81 @@ async fn play_fault(fault: ScheduledFault, context: FaultContext) -> anyhow::Res
             None => return Ok(()),
         }
     }
+}
+
+/// Kills (agent and tasks, SIGKILL; restarted after `for`) or pauses (agent, SIGSTOP;
+/// continued after `for`) the nodes the fault targets, now.
+async fn play_node_fault(fault: &ScheduledFault, context: &FaultContext) -> anyhow::Result<()> {
+    let nodes = context
+        .nodes
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("a fault on nodes, but no agents"))?;
+    let names: Vec<String> = if fault.target == super::scenario::BUSIEST_NODE {
+        let addresses = nodes
+            .agents
+            .lock()
+            .expect("not poisoned")
+            .answering_addresses();
+        let busiest = match &nodes.job {
+            Some(job) => nodes::busiest_node(&addresses, job).await,
+            None => None,
+        };
+        match busiest {
+            Some(node) => vec![node],
+            None => {
+                tracing::warn!(kind = fault.kind, "fault skipped: no node runs the job");
+                return Ok(());
+            }
+        }
+    } else {
+        fault
+            .target
+            .split(',')
+            .map(|name| name.trim().to_owned())
+            .collect()
+    };
+    let indexes: Vec<usize> = {
+        let agents = nodes.agents.lock().expect("not poisoned");
+        names
+            .iter()
+            .map(|name| {
+                agents
+                    .index_of(name)
+                    .ok_or_else(|| anyhow::anyhow!("no node is named {name:?}"))
+            })
+            .collect::<anyhow::Result<_>>()?
+    };
+    let start_seconds = context.now_seconds();
+    let fault_end = (Instant::now() + fault.for_duration).min(context.end);
+    {
+        let mut agents = nodes.agents.lock().expect("not poisoned");
+        for &index in &indexes {
+            if fault.kind == "kill" {
+                agents.kill(index);
+            } else {
+                agents.pause(index);
+            }
+        }
+    }
+    sleep_until(fault_end).await;
+    {
+        let mut agents = nodes.agents.lock().expect("not poisoned");
+        for &index in &indexes {
+            if fault.kind == "kill" {
+                agents.start(index)?;
+            } else {
+                agents.resume(index);
+            }
+        }
+    }
+    context.spans.lock().expect("not poisoned").push(FaultSpan {
+        kind: fault.kind.clone(),
+        targets: names,
+        start_seconds,
+        end_seconds: context.now_seconds(),
+        on_nodes: true,
+    });
+    Ok(())
 }
 
 fn build_fault(fault: &ScheduledFault, targets: &[usize], context: &FaultContext) -> Fault {
@@ -846,6 +1140,7 @@ async fn random_failures(
             targets: context.names(&[index]),
             start_seconds: down_start,
             end_seconds: down_end,
+            on_nodes: false,
         });
     }
 }

@@ -1,5 +1,10 @@
 //! Scenario files for `keel chaos run`: a seed, a cluster, a workload, a steady-state
 //! hypothesis and a schedule of faults, in TOML. See `scenarios/` for examples.
+//!
+//! A scenario may also start agents (`[agents]`: nodes `node1`…, and a job they run):
+//! faults `kill` and `pause` may then target nodes, and the hypothesis covers the job
+//! (never more than its count of allocations wanted running; serving again within a
+//! bound after a node fault).
 
 use std::time::Duration;
 
@@ -11,6 +16,11 @@ pub const SCHEDULED_FAULTS_MAX: usize = 64;
 pub const CLIENTS_MAX: usize = 64;
 /// The longest run.
 pub const RUN_DURATION_MAX: Duration = Duration::from_secs(3_600);
+/// The most agents (nodes) a scenario may start.
+pub const AGENTS_MAX: usize = 9;
+/// The target naming the node with the most allocations wanted running when the
+/// fault starts (ties: the first by name).
+pub const BUSIEST_NODE: &str = "node-running-most-allocations";
 
 /// A scenario as written in the file.
 #[derive(Debug, Clone, Deserialize)]
@@ -30,6 +40,9 @@ pub struct Scenario {
     /// Extra `keel server` flags for every member.
     #[serde(default)]
     pub server_arguments: Vec<String>,
+    /// Agents started beside the members, and the job they run.
+    #[serde(default)]
+    pub agents: Option<Agents>,
     #[serde(default)]
     pub workload: Workload,
     #[serde(default)]
@@ -40,6 +53,28 @@ pub struct Scenario {
 
 fn default_members() -> usize {
     3
+}
+
+/// Agents (`keel agent`) the runner starts beside the members: nodes `node1`…
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Agents {
+    /// How many (nodes node1 to node<count>).
+    pub count: usize,
+    /// `--node-ttl`: how long a silent node stays registered.
+    #[serde(default = "default_node_ttl", with = "text_duration")]
+    pub node_ttl: Duration,
+    /// A job file (keel's TOML job spec), relative to the scenario file: registered
+    /// once every node is alive; the workload starts when all its instances serve.
+    #[serde(default)]
+    pub job: Option<String>,
+    /// Extra `keel agent` flags for every agent.
+    #[serde(default)]
+    pub arguments: Vec<String>,
+}
+
+fn default_node_ttl() -> Duration {
+    Duration::from_secs(2)
 }
 
 /// Built-in clients doing put, linearizable get and compare-and-swap transactions on a
@@ -90,6 +125,12 @@ pub struct Hypothesis {
     pub write_latency_p99_max: Duration,
     /// Fraction of 100 ms windows with an acknowledged write.
     pub availability_min: f64,
+    /// With a job: after each fault on a node, the longest its instances serving
+    /// (wanted running, running, ready, their ports answering) may stay below its count,
+    /// from the fault's start. Whatever this says, the job must never have more than its
+    /// count of allocations wanted running, and must serve its count after the run.
+    #[serde(with = "optional_text_duration")]
+    pub job_recovery_max: Option<Duration>,
 }
 
 impl Default for Hypothesis {
@@ -99,6 +140,7 @@ impl Default for Hypothesis {
             write_within: Duration::from_secs(1),
             write_latency_p99_max: Duration::from_secs(10),
             availability_min: 0.0,
+            job_recovery_max: None,
         }
     }
 }
@@ -112,7 +154,10 @@ pub struct ScheduledFault {
     /// member is removed, wiped and replaced by a fresh one with its address), or
     /// random-kill (each member fails and is repaired at random, see `random`).
     pub kind: String,
-    /// `leader`, `follower`, `minority`, `majority`, `all`, or member names (`m1,m2`).
+    /// `leader`, `follower`, `minority`, `majority`, `all`, or member names (`m1,m2`);
+    /// with `[agents]`, for kill and pause, also node names (`node1,node2`) or
+    /// `node-running-most-allocations`. A killed node is its agent and its tasks
+    /// (SIGKILL), restarted after `for`; a paused node is its agent (SIGSTOP).
     #[serde(default = "default_target")]
     pub target: String,
     /// When the fault starts, from the start of the workload.
@@ -158,6 +203,22 @@ pub struct RandomFailures {
     pub failure_rate_per_second: f64,
     /// μ, repairs per second of a down member.
     pub repair_rate_per_second: f64,
+}
+
+/// Whether a fault's target names nodes rather than members.
+pub fn targets_nodes(target: &str) -> bool {
+    target == BUSIEST_NODE
+        || target
+            .split(',')
+            .all(|name| node_number(name.trim()).is_some())
+}
+
+/// `n` of a node name `node<n>`.
+pub fn node_number(name: &str) -> Option<usize> {
+    name.strip_prefix("node")?
+        .parse()
+        .ok()
+        .filter(|&number| number >= 1)
 }
 
 /// The fault kinds a schedule may name.
@@ -215,6 +276,21 @@ impl Scenario {
             self.faults.len() <= SCHEDULED_FAULTS_MAX,
             "at most {SCHEDULED_FAULTS_MAX} faults"
         );
+        if let Some(agents) = &self.agents {
+            anyhow::ensure!(
+                (1..=AGENTS_MAX).contains(&agents.count),
+                "agents.count must be between 1 and {AGENTS_MAX}"
+            );
+            anyhow::ensure!(
+                agents.node_ttl >= Duration::from_secs(1),
+                "agents.node_ttl must be at least 1s"
+            );
+        }
+        let has_job = self
+            .agents
+            .as_ref()
+            .is_some_and(|agents| agents.job.is_some());
+        let mut node_faults = 0;
         for (index, fault) in self.faults.iter().enumerate() {
             anyhow::ensure!(
                 FAULT_KINDS.contains(&fault.kind.as_str()),
@@ -222,6 +298,33 @@ impl Scenario {
                 fault.kind,
                 FAULT_KINDS.join(", ")
             );
+            if targets_nodes(&fault.target) {
+                node_faults += 1;
+                let agents = self.agents.as_ref().ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "fault {index}: target {:?} names nodes, but the scenario starts no \
+                         agents ([agents] count = …)",
+                        fault.target
+                    )
+                })?;
+                anyhow::ensure!(
+                    fault.kind == "kill" || fault.kind == "pause",
+                    "fault {index}: only kill and pause apply to nodes, not {:?}",
+                    fault.kind
+                );
+                for name in fault.target.split(',').filter(|name| *name != BUSIEST_NODE) {
+                    let number = node_number(name.trim()).unwrap_or(0);
+                    anyhow::ensure!(
+                        number <= agents.count,
+                        "fault {index}: there is no {name} (the scenario starts {} agents)",
+                        agents.count
+                    );
+                }
+                anyhow::ensure!(
+                    fault.target != BUSIEST_NODE || has_job,
+                    "fault {index}: {BUSIEST_NODE} needs a job (agents.job)"
+                );
+            }
             if fault.kind == "random-kill" {
                 let random = fault.random.ok_or_else(|| {
                     anyhow::anyhow!("fault {index}: random-kill needs random = {{ failure_rate_per_second, repair_rate_per_second }}")
@@ -237,6 +340,12 @@ impl Scenario {
                     "fault {index}: every must be longer than for"
                 );
             }
+        }
+        if self.hypothesis.job_recovery_max.is_some() {
+            anyhow::ensure!(
+                has_job && node_faults > 0,
+                "hypothesis.job_recovery_max needs a job (agents.job) and a fault on a node"
+            );
         }
         Ok(())
     }
@@ -291,6 +400,69 @@ mod tests {
         assert_eq!(scenario.workload.clients, 4);
         assert_eq!(scenario.faults[0].target, "leader");
         assert_eq!(scenario.faults[0].at, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn reads_agents_and_faults_on_nodes() {
+        let scenario = Scenario::parse(
+            r#"
+            name = "node failure"
+            duration = "20s"
+            [agents]
+            count = 3
+            job = "jobs/web-fast.toml"
+            [hypothesis]
+            job_recovery_max = "12s"
+            [[fault]]
+            kind = "kill"
+            target = "node-running-most-allocations"
+            at = "3s"
+            [[fault]]
+            kind = "pause"
+            target = "node1,node3"
+            "#,
+        )
+        .unwrap();
+        let agents = scenario.agents.as_ref().unwrap();
+        assert_eq!(agents.node_ttl, Duration::from_secs(2));
+        assert_eq!(
+            scenario.hypothesis.job_recovery_max,
+            Some(Duration::from_secs(12))
+        );
+        assert!(targets_nodes(&scenario.faults[0].target));
+        assert!(targets_nodes(&scenario.faults[1].target));
+        assert!(!targets_nodes("leader") && !targets_nodes("m1,m2") && !targets_nodes("node"));
+    }
+
+    #[test]
+    fn refuses_node_faults_that_cannot_be_played() {
+        let cases = [
+            (
+                "[[fault]]\nkind = \"kill\"\ntarget = \"node1\"",
+                "starts no agents",
+            ),
+            (
+                "[agents]\ncount = 2\n[[fault]]\nkind = \"partition\"\ntarget = \"node1\"",
+                "only kill and pause apply to nodes",
+            ),
+            (
+                "[agents]\ncount = 2\n[[fault]]\nkind = \"kill\"\ntarget = \"node3\"",
+                "there is no node3",
+            ),
+            (
+                "[agents]\ncount = 2\n[[fault]]\nkind = \"kill\"\ntarget = \"node-running-most-allocations\"",
+                "needs a job",
+            ),
+            (
+                "[agents]\ncount = 2\n[hypothesis]\njob_recovery_max = \"5s\"",
+                "needs a job (agents.job) and a fault on a node",
+            ),
+        ];
+        for (text, expected) in cases {
+            let error =
+                Scenario::parse(&format!("name = \"x\"\nduration = \"5s\"\n{text}")).unwrap_err();
+            assert!(error.to_string().contains(expected), "{error}");
+        }
     }
 
     #[test]

@@ -181,6 +181,12 @@ impl Drop for Agents {
             }
             self.kill(index);
         }
+        // An agent that restarted itself after `keel chaos inject kill` is no
+        // child of the test: found by its data directory, before its tasks
+        // are reaped (else it could start them again).
+        for agent in &self.agents {
+            crate::common::kill_processes_naming(&agent.data_dir);
+        }
         // Killed agents leave their supervised tasks running (as a real
         // agent crash does): end every process group they recorded.
         for agent in &self.agents {

@@ -2,7 +2,9 @@
 //!
 //! Each test picks its own port base, so tests can run in parallel without
 //! sharing a port. Every wait is for a condition with a bounded timeout; every
-//! process is killed when the `Cluster` is dropped, even if the test panics.
+//! process is killed when the `Cluster` is dropped, even if the test panics,
+//! including a member that restarted itself after `keel chaos inject kill`
+//! (not a child of the test: found by its data directory in its command line).
 
 #![allow(dead_code)]
 
@@ -294,7 +296,63 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         for index in 0..self.members.len() {
             self.kill(index);
+            kill_processes_naming(&self.members[index].data_dir);
         }
+    }
+}
+
+/// The processes (by pid) with `path` as one argument of their command line:
+/// for a data directory, the process using it, including one restarted by
+/// `keel chaos inject kill` (and the restart helper still waiting to become it).
+pub fn processes_naming(path: &std::path::Path) -> Vec<u32> {
+    let wanted = path.as_os_str().as_encoded_bytes();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let command_line = std::fs::read(entry.path().join("cmdline")).ok()?;
+            command_line
+                .split(|&byte| byte == 0)
+                .any(|argument| argument == wanted)
+                .then_some(pid)
+        })
+        .filter(|&pid| pid != std::process::id())
+        .collect()
+}
+
+/// The parent's pid of a process, from `/proc/<pid>/stat`.
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// SIGKILLs every process [`processes_naming`] finds, and their children (a
+/// restart helper's `sleep`), by pid.
+pub fn kill_processes_naming(path: &std::path::Path) {
+    let found = processes_naming(path);
+    if found.is_empty() {
+        return;
+    }
+    let children: Vec<u32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| parent_of(pid).is_some_and(|parent| found.contains(&parent)))
+        .collect();
+    for pid in found.into_iter().chain(children) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
