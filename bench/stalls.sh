@@ -9,6 +9,12 @@
 # sizes, and the Raft term before and after (an election in the run changes it).
 #
 # Usage: bench/stalls.sh [SECONDS] [KEYS] [SNAPSHOT_COUNT] [RUNS]
+# STALLS_CLIENTS (default 256), STALLS_RATE (operations per second in all, open
+# loop; default: as fast as the clients go) and STALLS_VALUE_BYTES (default 256)
+# shape the run; the soak of issue 16 is a light load over a million keys:
+#   STALLS_SYSTEMS=keel STALLS_CLIENTS=16 STALLS_RATE=250 STALLS_VALUE_BYTES=64 \
+#     bench/stalls.sh 600 1000000 100000 1
+# Each line also counts the corruption checks the members finished in the run.
 # STALLS_SYSTEMS="keel" (or "etcd") runs one system only;
 # With STALLS_LOGS=DIRECTORY, the members' logs of each run are kept there
 # (keel logs every member loop batch over 100 ms with where its time went).
@@ -19,6 +25,8 @@ seconds=${1:-60}
 keys=${2:-100000}
 snapshot_count=${3:-50000}
 runs=${4:-1}
+clients=${STALLS_CLIENTS:-256}
+value_bytes=${STALLS_VALUE_BYTES:-256}
 work=$(mktemp -d)
 declare -A member_pid=()
 cleanup() {
@@ -91,14 +99,16 @@ run_once() {
   endpoints=$(endpoints_of "$system")
   wait_for_leader "$endpoints"
   $keel bench --endpoints "$endpoints" --clients 64 --total "$keys" --key-space-size "$keys" \
-    --sequential-keys --value-size 256 put >/dev/null
+    --sequential-keys --value-size "$value_bytes" put >/dev/null
   local term_before lines=() load_before
   term_before=$(raft_term "$endpoints")
   for index in 1 2 3; do lines+=("$(wc -l <"$data/$system$index.log")"); done
   load_before=$(cut -d' ' -f1 /proc/loadavg)
   local json
-  json=$($keel bench --endpoints "$endpoints" --clients 256 --duration "${seconds}s" \
-    --key-space-size "$keys" --value-size 256 -o json put)
+  local rate=()
+  [ -n "${STALLS_RATE:-}" ] && rate=(--rate "$STALLS_RATE")
+  json=$($keel bench --endpoints "$endpoints" --clients "$clients" "${rate[@]}" \
+    --duration "${seconds}s" --key-space-size "$keys" --value-size "$value_bytes" -o json put)
   local term_after count sizes
   term_after=$(raft_term "$endpoints")
   # Snapshots logged during the run. keel logs each one's size; etcd's
@@ -111,6 +121,11 @@ run_once() {
     logged="$logged$(tail -n +"$((lines[index - 1] + 1))" "$data/$system$index.log" | grep "$pattern" || true)"$'\n'
   done
   count=$(grep -c "$pattern" <<<"$logged" || true)
+  local checks=0 check_pattern="finished the corruption check"
+  [ "$system" = etcd ] && check_pattern="finished peer corruption check"
+  for index in 1 2 3; do
+    checks=$((checks + $(tail -n +"$((lines[index - 1] + 1))" "$data/$system$index.log" | grep -c "$check_pattern" || true)))
+  done
   if [ "$system" = keel ]; then
     sizes=$(sed -n 's/.*bytes=\([0-9]*\).*/\1/p' <<<"$logged" | paste -sd, -)
   else
@@ -118,9 +133,9 @@ run_once() {
       python3 -c 'import json, sys; print(",".join(str(s["Status"].get("dbSize", 0)) for s in json.load(sys.stdin)))')
   fi
   python3 - "$system" "$run" "$json" "$term_before" "$term_after" "$count" "$sizes" "$load_before" \
-    "$(cut -d' ' -f1 /proc/loadavg)" <<'PYEOF'
+    "$(cut -d' ' -f1 /proc/loadavg)" "$checks" <<'PYEOF'
 import json, sys
-system, run, report, term_before, term_after, count, sizes, load_before, load_after = sys.argv[1:]
+system, run, report, term_before, term_after, count, sizes, load_before, load_after, checks = sys.argv[1:]
 report = json.loads(report)
 print(json.dumps({
     "system": system, "run": int(run),
@@ -128,7 +143,7 @@ print(json.dumps({
     "p50_ms": report["latency_milliseconds_p50"], "p99_ms": report["latency_milliseconds_p99"],
     "p999_ms": report["latency_milliseconds_p999"], "max_ms": report["latency_milliseconds_max"],
     "errors": report["errors"], "term_before": int(term_before), "term_after": int(term_after),
-    "snapshots": int(count), "snapshot_bytes": sizes,
+    "snapshots": int(count), "snapshot_bytes": sizes, "corruption_checks": int(checks),
     "load_average_1m": [float(load_before), float(load_after)],
 }))
 PYEOF
