@@ -198,7 +198,6 @@ impl<D: Disk + Clone> OpeningState<D> {
 }
 
 impl<D: Disk + Clone> DurableState<D> {
-
     /// Makes a founding member's initial state durable: the bootstrap snapshot
     /// at index 1 holding the founding configuration, so a restart does not
     /// depend on the command-line flags matching again.
