@@ -510,7 +510,9 @@ const RESTART_SCRIPT: &str = "sleep \"$1\"; shift; \
 /// error, after `delay`. It is this agent's child only until the kill: then
 /// init (or the nearest subreaper) adopts it, and it goes on. Not reaped by
 /// a thread as other helpers are: it must outlive this process, and ends
-/// only by becoming the restarted agent.
+/// only by becoming the restarted agent. Members have the same helper
+/// (`keel_server::fault_injection`); the agent keeps its own copy because it
+/// is a client of the store and does not depend on the server crate.
 fn restart_after(delay: Duration) -> std::io::Result<()> {
     let executable = std::env::current_exe()?;
     // A binary replaced since this process started (a rebuild) is named

@@ -548,7 +548,8 @@ const RESTART_SCRIPT: &str = "sleep \"$1\"; shift; \
 /// Starts a detached `/bin/sh` that runs this executable again, with the same
 /// arguments, working directory, environment, standard output and error, after
 /// `delay`. It is a child of this process only until the kill: then it is adopted by
-/// init (or the nearest subreaper), and goes on.
+/// init (or the nearest subreaper), and goes on. Agents have the same helper
+/// (`keel_agent::chaos`), kept apart because the agent does not depend on this crate.
 fn restart_after(delay: Duration) -> std::io::Result<()> {
     let executable = std::env::current_exe()?;
     // When the binary was replaced since this process started (a rebuild), Linux names
