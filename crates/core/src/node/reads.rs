@@ -9,6 +9,10 @@ use crate::mvcc::{self, KeySpaceError};
 
 use super::{DeliberateBug, Node, Reply, RequestError, Response};
 
+/// A ReadIndex context starts with the member id (8 bytes) and its boot epoch
+/// (4 bytes); the batch number (8 bytes) follows.
+const READ_CONTEXT_PREFIX_BYTES: usize = 12;
+
 /// A batch of linearizable reads waiting for one ReadIndex answer.
 #[derive(Debug)]
 pub(super) struct ReadBatch {
@@ -83,19 +87,49 @@ impl Node {
                 issued_tick: self.tick_count,
             },
         );
-        self.raw_node.read_index(context.to_be_bytes().to_vec());
+        self.raw_node.read_index(self.read_context_bytes(context));
+    }
+
+    /// The ReadIndex context on the wire: this member's id, its boot epoch and
+    /// the batch's number. The leader keeps one pending request per context and
+    /// silently drops a second one with the same bytes (raft-rs `ReadOnly::
+    /// add_request`), so contexts must be unique across the cluster and across
+    /// restarts. With a bare counter, every member's batches collided with the
+    /// leader's own: the dropped batch waited `read_index_retry_ticks` (0.5 s)
+    /// for its retry, and a restarted member could even be answered with the
+    /// read index of its previous incarnation's request, which may predate a
+    /// write acknowledged before the new read began (a stale read).
+    fn read_context_bytes(&self, context: u64) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(READ_CONTEXT_PREFIX_BYTES + 8);
+        bytes.extend_from_slice(&self.read_context_prefix());
+        bytes.extend_from_slice(&context.to_be_bytes());
+        bytes
+    }
+
+    /// What every ReadIndex context of this incarnation starts with.
+    fn read_context_prefix(&self) -> [u8; READ_CONTEXT_PREFIX_BYTES] {
+        let mut prefix = [0; READ_CONTEXT_PREFIX_BYTES];
+        prefix[..8].copy_from_slice(&self.raw_node.raft.id.to_be_bytes());
+        prefix[8..].copy_from_slice(&self.config.boot_epoch.to_be_bytes());
+        prefix
     }
 
     pub(super) fn record_read_states(&mut self, read_states: Vec<raft::ReadState>) {
         for read_state in read_states {
-            let Ok(context_bytes) = <[u8; 8]>::try_from(read_state.request_ctx.as_slice()) else {
+            let Some(context) = self.own_read_context(&read_state.request_ctx) else {
                 continue;
             };
-            let context = u64::from_be_bytes(context_bytes);
             if let Some(batch) = self.reads_in_flight.remove(&context) {
                 self.reads_ready.push_back((read_state.index, batch.reads));
             }
         }
+    }
+
+    /// The batch number in a ReadIndex context this incarnation issued, or
+    /// `None` for anyone else's.
+    fn own_read_context(&self, bytes: &[u8]) -> Option<u64> {
+        let counter = bytes.strip_prefix(&self.read_context_prefix())?;
+        Some(u64::from_be_bytes(counter.try_into().ok()?))
     }
 
     /// Serves every read whose read index has been applied (§6.4: the state

@@ -1,6 +1,6 @@
 //! Unit tests of the node's Ready protocol and its lease keep-alives.
 
-use keel_types::etcdserverpb::PutRequest;
+use keel_types::etcdserverpb::{PutRequest, RangeRequest};
 use keel_types::keelpb::{log_request, MemberRecord};
 
 use super::*;
@@ -158,4 +158,90 @@ fn the_log_is_compacted_only_behind_a_snapshot_reported_durable() {
     assert_eq!(served.get_metadata().index, index);
     let restored = StateMachine::decode(&served.data).expect("the image decodes");
     assert_eq!(restored.applied_index(), index);
+}
+
+/// A two-member cluster, member 1 leading; the shell's part is played by
+/// [`deliver_all`].
+fn two_member_cluster() -> Vec<Node> {
+    let members: Vec<MemberRecord> = [(1, "one"), (2, "two")]
+        .into_iter()
+        .map(|(id, name)| MemberRecord {
+            id,
+            name: name.into(),
+            peer_urls: vec![format!("test://{name}")],
+            ..Default::default()
+        })
+        .collect();
+    let logger = slog::Logger::root(slog::Discard, slog::o!());
+    let mut nodes: Vec<Node> = [1, 2]
+        .into_iter()
+        .map(|id| {
+            let recovered = Recovered {
+                snapshot: bootstrap_snapshot(members.clone(), 7),
+                hard_state: None,
+                entries: Vec::new(),
+            };
+            Node::new(NodeConfig::with_member_id(id), recovered, &logger).unwrap()
+        })
+        .collect();
+    nodes[0].campaign();
+    for _ in 0..10 {
+        deliver_all(&mut nodes);
+    }
+    assert!(nodes[0].status().is_leader);
+    assert_eq!(nodes[1].status().leader_id, 1);
+    nodes
+}
+
+/// One round as shells would play it: every node's Readies are taken in
+/// member order, then the messages they sent are delivered in the order sent.
+/// No tick passes, so nothing is retried.
+fn deliver_all(nodes: &mut [Node]) -> Vec<Reply> {
+    let mut replies = Vec::new();
+    let mut messages = Vec::new();
+    for node in nodes.iter_mut() {
+        while node.has_ready() {
+            let mut output = node.ready();
+            messages.append(&mut output.messages);
+            messages.append(&mut output.messages_after_persist);
+            replies.append(&mut output.replies);
+            let mut output = node.advance();
+            messages.append(&mut output.messages);
+            replies.append(&mut output.replies);
+        }
+    }
+    for message in messages {
+        let to = usize::try_from(message.to).unwrap() - 1;
+        nodes[to].step(Event::Message(Box::new(message)));
+    }
+    replies
+}
+
+/// The leader keeps one pending ReadIndex request per context and drops a
+/// second with the same bytes. When every member numbered its batches from 1,
+/// a follower's batch arriving while the leader's own batch of the same
+/// number was pending was dropped and waited half a second for its retry
+/// (found by bench/compare.sh: linearizable reads at 64 clients had a 450 ms
+/// maximum against 10 ms at p99).
+#[test]
+fn read_index_batches_of_two_members_in_flight_together_are_both_answered() {
+    let mut nodes = two_member_cluster();
+    let read = |token| Event::LinearizableRead {
+        token,
+        request: RangeRequest {
+            key: b"k".to_vec(),
+            ..Default::default()
+        },
+    };
+    nodes[0].step(read(10));
+    nodes[1].step(read(20));
+    let mut answered = Vec::new();
+    for _ in 0..10 {
+        answered.extend(deliver_all(&mut nodes).into_iter().map(|reply| {
+            assert!(reply.result.is_ok(), "{:?}", reply.result);
+            reply.token
+        }));
+    }
+    answered.sort_unstable();
+    assert_eq!(answered, [10, 20], "both reads answered without a retry");
 }
