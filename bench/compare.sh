@@ -14,13 +14,22 @@
 # until a write through the survivors succeeds), memory at one million keys and
 # recovery time (kill -9 of a member holding them until it answers a read).
 #
-# Usage: bench/compare.sh [REQUESTS_PER_RUN] [KEYS_FOR_MEMORY]
+# The workloads run COMPARE_ROUNDS times (default 3), each round on fresh
+# clusters of all three systems in turn, and the table shows the median round
+# of each row (its ops/s, and the latency of that same round) with the range
+# of ops/s over the rounds. Failover, memory and recovery are measured once.
+# It also measures what bounds a single client's put: the disk's fdatasync
+# latency (one 256-byte append and fdatasync, as a log append is) and a
+# loopback TCP round trip.
+#
+# Usage: [COMPARE_ROUNDS=N] bench/compare.sh [REQUESTS_PER_RUN] [KEYS_FOR_MEMORY]
 # Installs Debian's etcd-server and zookeeper when missing. Builds keel in release.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 requests=${1:-30000}
 memory_keys=${2:-1000000}
+rounds=${COMPARE_ROUNDS:-3}
 work=$(mktemp -d)
 declare -A member_pid=()
 cleanup() {
@@ -277,45 +286,114 @@ measure_memory_and_recovery() {
   echo "million $resident $(((answered_at - started_at) / 1000000))" >>"$work/$system.summary"
 }
 
-measure_system() {
+# Starts SYSTEM's three members on empty data directories, waits for a leader.
+start_fresh() {
   local system=$1 index
-  for index in 1 2 3; do start_member "$system" "$index"; done
-  wait_for_leader "$(endpoints_of "$system")"
-  run_workloads "$system" >"$work/$system.results"
-  echo "peak $(memory_mib "$system" VmHWM)" >"$work/$system.summary"
-  measure_failover "$system"
-  measure_memory_and_recovery "$system"
+  for index in 1 2 3; do
+    rm -rf "${work:?}/$system$index"
+    if [ "$system" = zookeeper ]; then start_zookeeper "$index"; else start_member "$system" "$index"; fi
+  done
+  if [ "$system" = zookeeper ]; then wait_for_zookeeper; else wait_for_leader "$(endpoints_of "$system")"; fi
+}
+
+stop_system() {
+  local system=$1 index
   for index in 1 2 3; do kill -9 "${member_pid[$system$index]}" 2>/dev/null || true; done
   for index in 1 2 3; do wait "${member_pid[$system$index]}" 2>/dev/null || true; done
 }
 
-measure_zookeeper() {
-  local index
-  for index in 1 2 3; do start_zookeeper "$index"; done
-  wait_for_zookeeper
-  run_workloads zookeeper >"$work/zookeeper.results"
-  echo "peak $(memory_mib zookeeper VmHWM)" >"$work/zookeeper.summary"
-  for index in 1 2 3; do kill -9 "${member_pid[zookeeper$index]}" 2>/dev/null || true; done
-  for index in 1 2 3; do wait "${member_pid[zookeeper$index]}" 2>/dev/null || true; done
+# One round of every workload on fresh clusters, one system at a time; the
+# first round also records each system's peak memory during the workloads.
+measure_round() {
+  local round=$1 system
+  for system in etcd keel zookeeper; do
+    echo "round $round of $rounds: $system" >&2
+    start_fresh "$system"
+    run_workloads "$system" >"$work/$system.results.$round"
+    [ "$round" -eq 1 ] && echo "peak $(memory_mib "$system" VmHWM)" >"$work/$system.summary"
+    stop_system "$system"
+  done
 }
 
-measure_system etcd
-measure_system keel
-measure_zookeeper
+# Failover, then memory and recovery at MEMORY_KEYS, on a fresh cluster.
+measure_failover_and_recovery() {
+  local system=$1
+  start_fresh "$system"
+  measure_failover "$system"
+  measure_memory_and_recovery "$system"
+  stop_system "$system"
+}
 
-python3 - "$work" "$requests" "$memory_keys" <<'PYEOF'
+# Prints the p50 of 1000 fdatasyncs of a 256-byte append in the directory the
+# members' data lives in, and of 1000 loopback TCP round trips, in ms.
+measure_single_client_bounds() {
+  python3 - "$work" <<'PYEOF'
+import os, socket, statistics, sys, threading, time
+work = sys.argv[1]
+def p50(samples):
+    return statistics.median(samples) * 1000
+with open(os.path.join(work, "fdatasync-probe"), "ab") as file:
+    samples = []
+    for _ in range(1000):
+        started = time.perf_counter()
+        file.write(b"x" * 256)
+        file.flush()
+        os.fdatasync(file.fileno())
+        samples.append(time.perf_counter() - started)
+fdatasync = p50(samples)
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(1)
+def echo():
+    connection, _ = listener.accept()
+    connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    while data := connection.recv(64):
+        connection.sendall(data)
+threading.Thread(target=echo, daemon=True).start()
+client = socket.create_connection(listener.getsockname())
+client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+samples = []
+for _ in range(1000):
+    started = time.perf_counter()
+    client.sendall(b"ping")
+    client.recv(64)
+    samples.append(time.perf_counter() - started)
+print(f"{fdatasync:.3f} {p50(samples):.3f}")
+PYEOF
+}
+
+measure_single_client_bounds >"$work/bounds"
+for round in $(seq 1 "$rounds"); do measure_round "$round"; done
+measure_failover_and_recovery etcd
+measure_failover_and_recovery keel
+
+python3 - "$work" "$requests" "$memory_keys" "$rounds" <<'PYEOF'
 import json, sys, platform, subprocess, datetime
-work, requests, memory_keys = sys.argv[1], sys.argv[2], int(sys.argv[3])
+work, requests, memory_keys, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+def rate(report):
+    # A watch row is about events delivered, not the puts that caused them.
+    measured = report.get("watch") or report
+    return measured.get("events_per_second", measured.get("operations_per_second"))
 def results(system):
+    """Per row: (name, clients, cpu, report) of the median round, and the
+    lowest and highest rate over the rounds."""
+    runs = []
+    for round in range(1, rounds + 1):
+        run = []
+        for line in open(f"{work}/{system}.results.{round}").read().splitlines():
+            name, clients, cpu, report = line.split(" ", 3)
+            run.append((name, clients, float(cpu), json.loads(report)))
+        runs.append(run)
     rows = []
-    for line in open(f"{work}/{system}.results").read().splitlines():
-        name, clients, cpu, report = line.split(" ", 3)
-        rows.append((name, clients, float(cpu), json.loads(report)))
+    for row_runs in zip(*runs):
+        ordered = sorted(row_runs, key=lambda row: rate(row[3]))
+        rates = [rate(row[3]) for row in ordered]
+        rows.append((*ordered[len(ordered) // 2], min(rates), max(rates)))
     return rows
 def summary(system):
     return {line.split()[0]: line.split()[1:] for line in open(f"{work}/{system}.summary")}
 etcd, keel = results("etcd"), results("keel")
-zookeeper = {(name, clients): (cpu, report) for name, clients, cpu, report in results("zookeeper")}
+zookeeper = {(name, clients): (cpu, report, low, high) for name, clients, cpu, report, low, high in results("zookeeper")}
 etcd_summary, keel_summary, zookeeper_summary = summary("etcd"), summary("keel"), summary("zookeeper")
 etcd_version = subprocess.run(["etcd", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
 keel_commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -324,7 +402,7 @@ cpus = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
 lines = [
     "# keel, etcd and ZooKeeper side by side",
     "",
-    f"Written by `bench/compare.sh {requests} {memory_keys}` on {datetime.date.today()}: {cpus} cores, {platform.platform()};",
+    f"Written by `COMPARE_ROUNDS={rounds} bench/compare.sh {requests} {memory_keys}` on {datetime.date.today()}: {cpus} cores, {platform.platform()};",
     f"{etcd_version}; keel at commit {keel_commit}; ZooKeeper {zookeeper_version} (Debian). Three members each on loopback, fsync on,",
     "heartbeat 100 ms, election timeout 1000 ms, snapshot count 100000 (ZooKeeper: forceSync=yes, tickTime 2000),",
     "one cluster at a time, the same `keel bench` client (`--protocol zookeeper` for ZooKeeper: put is setData,",
@@ -333,23 +411,28 @@ lines = [
     "(the client shares the machine's cores and is not counted). A txn operation is a read and a",
     "compare-and-swap txn; a lease operation is a grant and one keep-alive round trip; the watch",
     "row counts events delivered to watchers and their delivery latency.",
+    f"Every row is the median of {rounds} rounds, each on fresh clusters of the three systems in turn:",
+    "its ops/s (with the lowest and highest of the rounds), and the latency and CPU of that median round.",
     "",
     "| workload | clients | etcd ops/s | keel ops/s | ZooKeeper ops/s | keel / etcd | keel / ZooKeeper | etcd p50 / p99 ms | keel p50 / p99 ms | ZooKeeper p50 / p99 ms | server CPU s etcd / keel / ZooKeeper | errors etcd / keel / ZooKeeper |",
     "|---|---|---|---|---|---|---|---|---|---|---|---|",
 ]
 def shown(report):
-    # A watch row is about events delivered, not the puts that caused them.
     measured = report.get("watch") or report
-    rate = measured.get("events_per_second", measured.get("operations_per_second"))
-    return rate, measured["latency_milliseconds_p50"], measured["latency_milliseconds_p99"]
-for (name, clients, etcd_cpu, e), (_, _, keel_cpu, k) in zip(etcd, keel):
+    return rate(report), measured["latency_milliseconds_p50"], measured["latency_milliseconds_p99"]
+def spread(median, low, high):
+    return f"{median:.0f} ({low:.0f}–{high:.0f})" if rounds > 1 else f"{median:.0f}"
+single_client_put = None
+for (name, clients, etcd_cpu, e, etcd_low, etcd_high), (_, _, keel_cpu, k, keel_low, keel_high) in zip(etcd, keel):
     (etcd_rate, etcd_p50, etcd_p99), (keel_rate, keel_p50, keel_p99) = shown(e), shown(k)
+    if (name, clients) == ("put", "1"):
+        single_client_put = (keel_p50, etcd_p50)
     ratio = keel_rate / etcd_rate if etcd_rate else float("inf")
     if (name, clients) in zookeeper:
-        zookeeper_cpu, z = zookeeper[(name, clients)]
+        zookeeper_cpu, z, zookeeper_low, zookeeper_high = zookeeper[(name, clients)]
         zookeeper_rate, zookeeper_p50, zookeeper_p99 = shown(z)
         zookeeper_cells = (
-            f"{zookeeper_rate:.0f}",
+            spread(zookeeper_rate, zookeeper_low, zookeeper_high),
             f"{keel_rate / zookeeper_rate:.2f}x" if zookeeper_rate else "-",
             f"{zookeeper_p50:.2f} / {zookeeper_p99:.2f}",
             f"{zookeeper_cpu:.1f}",
@@ -358,7 +441,7 @@ for (name, clients, etcd_cpu, e), (_, _, keel_cpu, k) in zip(etcd, keel):
     else:
         zookeeper_cells = ("-", "-", "-", "-", "-")
     lines.append(
-        f"| {name} | {clients} | {etcd_rate:.0f} | {keel_rate:.0f} | {zookeeper_cells[0]} | {ratio:.2f}x | {zookeeper_cells[1]} "
+        f"| {name} | {clients} | {spread(etcd_rate, etcd_low, etcd_high)} | {spread(keel_rate, keel_low, keel_high)} | {zookeeper_cells[0]} | {ratio:.2f}x | {zookeeper_cells[1]} "
         f"| {etcd_p50:.2f} / {etcd_p99:.2f} "
         f"| {keel_p50:.2f} / {keel_p99:.2f} "
         f"| {zookeeper_cells[2]} "
@@ -367,6 +450,16 @@ for (name, clients, etcd_cpu, e), (_, _, keel_cpu, k) in zip(etcd, keel):
     )
 def both(title, etcd_value, keel_value, unit):
     lines.append(f"| {title} | {etcd_value} {unit} | {keel_value} {unit} |")
+fdatasync_p50, round_trip_p50 = (float(value) for value in open(f"{work}/bounds").read().split())
+bound = fdatasync_p50 + round_trip_p50
+keel_put_p50, etcd_put_p50 = single_client_put
+lines += [
+    "",
+    f"What bounds one client's put on this machine: a 256-byte append and fdatasync takes {fdatasync_p50:.3f} ms",
+    f"(p50 of 1000, in the members' data directory) and a loopback TCP round trip {round_trip_p50:.3f} ms (p50 of 1000,",
+    f"Python), {bound:.3f} ms together. keel's single-client put p50 is {keel_put_p50:.2f} ms, {keel_put_p50 / bound:.2f}x that",
+    f"(etcd's {etcd_put_p50:.2f} ms, {etcd_put_p50 / bound:.2f}x).",
+]
 lines += ["", "| measure | etcd | keel |", "|---|---|---|"]
 both("peak resident memory of a member during the workloads above", etcd_summary["peak"][0], keel_summary["peak"][0], "MiB")
 both("failover: kill -9 of the leader under 16 writers until a write succeeds", etcd_summary["failover"][0], keel_summary["failover"][0], "ms")
