@@ -1,6 +1,7 @@
 //! Durability on real processes: snapshots and log compaction, a follower
 //! catching up from a snapshot after the log it needs was compacted, recovery
-//! from snapshot plus log, and what a member does with a damaged log.
+//! from snapshot plus log, what a member does with a damaged log, and that a
+//! member's serializable reads see every write it acknowledged.
 
 mod common;
 
@@ -225,4 +226,60 @@ fn corrupt_record_stops_the_member_and_torn_tail_is_truncated() {
         "lost more than the torn record: {}",
         keys.count
     );
+}
+
+/// Serializable single-key reads are answered from a read view the member loop
+/// publishes, without a hop to the member thread (`keel_server::read_view`).
+/// A write acknowledged by a member must be in that member's next
+/// serializable read, on every member (followers answer the writes they
+/// propose once they applied them), with reads of a quiet member in between
+/// so that views are published, dropped and republished.
+#[test]
+fn a_members_serializable_read_sees_the_write_it_acknowledged() {
+    let cluster = Cluster::start(3, 24700);
+    for member in 0..3 {
+        let url = cluster.members[member].url();
+        block_on(async move {
+            let mut client = KvClient::new(connect(&url).await.expect("connect"));
+            let read = |key: &str| RangeRequest {
+                key: key.as_bytes().to_vec(),
+                serializable: true,
+                ..Default::default()
+            };
+            for sequence in 0..200 {
+                let value = format!("{member}-{sequence}").into_bytes();
+                let put = client
+                    .put(PutRequest {
+                        key: b"read-your-writes".to_vec(),
+                        value: value.clone(),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("put acknowledged")
+                    .into_inner();
+                let revision = put.header.expect("header").revision;
+                // Twice: the first read may publish the view the second uses.
+                for _ in 0..2 {
+                    let response = client
+                        .range(read("read-your-writes"))
+                        .await
+                        .expect("serializable read")
+                        .into_inner();
+                    assert_eq!(
+                        response.kvs.first().map(|kv| kv.value.clone()),
+                        Some(value.clone()),
+                        "member {member} lost its own acknowledged write {sequence}"
+                    );
+                    assert!(response.header.expect("header").revision >= revision);
+                }
+            }
+            let missing = client
+                .range(read("never-written"))
+                .await
+                .expect("serializable read of a missing key")
+                .into_inner();
+            assert!(missing.kvs.is_empty());
+            assert!(missing.header.expect("header").revision > 0);
+        });
+    }
 }

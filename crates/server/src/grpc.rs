@@ -49,6 +49,8 @@ struct ServicesInner {
         std::sync::Mutex<std::collections::BTreeMap<String, tonic::transport::Channel>>,
     /// Set by the member loop while a CORRUPT alarm names this member.
     corrupt: Arc<std::sync::atomic::AtomicBool>,
+    /// Serializable single-key reads answered without the member thread.
+    read_view: Arc<crate::read_view::ReadView>,
 }
 
 /// Metadata key marking a request forwarded by another member; such a request
@@ -64,6 +66,7 @@ impl Services {
         input: SyncSender<Input>,
         revision: tokio::sync::watch::Receiver<i64>,
         corrupt: Arc<std::sync::atomic::AtomicBool>,
+        read_view: Arc<crate::read_view::ReadView>,
     ) -> Self {
         Services {
             inner: Arc::new(ServicesInner {
@@ -71,6 +74,7 @@ impl Services {
                 revision,
                 leader_channels: Default::default(),
                 corrupt,
+                read_view,
             }),
         }
     }
@@ -195,6 +199,9 @@ impl Services {
     async fn range(&self, request: RangeRequest) -> Result<RangeResponse, Status> {
         self.refuse_if_corrupt()?;
         if request.serializable {
+            if let Some(result) = self.inner.read_view.range(&request) {
+                return result.map_err(|error| status_of(&RequestError::KeySpace(error)));
+            }
             let (reply, answer) = oneshot::channel();
             self.submit(Input::LocalRead { request, reply })?;
             return match answer.await {

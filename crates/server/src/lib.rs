@@ -22,6 +22,7 @@ pub mod member;
 pub mod member_observer;
 pub mod metrics;
 pub mod observability;
+pub mod read_view;
 pub mod transport;
 pub mod watch;
 
@@ -323,6 +324,8 @@ impl Server {
         let (stopped_sender, member_stopped) = tokio::sync::watch::channel(None);
         let (revision_sender, revision_receiver) = tokio::sync::watch::channel(0i64);
         let loop_metrics = metrics.clone();
+        let read_view = Arc::new(read_view::ReadView::default());
+        let loop_read_view = read_view.clone();
         let member_thread = std::thread::Builder::new()
             .name(format!("keel-member-{}", config.name))
             .spawn(move || {
@@ -335,6 +338,7 @@ impl Server {
                     tick_clock,
                     revision_sender,
                     view,
+                    loop_read_view,
                     loop_metrics,
                 );
                 let reason = match &result {
@@ -349,7 +353,8 @@ impl Server {
             })
             .expect("spawning the member thread");
 
-        let services = grpc::Services::new(input.clone(), revision_receiver.clone(), corrupt);
+        let services =
+            grpc::Services::new(input.clone(), revision_receiver.clone(), corrupt, read_view);
         // One Watch service, and so one event feed, for every listener, with
         // fragments sized from this member's request limit as etcd does.
         let watch_service = watch::WatchService::with_config(

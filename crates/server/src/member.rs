@@ -41,6 +41,7 @@ use crate::loop_timing::{LoopTimer, Phase};
 use crate::member_observer::MemberObserver;
 use crate::metrics::disk::MeteredDisk;
 use crate::metrics::MemberMetrics;
+use crate::read_view::ReadView;
 use crate::transport::PeerSenders;
 
 /// Inputs processed between two Ready batches, so a flood of requests cannot
@@ -235,6 +236,7 @@ pub fn run(
     tick_clock: TickClock,
     revision: tokio::sync::watch::Sender<i64>,
     view: MembershipView,
+    read_view: Arc<ReadView>,
     metrics: Arc<MemberMetrics>,
 ) -> Result<StopReason, DurableError> {
     let snapshot_sender = spawn_snapshot_thread(&durable, input_sender.clone());
@@ -315,6 +317,8 @@ pub fn run(
             let started = Instant::now();
             let output = node.ready();
             let mut apply = started.elapsed();
+            // Before the replies go out: a client answered a write reads it back.
+            read_view.publish(&node);
             timer.end_phase(Phase::Node);
             carry_out(
                 output,
@@ -328,6 +332,7 @@ pub fn run(
             let advancing = Instant::now();
             let output = node.advance();
             apply += advancing.elapsed();
+            read_view.publish(&node);
             timer.end_phase(Phase::Node);
             carry_out(
                 output,
@@ -341,6 +346,7 @@ pub fn run(
             observer.ready_carried_out(apply, started.elapsed());
         }
         timer.count(handled, readies);
+        read_view.publish(&node);
         let current = node.state_machine().key_space().current_revision();
         revision.send_if_modified(|published| {
             let changed = *published != current;

@@ -55,7 +55,12 @@ impl FakeMember {
         FakeMember {
             key_space,
             revision,
-            services: Services::new(input, revision_receiver, Default::default()),
+            services: Services::new(
+                input,
+                revision_receiver,
+                Default::default(),
+                Default::default(),
+            ),
             history_reads,
         }
     }
