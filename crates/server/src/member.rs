@@ -41,7 +41,7 @@ use crate::loop_timing::{LoopTimer, Phase};
 use crate::member_observer::MemberObserver;
 use crate::metrics::disk::MeteredDisk;
 use crate::metrics::MemberMetrics;
-use crate::read_view::ReadView;
+use crate::read_view::{range_with_header, ReadView};
 use crate::transport::PeerSenders;
 
 /// Inputs processed between two Ready batches, so a flood of requests cannot
@@ -526,13 +526,7 @@ fn handle_input(
             let key_space = node.state_machine().key_space().clone();
             let header = node.header(0);
             let job: CaptureJob = Box::new(move || {
-                let result = key_space.range(&request).map(|mut response| {
-                    let revision = response.header.as_ref().map_or(0, |h| h.revision);
-                    response.header =
-                        Some(keel_types::etcdserverpb::ResponseHeader { revision, ..header });
-                    response
-                });
-                let _ = reply.send(result);
+                let _ = reply.send(range_with_header(&key_space, &request, header));
             });
             if let Err(job) = submit_capture_job(capture_sender, job) {
                 job();

@@ -45,9 +45,9 @@ pub struct ReadView {
 
 impl ReadView {
     /// Called by the member loop after the node applied entries and before
-    /// the replies of the same output are delivered.
-    /// Also called at the end of every batch, so that reads of a member that
-    /// applies nothing new get a view too.
+    /// the replies of the same output are delivered, and at the end of every
+    /// batch, so that reads of a member that applies nothing new get a view
+    /// too.
     pub(crate) fn publish(&self, node: &Node) {
         let applied_index = node.state_machine().applied_index();
         let changed = applied_index != self.applied_index.load(Ordering::Relaxed);
@@ -84,19 +84,25 @@ impl ReadView {
                 return None;
             }
         };
-        Some(capture.key_space.range(request).map(|mut response| {
-            // As `Node::range_local`: the response's revision, or the
-            // member's when it has none.
-            let revision = response.header.as_ref().map_or(0, |header| header.revision);
-            response.header = Some(ResponseHeader {
-                revision: if revision == 0 {
-                    capture.header.revision
-                } else {
-                    revision
-                },
-                ..capture.header
-            });
-            response
-        }))
+        Some(range_with_header(
+            &capture.key_space,
+            request,
+            capture.header,
+        ))
     }
+}
+
+/// Reads from a capture of the key space, with the member's response header
+/// as of the capture and the revision the read reports (what
+/// `Node::range_local` answers on the member thread).
+pub(crate) fn range_with_header(
+    key_space: &KeySpace,
+    request: &RangeRequest,
+    header: ResponseHeader,
+) -> Result<RangeResponse, KeySpaceError> {
+    key_space.range(request).map(|mut response| {
+        let revision = response.header.as_ref().map_or(0, |header| header.revision);
+        response.header = Some(ResponseHeader { revision, ..header });
+        response
+    })
 }
